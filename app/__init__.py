@@ -1,0 +1,1 @@
+"""The SlimGPT job service: REST API, job records, live events. Never imports torch."""

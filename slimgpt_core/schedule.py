@@ -1,0 +1,383 @@
+"""Per-layer pruning ratios and the parameter arithmetic behind them.
+
+Torch-free on purpose: the API's dry run (`POST /v1/estimate`) imports this module, and the API
+image carries no torch. The pruner uses the very same plan, so an estimate is what a job does.
+
+Units that can be removed from one decoder layer (Llama layout):
+  * a query head: its `head_dim` rows of q_proj and columns of o_proj;
+  * a key/value head: its rows of k_proj and v_proj (only when no query head uses it any more);
+  * an FFN channel: one row of gate_proj and up_proj and one column of down_proj.
+Hidden size, norms, embeddings and lm_head are never touched.
+
+Schedules follow SlimGPT's Incremental Pruning Ratio (arXiv 2412.18110, sec. 3.3):
+``r_i = r_0 + (r_last - r_0) * ln(i + 1) / ln(n)`` with ``r_0 = alpha * r_last``; ``r_last`` is
+solved so that the decoder-layer parameter count after rounding to whole heads meets the target.
+Within a layer, heads are removed at ``r_i`` (rounded to the GQA policy's unit) and FFN channels
+absorb the rounding, so every layer sheds ``r_i`` of its parameters unless an explicit FFN ratio
+is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+GQAPolicy = Literal["balanced", "group", "free"]
+ScheduleName = Literal["log", "linear", "uniform"]
+GQA_POLICIES: tuple[str, ...] = ("balanced", "group", "free")
+SCHEDULES: tuple[str, ...] = ("log", "linear", "uniform")
+
+#: No layer may lose more than this share of its heads or channels: a layer pruned to nothing
+#: turns into a residual pass-through that OBS cannot compensate for.
+MAX_LAYER_RATIO = 0.95
+#: The schedule solver's accepted distance from the target, as a share of decoder parameters.
+TARGET_TOLERANCE = 0.01
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "slimgpt_llama")
+
+
+class PlanError(ValueError):
+    """A pruning plan cannot be made for this model and these settings."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-layout decoder that pruning arithmetic needs."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                     "intermediate_size", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise PlanError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise PlanError(
+                f"model config: {self.num_heads} attention heads are not a multiple of "
+                f"{self.num_kv_heads} key/value heads"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        """Build from a Hugging Face `config.json` dict of a Llama-layout model."""
+        model_type = str(config.get("model_type", "llama"))
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise PlanError(
+                f"model_type {model_type!r} is not a Llama-layout model; supported: "
+                + ", ".join(SUPPORTED_MODEL_TYPES[:3])
+            )
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            shape = cls(
+                num_layers=int(config["num_hidden_layers"]),
+                hidden_size=hidden,
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                intermediate_size=int(config["intermediate_size"]),
+                vocab_size=int(config["vocab_size"]),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                qkv_bias=True if model_type == "qwen2" else bool(config.get("attention_bias", False)),
+                o_bias=False if model_type == "qwen2" else bool(config.get("attention_bias", False)),
+                mlp_bias=bool(config.get("mlp_bias", False)),
+                model_type=model_type,
+            )
+        except KeyError as missing:
+            raise PlanError(f"model config lacks {missing.args[0]!r}") from None
+        except (TypeError, ValueError) as bad:
+            if isinstance(bad, PlanError):
+                raise
+            raise PlanError(f"model config has a malformed field: {bad}") from None
+        return shape
+
+    # -- parameter arithmetic -------------------------------------------------------------
+    @property
+    def params_per_q_head(self) -> int:
+        return 2 * self.hidden_size * self.head_dim + (self.head_dim if self.qkv_bias else 0)
+
+    @property
+    def params_per_kv_head(self) -> int:
+        return 2 * self.hidden_size * self.head_dim + (2 * self.head_dim if self.qkv_bias else 0)
+
+    @property
+    def params_per_channel(self) -> int:
+        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+
+    @property
+    def layer_fixed_params(self) -> int:
+        """Parameters of a layer that pruning never removes: two norms, o_proj/down_proj bias."""
+        return 2 * self.hidden_size + (self.hidden_size if self.o_bias else 0) + (
+            self.hidden_size if self.mlp_bias else 0
+        )
+
+    def layer_params(self, heads: int, kv_heads: int, channels: int) -> int:
+        return (
+            self.layer_fixed_params
+            + heads * self.params_per_q_head
+            + kv_heads * self.params_per_kv_head
+            + channels * self.params_per_channel
+        )
+
+    @property
+    def dense_layer_params(self) -> int:
+        return self.layer_params(self.num_heads, self.num_kv_heads, self.intermediate_size)
+
+    @property
+    def non_layer_params(self) -> int:
+        """Embeddings, final norm and (unless tied) lm_head."""
+        emb = self.vocab_size * self.hidden_size
+        return emb + self.hidden_size + (0 if self.tie_word_embeddings else emb)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    ratio: float
+    heads_removed: int
+    kv_heads_removed: int
+    channels_removed: int
+    heads_kept: int
+    kv_heads_kept: int
+    channels_kept: int
+    params_before: int
+    params_after: int
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    shape: ModelShape
+    target_ratio: float
+    schedule: str
+    gqa_policy: str
+    layer_ratios: tuple[float, ...]
+    layers: tuple[LayerPlan, ...]
+    r_first: float
+    r_last: float
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def decoder_params_before(self) -> int:
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def decoder_params_after(self) -> int:
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def achieved_ratio(self) -> float:
+        return 1.0 - self.decoder_params_after / self.decoder_params_before
+
+    @property
+    def total_params_before(self) -> int:
+        return self.decoder_params_before + self.shape.non_layer_params
+
+    @property
+    def total_params_after(self) -> int:
+        return self.decoder_params_after + self.shape.non_layer_params
+
+    @property
+    def is_uniform(self) -> bool:
+        """Every layer keeps the same widths, so a plain Llama config can describe the result."""
+        widths = {(lp.heads_kept, lp.kv_heads_kept, lp.channels_kept) for lp in self.layers}
+        return len(widths) == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_ratio": self.target_ratio,
+            "achieved_ratio": round(self.achieved_ratio, 6),
+            "schedule": self.schedule,
+            "gqa_policy": self.gqa_policy,
+            "r_first": round(self.r_first, 6),
+            "r_last": round(self.r_last, 6),
+            "decoder_params_before": self.decoder_params_before,
+            "decoder_params_after": self.decoder_params_after,
+            "total_params_before": self.total_params_before,
+            "total_params_after": self.total_params_after,
+            "uniform_widths": self.is_uniform,
+            "shape": asdict(self.shape),
+            "layers": [asdict(layer) for layer in self.layers],
+            "notes": list(self.notes),
+        }
+
+
+def schedule_ratios(
+    schedule: str, n: int, r_last: float, alpha: float = 0.25
+) -> list[float]:
+    """Per-layer ratios of a named schedule with last-layer ratio ``r_last``."""
+    r_first = alpha * r_last
+    if schedule == "uniform":
+        return [r_last] * n
+    if n == 1:
+        return [r_last]
+    if schedule == "log":
+        return [r_first + (r_last - r_first) * math.log(i + 1) / math.log(n) for i in range(n)]
+    if schedule == "linear":
+        return [r_first + (r_last - r_first) * i / (n - 1) for i in range(n)]
+    raise PlanError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def plan_layer(
+    shape: ModelShape,
+    index: int,
+    ratio: float,
+    gqa_policy: str,
+    head_ratio: float | None = None,
+    ffn_ratio: float | None = None,
+) -> LayerPlan:
+    """How many heads, KV heads and channels layer ``index`` loses at layer ratio ``ratio``."""
+    ratio = min(max(ratio, 0.0), MAX_LAYER_RATIO)
+    r_heads = ratio if head_ratio is None else head_ratio
+    r_heads = min(max(r_heads, 0.0), MAX_LAYER_RATIO)
+    gs, kv = shape.group_size, shape.num_kv_heads
+    if gqa_policy not in GQA_POLICIES:
+        raise PlanError(f"unknown gqa_policy {gqa_policy!r}; choose one of {', '.join(GQA_POLICIES)}")
+    if gs == 1:
+        # Multi-head attention: every head is its own KV group, so all policies coincide.
+        gqa_policy = "group"
+    if gqa_policy == "group":
+        groups = min(round(r_heads * kv), kv - 1)
+        heads_removed, kv_removed = groups * gs, groups
+    elif gqa_policy == "balanced":
+        per_group = min(round(r_heads * gs), gs - 1)
+        heads_removed, kv_removed = per_group * kv, 0
+    else:  # free: KV heads go only when pruning happens to empty a group
+        heads_removed, kv_removed = min(round(r_heads * shape.num_heads), shape.num_heads - 1), 0
+    before = shape.dense_layer_params
+    attn_removed = heads_removed * shape.params_per_q_head + kv_removed * shape.params_per_kv_head
+    max_channels = math.floor(shape.intermediate_size * MAX_LAYER_RATIO)
+    if ffn_ratio is not None:
+        channels = round(min(max(ffn_ratio, 0.0), MAX_LAYER_RATIO) * shape.intermediate_size)
+    else:
+        wanted = ratio * (before - shape.layer_fixed_params) - attn_removed
+        channels = round(wanted / shape.params_per_channel)
+    channels = min(max(channels, 0), max_channels)
+    heads_kept = shape.num_heads - heads_removed
+    kv_kept = kv - kv_removed
+    channels_kept = shape.intermediate_size - channels
+    return LayerPlan(
+        index=index,
+        ratio=ratio,
+        heads_removed=heads_removed,
+        kv_heads_removed=kv_removed,
+        channels_removed=channels,
+        heads_kept=heads_kept,
+        kv_heads_kept=kv_kept,
+        channels_kept=channels_kept,
+        params_before=before,
+        params_after=shape.layer_params(heads_kept, kv_kept, channels_kept),
+    )
+
+
+def _plan_from_ratios(
+    shape: ModelShape,
+    ratios: Sequence[float],
+    gqa_policy: str,
+    head_ratio: float | None,
+    ffn_ratio: float | None,
+) -> tuple[LayerPlan, ...]:
+    return tuple(
+        plan_layer(shape, i, r, gqa_policy, head_ratio, ffn_ratio) for i, r in enumerate(ratios)
+    )
+
+
+def _removed_share(layers: Sequence[LayerPlan]) -> float:
+    before = sum(lp.params_before for lp in layers)
+    return 1.0 - sum(lp.params_after for lp in layers) / before
+
+
+def make_plan(
+    shape: ModelShape,
+    target_ratio: float,
+    schedule: str | Sequence[float] = "log",
+    gqa_policy: str = "balanced",
+    alpha: float = 0.25,
+    head_ratio: float | None = None,
+    ffn_ratio: float | None = None,
+) -> PruningPlan:
+    """Solve the schedule for ``target_ratio`` of decoder-layer parameters and plan every layer.
+
+    ``schedule`` is a name from :data:`SCHEDULES` or an explicit list of per-layer ratios (used
+    as given, the target then only being reported against).
+    """
+    if not 0.0 < target_ratio < 1.0:
+        raise PlanError(f"target ratio must be in (0, 1), got {target_ratio}")
+    if not 0.0 <= alpha <= 1.0:
+        raise PlanError(f"alpha must be in [0, 1], got {alpha}")
+    if gqa_policy not in GQA_POLICIES:
+        raise PlanError(f"unknown gqa_policy {gqa_policy!r}; choose one of {', '.join(GQA_POLICIES)}")
+    n = shape.num_layers
+    notes: list[str] = []
+
+    if not isinstance(schedule, str):
+        ratios = [float(r) for r in schedule]
+        if len(ratios) != n:
+            raise PlanError(f"explicit schedule has {len(ratios)} ratios for {n} layers")
+        if any(not 0.0 <= r <= MAX_LAYER_RATIO for r in ratios):
+            raise PlanError(f"explicit per-layer ratios must lie in [0, {MAX_LAYER_RATIO}]")
+        layers = _plan_from_ratios(shape, ratios, gqa_policy, head_ratio, ffn_ratio)
+        return PruningPlan(shape, target_ratio, "explicit", gqa_policy, tuple(ratios), layers,
+                           ratios[0], ratios[-1], tuple(notes))
+
+    def layers_for(r_last: float) -> tuple[list[float], tuple[LayerPlan, ...]]:
+        rs = schedule_ratios(schedule, n, r_last, alpha)
+        return rs, _plan_from_ratios(shape, rs, gqa_policy, head_ratio, ffn_ratio)
+
+    # The removed share is non-decreasing in r_last (each layer's counts are), so bisect for
+    # the crossing, then take whichever side of the rounding step lands closer to the target.
+    lo, hi = 0.0, 1.0
+    if _removed_share(layers_for(hi)[1]) < target_ratio:
+        raise PlanError(
+            f"target ratio {target_ratio} is out of reach with the {schedule!r} schedule "
+            f"(at most {_removed_share(layers_for(hi)[1]):.3f} for this model); lower it or use "
+            "a flatter schedule"
+        )
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _removed_share(layers_for(mid)[1]) < target_ratio:
+            lo = mid
+        else:
+            hi = mid
+    candidates = [layers_for(lo) + (lo,), layers_for(hi) + (hi,)]
+    ratios, layers, r_last = min(candidates, key=lambda c: abs(_removed_share(c[1]) - target_ratio))
+    achieved = _removed_share(layers)
+    if abs(achieved - target_ratio) > TARGET_TOLERANCE:
+        notes.append(
+            f"achieved {achieved:.4f} is more than {TARGET_TOLERANCE} away from the target "
+            f"{target_ratio}: heads are removed in units too coarse for this model"
+        )
+    return PruningPlan(shape, target_ratio, schedule, gqa_policy, tuple(ratios), layers,
+                       ratios[0], r_last, tuple(notes))
+
+
+def estimate(
+    config: Mapping[str, Any],
+    target_ratio: float,
+    schedule: str | Sequence[float] = "log",
+    gqa_policy: str = "balanced",
+    alpha: float = 0.25,
+    head_ratio: float | None = None,
+    ffn_ratio: float | None = None,
+) -> dict[str, Any]:
+    """Dry run for the API: the per-layer widths and parameter counts a job would produce."""
+    shape = ModelShape.from_config(config)
+    plan = make_plan(shape, target_ratio, schedule, gqa_policy, alpha, head_ratio, ffn_ratio)
+    return plan.to_dict()
