@@ -40,6 +40,20 @@ from slimgpt_core.obs import output_error
 from slimgpt_core.schedule import LayerPlan, ModelShape, PruningPlan, make_plan
 
 
+METHODS: tuple[str, ...] = ("slimgpt", "no_compensation", "magnitude")
+
+
+def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
+    # OBS with H = I scores a column group by its squared weight norm and compensates nothing:
+    # exactly magnitude pruning, through the same code path.
+    return torch.eye(H.shape[0], dtype=H.dtype, device=H.device) if method == "magnitude" else H
+
+
+def _apply_method(W0: torch.Tensor, W: torch.Tensor, pruned: torch.Tensor,
+                  method: str) -> torch.Tensor:
+    return W0.masked_fill(pruned[None, :], 0.0) if method == "no_compensation" else W
+
+
 @dataclass
 class PruneConfig:
     target_ratio: float = 0.2
@@ -60,11 +74,22 @@ class PruneConfig:
     compact: bool = True
     checkpoint_dir: str | Path | None = None
     seed: int = 0
+    #: "slimgpt" (OBS selection and compensation); the ablations "no_compensation" (same
+    #: selection, pruned columns only zeroed) and "magnitude" (weight-norm selection, H = I).
+    method: str = "slimgpt"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.batch_size < 1 or self.min_group < 1 or self.max_group < self.min_group:
+            raise ValueError("batch_size and min_group must be >= 1 and max_group >= min_group")
+        if self.percdamp <= 0:
+            raise ValueError("percdamp must be positive")
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the result (not device, batch size or paths)."""
         keys = ("target_ratio", "schedule", "alpha", "gqa_policy", "head_ratio", "ffn_ratio",
-                "percdamp", "min_group", "max_group", "compact", "seed")
+                "percdamp", "min_group", "max_group", "compact", "seed", "method")
         out = {k: getattr(self, k) for k in keys}
         if not isinstance(out["schedule"], str):
             out["schedule"] = list(out["schedule"])
@@ -214,13 +239,14 @@ def _prune_layer(
         W0 = attn.o_proj.weight.detach().float()
         W = W0.clone()
         heads = prune_heads(
-            W, H, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+            W, _selection_hessian(H, config.method), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
             head_dim=shape.head_dim, heads_to_remove=lp.heads_removed,
             policy=config.gqa_policy, percdamp=config.percdamp,
         )
         pruned_cols = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
         for h in heads.kept_heads:
             pruned_cols[h * shape.head_dim:(h + 1) * shape.head_dim] = False
+        W = _apply_method(W0, W, pruned_cols, config.method)
         attn_err_nc = output_error(W0, W0.masked_fill(pruned_cols[None, :], 0.0), H)
         attn_err = output_error(W0, W, H)
         if config.compact:
@@ -244,11 +270,12 @@ def _prune_layer(
         W0 = mlp.down_proj.weight.detach().float()
         W = W0.clone()
         channels = prune_channels(
-            W, H, channels_to_remove=lp.channels_removed, percdamp=config.percdamp,
+            W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed, percdamp=config.percdamp,
             min_group=config.min_group, max_group=config.max_group,
         )
         kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
         kept[channels.kept_channels] = True
+        W = _apply_method(W0, W, ~kept, config.method)
         ffn_err_nc = output_error(W0, W0.masked_fill(~kept[None, :], 0.0), H)
         ffn_err = output_error(W0, W, H)
         if config.compact:

@@ -1,0 +1,196 @@
+"""The layer-wise SlimGPT driver on tiny models: shapes, GQA validity, equivalences, resume."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimgpt_core.pruner import ProgressEvent, PruneConfig, PruningCancelled, prune_model
+from tests.core.tiny import tiny_llama, tiny_qwen2, windows
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _prune(model, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("min_group", 8)
+    return prune_model(model, windows(), PruneConfig(**kw))
+
+
+def test_pruned_layers_are_physically_smaller() -> None:
+    result = _prune(tiny_llama(), target_ratio=0.4)
+    for layer, report in zip(result.model.model.layers, result.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.q_proj.out_features == 16 * len(report.heads_kept)
+        assert attn.o_proj.in_features == 16 * len(report.heads_kept)
+        assert attn.k_proj.out_features == 16 * len(report.kv_heads_kept)
+        assert mlp.down_proj.in_features == len(report.channels_kept)
+    assert result.params_after < result.params_before
+
+
+def test_achieved_parameter_count_matches_plan() -> None:
+    result = _prune(tiny_llama(), target_ratio=0.4)
+    dense_layers = sum(lp.params_before for lp in result.plan.layers)
+    pruned_layers = sum(lp.params_after for lp in result.plan.layers)
+    assert result.params_before - result.params_after == dense_layers - pruned_layers
+
+
+def test_balanced_policy_keeps_every_kv_head_and_equal_groups() -> None:
+    result = _prune(tiny_llama(num_heads=8, num_kv_heads=2), target_ratio=0.5,
+                    gqa_policy="balanced", schedule="uniform")
+    for layer, report in zip(result.model.model.layers, result.layers):
+        assert report.kv_heads_kept == [0, 1]
+        per_group = [sum(1 for h in report.heads_kept if h // 4 == g) for g in (0, 1)]
+        assert per_group[0] == per_group[1]
+        assert layer.self_attn.num_key_value_groups == per_group[0]
+
+
+def test_group_policy_drops_whole_kv_groups() -> None:
+    result = _prune(tiny_llama(num_heads=8, num_kv_heads=4), target_ratio=0.5,
+                    gqa_policy="group", schedule="uniform")
+    for report in result.layers:
+        groups = {h // 2 for h in report.heads_kept}
+        assert sorted(groups) == report.kv_heads_kept
+        assert all(sum(1 for h in report.heads_kept if h // 2 == g) == 2 for g in groups)
+        assert len(report.kv_heads_kept) < 4
+
+
+def test_free_policy_model_runs_with_uneven_groups() -> None:
+    model = tiny_llama(num_heads=8, num_kv_heads=2, layers=2)
+    result = _prune(model, target_ratio=0.5, gqa_policy="free", schedule="uniform")
+    logits = _logits(result.model, windows(2, 16, seed=5))
+    assert torch.isfinite(logits).all()
+    for report in result.layers:
+        assert report.kv_index == [report.kv_heads_kept.index(h // 4) for h in report.heads_kept]
+
+
+@pytest.mark.parametrize("policy", ["balanced", "group", "free"])
+def test_compacted_model_equals_masked_model(policy: str) -> None:
+    base = tiny_llama(num_heads=8, num_kv_heads=2)
+    ids = windows(2, 24, seed=7)
+    compact = _prune(copy.deepcopy(base), target_ratio=0.4, gqa_policy=policy)
+    masked = _prune(copy.deepcopy(base), target_ratio=0.4, gqa_policy=policy, compact=False)
+    assert [r.heads_kept for r in compact.layers] == [r.heads_kept for r in masked.layers]
+    assert [r.channels_kept for r in compact.layers] == [r.channels_kept for r in masked.layers]
+    torch.testing.assert_close(_logits(compact.model, ids), _logits(masked.model, ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_multi_head_attention_prunes_query_and_kv_heads_together() -> None:
+    result = _prune(tiny_llama(num_heads=8, num_kv_heads=8), target_ratio=0.4)
+    for report in result.layers:
+        assert report.kv_heads_kept == report.heads_kept
+
+
+def test_attention_bias_rows_follow_kept_heads() -> None:
+    base = tiny_qwen2()
+    biases = [layer.self_attn.q_proj.bias.detach().clone() for layer in base.model.layers]
+    result = _prune(base, target_ratio=0.4, gqa_policy="balanced", schedule="uniform")
+    for layer, report, bias in zip(result.model.model.layers, result.layers, biases):
+        hd = layer.self_attn.head_dim
+        expected = torch.cat([bias[h * hd:(h + 1) * hd] for h in report.heads_kept])
+        torch.testing.assert_close(layer.self_attn.q_proj.bias, expected)
+    assert torch.isfinite(_logits(result.model, windows(2, 16))).all()
+
+
+def test_compensation_lowers_every_layers_error() -> None:
+    result = _prune(tiny_llama(), target_ratio=0.4)
+    for r in result.layers:
+        assert r.ffn_error < r.ffn_error_uncompensated
+        assert r.attn_error <= r.attn_error_uncompensated
+
+
+def test_same_inputs_give_same_kept_indices() -> None:
+    a = _prune(tiny_llama(), target_ratio=0.3)
+    b = _prune(tiny_llama(), target_ratio=0.3)
+    assert [(r.heads_kept, r.channels_kept) for r in a.layers] == \
+        [(r.heads_kept, r.channels_kept) for r in b.layers]
+
+
+def test_progress_reports_every_layer_in_order() -> None:
+    events: list[ProgressEvent] = []
+    prune_model(tiny_llama(), windows(), PruneConfig(target_ratio=0.3, batch_size=4, min_group=8),
+                progress=events.append)
+    done = [e.layer for e in events if e.phase == "layer_done"]
+    assert done == [0, 1, 2]
+    assert events[0].phase == "calibrating"
+    assert all(e.num_layers == 3 for e in events)
+    assert {"attn_error", "ffn_error"} <= set(events[-1].metrics)
+
+
+def test_resume_after_layer_k_equals_uninterrupted_run(tmp_path: Path) -> None:
+    base = tiny_llama(layers=4)
+    full = _prune(copy.deepcopy(base), target_ratio=0.4)
+
+    calls = iter([False, False, True])  # cancel before layer 2
+    with pytest.raises(PruningCancelled) as info:
+        prune_model(copy.deepcopy(base), windows(),
+                    PruneConfig(target_ratio=0.4, batch_size=4, min_group=8,
+                                checkpoint_dir=tmp_path),
+                    should_cancel=lambda: next(calls))
+    assert info.value.layers_done == 2
+
+    resumed = prune_model(copy.deepcopy(base), windows(),
+                          PruneConfig(target_ratio=0.4, batch_size=4, min_group=8,
+                                      checkpoint_dir=tmp_path))
+    assert resumed.resumed_from == 2
+    assert [r.channels_kept for r in resumed.layers] == [r.channels_kept for r in full.layers]
+    for (name, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_cancelled_run_leaves_only_finished_layers_checkpointed(tmp_path: Path) -> None:
+    calls = iter([False, True])
+    with pytest.raises(PruningCancelled):
+        prune_model(tiny_llama(), windows(), PruneConfig(target_ratio=0.4, batch_size=4,
+                    min_group=8, checkpoint_dir=tmp_path), should_cancel=lambda: next(calls))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "layer_0000.json", "layer_0000.safetensors", "manifest.json"]
+
+
+def test_checkpoints_of_another_run_are_refused(tmp_path: Path) -> None:
+    _prune(tiny_llama(), target_ratio=0.4, checkpoint_dir=tmp_path)
+    from slimgpt_core.checkpoint import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch):
+        _prune(tiny_llama(), target_ratio=0.3, checkpoint_dir=tmp_path)
+
+
+def test_batch_size_does_not_change_kept_indices() -> None:
+    a = _prune(tiny_llama(), target_ratio=0.4, batch_size=1)
+    b = _prune(tiny_llama(), target_ratio=0.4, batch_size=8)
+    assert [r.heads_kept for r in a.layers] == [r.heads_kept for r in b.layers]
+    assert [r.channels_kept for r in a.layers] == [r.channels_kept for r in b.layers]
+
+
+def test_offloaded_activations_give_the_same_model() -> None:
+    a = _prune(tiny_llama(), target_ratio=0.4)
+    b = _prune(tiny_llama(), target_ratio=0.4, offload_activations=True)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_calibration_shape_is_rejected() -> None:
+    with pytest.raises(ValueError, match="calibration"):
+        prune_model(tiny_llama(), torch.zeros(0, 8, dtype=torch.long), PruneConfig())
+
+
+def test_unknown_method_is_rejected() -> None:
+    with pytest.raises(ValueError, match="method"):
+        PruneConfig(method="random")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_cuda_bf16_pruning_matches_cpu_choices() -> None:
+    cpu = _prune(tiny_llama(), target_ratio=0.4, device="cpu")
+    gpu = _prune(tiny_llama().to(torch.bfloat16), target_ratio=0.4, device="cuda")
+    assert [len(r.heads_kept) for r in gpu.layers] == [len(r.heads_kept) for r in cpu.layers]
+    logits = _logits(gpu.model.to("cuda"), windows(2, 16).to("cuda"))
+    assert torch.isfinite(logits.float()).all()
