@@ -215,3 +215,16 @@ def submit(client: TestClient, tenant: TenantCtx) -> Callable[..., dict[str, Any
 @pytest.fixture
 def models_dir(settings: Settings) -> Path:
     return Path(settings.local_models_dir)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A brand-new empty database (no migrations applied), dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    db = TempPostgres(request.getfixturevalue("pg_admin_url"), prefix="slimgpt_mig")
+    try:
+        yield db.url
+    finally:
+        db.close()
