@@ -63,8 +63,12 @@ class CeleryDispatcher:
 
 
 def _default_runner(job_id: str) -> None:
-    from worker.runner import run_job  # lazy: the worker package imports torch
-
+    try:
+        from worker.runner import run_job  # lazy: the worker package imports torch
+    except ImportError as err:
+        raise RuntimeError(
+            f"the embedded worker is unavailable ({err}); install the `worker` extra"
+        ) from err
     run_job(job_id)
 
 
@@ -118,7 +122,7 @@ class InProcessDispatcher:
                 return
             try:
                 self.runner(job_id)
-            except Exception as err:  # noqa: BLE001 - record the failure, keep serving
+            except Exception as err:
                 log.exception("in-process runner raised", extra={"job_id": job_id})
                 self._fail(job_id, err)
             finally:
@@ -136,7 +140,7 @@ class InProcessDispatcher:
             with self.session_factory() as session:
                 finish_job(session, job_id, "failed",
                            error=f"worker error: {type(err).__name__}: {err}")
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not record the runner failure", extra={"job_id": job_id})
 
 

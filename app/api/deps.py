@@ -54,6 +54,7 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
                 detail="missing or invalid API key: send `Authorization: Bearer <key>`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+    session.expunge(tenant)  # keep its loaded fields: the rollback below would expire them
     session.rollback()  # end the read transaction before the route's work
     request.state.tenant_id = tenant.id
     return tenant

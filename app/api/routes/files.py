@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
@@ -107,7 +108,7 @@ async def upload_file(
     session: SessionDep,
     settings: SettingsDep,
     filename: Annotated[str | None, Query(max_length=255)] = None,
-    format: Annotated[Literal["text", "jsonl"] | None, Query()] = None,  # noqa: A002
+    format: Annotated[Literal["text", "jsonl"] | None, Query()] = None,
 ) -> FileOut:
     ctype = request.headers.get("content-type", "")
     uploads = Path(settings.uploads_dir)  # type: ignore[arg-type]
@@ -131,11 +132,14 @@ async def upload_file(
             chunks = request.stream()
         fmt = _format_for(name, format)
         checker = _Checker(fmt, settings.max_upload_bytes)
-        with open(tmp, "wb") as fh:
+        fh = await run_in_threadpool(open, tmp, "wb")  # disk I/O off the event loop
+        try:
             async for chunk in chunks:
                 if chunk:
                     checker.feed(chunk)
-                    fh.write(chunk)
+                    await run_in_threadpool(fh.write, chunk)
+        finally:
+            await run_in_threadpool(fh.close)
         checker.close()
         final = uploads / f"{file_id}{'.jsonl' if fmt == 'jsonl' else '.txt'}"
         os.replace(tmp, final)
