@@ -1,0 +1,63 @@
+"""Dependencies: settings, a DB session per request, the caller's tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.crud.tenants import authenticate, get_or_create_tenant
+from app.db.models import Tenant
+
+LOCAL_TENANT = "local"
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def _presented_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+        return None
+    key = request.headers.get("x-api-key")
+    return key.strip() if key else None
+
+
+def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+    if settings.auth_disabled:
+        tenant = get_or_create_tenant(session, LOCAL_TENANT)
+    else:
+        key = _presented_key(request)
+        tenant = authenticate(session, key) if key else None
+        if tenant is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                detail="missing or invalid API key: send `Authorization: Bearer <key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    session.expunge(tenant)  # keep its loaded fields: the rollback below would expire them
+    session.rollback()  # end the read transaction before the route's work
+    request.state.tenant_id = tenant.id
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

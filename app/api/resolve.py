@@ -1,0 +1,49 @@
+"""Where a `model_id` points: a Hub repo, or a folder under SLIMGPT_LOCAL_MODELS_DIR."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+from fastapi import HTTPException
+
+from app.core.config import Settings
+from app.schemas import is_hub_repo_id
+
+
+def _unprocessable(field: str, msg: str) -> HTTPException:
+    return HTTPException(422, detail=f"{field}: {msg}")
+
+
+def resolve_model(settings: Settings, model_id: str, field: str = "model_id") -> tuple[str, Path | None]:
+    """``("local", absolute folder)`` or ``("hub", None)``; 422 for anything else.
+
+    A local folder is looked up first (relative to the root, symlinks resolved, and it must stay
+    inside the root); otherwise the value must have Hub repo id syntax.
+    """
+    if "\x00" in model_id or "\\" in model_id:
+        raise _unprocessable(field, "contains characters not allowed in a model id or path")
+    pure = PurePosixPath(model_id)
+    if pure.is_absolute() or model_id.startswith("~"):
+        raise _unprocessable(
+            field, "absolute paths are not accepted; give a folder relative to the local "
+            "models root (SLIMGPT_LOCAL_MODELS_DIR) or a Hub repo id `owner/name`")
+    if ".." in pure.parts:
+        raise _unprocessable(field, "path escapes the local models root (SLIMGPT_LOCAL_MODELS_DIR)")
+    root_setting = settings.local_models_dir
+    if root_setting is not None:
+        root = Path(root_setting).resolve()
+        candidate = (root / model_id).resolve()
+        if candidate.exists():
+            if candidate != root and root not in candidate.parents:
+                raise _unprocessable(
+                    field, "path escapes the local models root (SLIMGPT_LOCAL_MODELS_DIR)")
+            if not candidate.is_dir():
+                raise _unprocessable(field, "a local model must be a folder")
+            if candidate == root:
+                raise _unprocessable(field, "name a model folder inside the local models root")
+            return "local", candidate
+    if is_hub_repo_id(model_id):
+        return "hub", None
+    raise _unprocessable(
+        field, f"{model_id!r} is neither a valid Hub repo id (`owner/name`) nor a folder under "
+        "the local models root")

@@ -1,0 +1,174 @@
+"""/v1/files: calibration text or jsonl, streamed to disk under a size limit."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.middleware import BodyTooLarge
+from app.crud.files import get_file
+from app.db.models import UploadedFile, new_id
+from app.schemas import UUID_RE, ErrorOut, FileOut
+
+log = logging.getLogger("slimgpt.api.files")
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+CHUNK = 64 * 1024
+
+
+class _Checker:
+    """Streams bytes to disk, hashing, counting, checking UTF-8 and jsonl lines as they pass."""
+
+    def __init__(self, fmt: str, limit: int) -> None:
+        self.fmt, self.limit = fmt, limit
+        self.size = 0
+        self.sha = hashlib.sha256()
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.pending = ""
+        self.line_no = 0
+        self.records = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise BodyTooLarge(self.limit)
+        self.sha.update(chunk)
+        try:
+            text = self.decoder.decode(chunk)
+        except UnicodeDecodeError:
+            raise HTTPException(422, detail="file: is not UTF-8 text") from None
+        if self.fmt == "jsonl":
+            self.pending += text
+            *lines, self.pending = self.pending.split("\n")
+            for line in lines:
+                self._line(line)
+
+    def _line(self, line: str) -> None:
+        self.line_no += 1
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise HTTPException(422, detail=f"file: line {self.line_no} is not valid JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise HTTPException(
+                422, detail=f"file: line {self.line_no} needs a string field \"text\"")
+        self.records += 1
+
+    def close(self) -> None:
+        try:
+            tail = self.decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise HTTPException(422, detail="file: is not UTF-8 text") from None
+        if self.fmt == "jsonl":
+            self._line(self.pending + tail)
+            if self.records == 0:
+                raise HTTPException(422, detail="file: has no jsonl records")
+        elif self.size == 0:
+            raise HTTPException(422, detail="file: is empty")
+
+
+def _format_for(filename: str, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    return "jsonl" if filename.lower().endswith((".jsonl", ".ndjson")) else "text"
+
+
+async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
+    while chunk := await upload.read(CHUNK):
+        yield chunk
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FileOut,
+    responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    summary="Upload a calibration file (text or jsonl with a `text` field per line)",
+    description="Send `multipart/form-data` with a `file` field, or the raw bytes with "
+    "`?filename=name.txt`. The body is streamed to disk and cut off at SLIMGPT_MAX_UPLOAD_BYTES.",
+)
+async def upload_file(
+    request: Request,
+    tenant: TenantDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    filename: Annotated[str | None, Query(max_length=255)] = None,
+    format: Annotated[Literal["text", "jsonl"] | None, Query()] = None,
+) -> FileOut:
+    ctype = request.headers.get("content-type", "")
+    uploads = Path(settings.uploads_dir)  # type: ignore[arg-type]
+    uploads.mkdir(parents=True, exist_ok=True)
+    file_id = new_id()
+    tmp = uploads / f"{file_id}.part"
+    form = None
+    try:
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=4)
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(422, detail="file: multipart upload needs a `file` field")
+            name = upload.filename or filename or "upload.txt"
+            chunks: AsyncIterator[bytes] = _upload_chunks(upload)
+        else:
+            if not filename:
+                raise HTTPException(
+                    422, detail="filename: required for a raw upload (or send multipart/form-data)")
+            name = filename
+            chunks = request.stream()
+        fmt = _format_for(name, format)
+        checker = _Checker(fmt, settings.max_upload_bytes)
+        fh = await run_in_threadpool(open, tmp, "wb")  # disk I/O off the event loop
+        try:
+            async for chunk in chunks:
+                if chunk:
+                    checker.feed(chunk)
+                    await run_in_threadpool(fh.write, chunk)
+        finally:
+            await run_in_threadpool(fh.close)
+        checker.close()
+        final = uploads / f"{file_id}{'.jsonl' if fmt == 'jsonl' else '.txt'}"
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        if form is not None:
+            await form.close()
+    safe_name = _SAFE_NAME.sub("_", Path(name).name)[:255] or "upload"
+    record = UploadedFile(id=file_id, tenant_id=tenant.id, filename=safe_name, format=fmt,
+                          path=str(final.resolve()), size=checker.size,
+                          sha256=checker.sha.hexdigest())
+    session.add(record)
+    session.commit()
+    request.app.state.metrics.uploads.inc(checker.size)
+    log.info("stored upload %s (%d bytes, %s)", file_id, checker.size, fmt)
+    return _file_out(record)
+
+
+def _file_out(f: UploadedFile) -> FileOut:
+    return FileOut(id=f.id, filename=f.filename, format=f.format,  # type: ignore[arg-type]
+                   size=f.size, sha256=f.sha256, created_at=f.created_at)
+
+
+@router.get("/{file_id}", response_model=FileOut, responses={404: {"model": ErrorOut}},
+            summary="An uploaded file's metadata")
+def file_info(file_id: str, tenant: TenantDep, session: SessionDep) -> Any:
+    f = get_file(session, tenant.id, file_id) if UUID_RE.match(file_id) else None
+    if f is None:
+        raise HTTPException(404, detail=f"file {file_id} not found")
+    return _file_out(f)

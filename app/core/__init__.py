@@ -1,0 +1,1 @@
+"""Settings, logging and security helpers shared by the API, the CLI and the worker."""

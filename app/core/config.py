@@ -1,0 +1,132 @@
+"""All service settings in one place: environment variables with the ``SLIMGPT_`` prefix.
+
+| variable                        | default                          | meaning                                      |
+|---------------------------------|----------------------------------|----------------------------------------------|
+| SLIMGPT_DATA_DIR                | ./.slimgpt                       | root of everything the embedded mode writes   |
+| SLIMGPT_DATABASE_URL            | sqlite:///<data_dir>/slimgpt.db  | SQLAlchemy URL (postgresql+psycopg://… prod)  |
+| SLIMGPT_BROKER_URL              | unset = embedded in-process worker | Celery broker (redis://…) = production      |
+| SLIMGPT_CELERY_QUEUE            | slimgpt                          | queue the API sends `slimgpt.run_job` to      |
+| SLIMGPT_ARTIFACTS_DIR           | <data_dir>/artifacts             | pruned model folders, one per job             |
+| SLIMGPT_UPLOADS_DIR             | <data_dir>/uploads               | uploaded calibration files                    |
+| SLIMGPT_LOCAL_MODELS_DIR        | <data_dir>/models                | root for local model folders (model_id)       |
+| SLIMGPT_HF_CACHE_DIR            | unset (huggingface default)      | Hub cache for the worker                      |
+| SLIMGPT_SECRET_KEY              | embedded: generated into data_dir | Fernet key encrypting Hub tokens (prod: required) |
+| SLIMGPT_MAX_UPLOAD_BYTES        | 104857600 (100 MiB)              | largest accepted calibration upload           |
+| SLIMGPT_MAX_BODY_BYTES          | 1048576 (1 MiB)                  | largest JSON request body                     |
+| SLIMGPT_JOB_SOFT_TIME_LIMIT_S   | 21600                            | Celery soft time limit of one job             |
+| SLIMGPT_JOB_HARD_TIME_LIMIT_S   | 23400                            | Celery hard time limit of one job             |
+| SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed             |
+| SLIMGPT_JOB_LEASE_S             | 300                              | worker lease length (renewed while running)   |
+| SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
+| SLIMGPT_LOG_LEVEL               | INFO                             |                                              |
+| SLIMGPT_AUTH_DISABLED           | false                            | embedded only: every request is tenant `local` |
+| SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
+| SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
+| SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger("slimgpt.config")
+
+
+class ConfigError(RuntimeError):
+    """The settings cannot run the service (e.g. production without a secret key)."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMGPT_", extra="ignore")
+
+    data_dir: Path = Path("./.slimgpt")
+    database_url: str | None = None
+    broker_url: str | None = None
+    celery_queue: str = "slimgpt"
+    artifacts_dir: Path | None = None
+    uploads_dir: Path | None = None
+    local_models_dir: Path | None = None
+    hf_cache_dir: Path | None = None
+    secret_key: SecretStr | None = None
+
+    max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(1024 * 1024, gt=0)
+    job_soft_time_limit_s: int = Field(6 * 3600, gt=0)
+    job_hard_time_limit_s: int = Field(6 * 3600 + 1800, gt=0)
+    job_max_attempts: int = Field(3, ge=1)
+    job_lease_s: int = Field(300, gt=0)
+
+    log_json: bool = False
+    log_level: str = "INFO"
+    auth_disabled: bool = False
+    auto_migrate: bool | None = None
+    sse_heartbeat_s: float = Field(15.0, gt=0)
+    sse_poll_s: float = Field(0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        base = Path(self.data_dir)
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(base / 'slimgpt.db').resolve()}"
+        if self.artifacts_dir is None:
+            self.artifacts_dir = base / "artifacts"
+        if self.uploads_dir is None:
+            self.uploads_dir = base / "uploads"
+        if self.local_models_dir is None:
+            self.local_models_dir = base / "models"
+        if self.auto_migrate is None:
+            self.auto_migrate = self.is_sqlite
+        return self
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """No broker configured: jobs run on an in-process worker thread."""
+        return not self.broker_url
+
+    @property
+    def is_sqlite(self) -> bool:
+        return str(self.database_url).startswith("sqlite")
+
+    def validate_for_serving(self) -> None:
+        if self.auth_disabled and not self.embedded:
+            raise ConfigError("SLIMGPT_AUTH_DISABLED is only allowed in embedded mode (no broker)")
+        if not self.embedded and self.secret_key is None:
+            raise ConfigError(
+                "SLIMGPT_SECRET_KEY is required in production (a Fernet key, e.g. from "
+                "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)"
+            )
+        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+            raise ConfigError("SLIMGPT_JOB_HARD_TIME_LIMIT_S must exceed SLIMGPT_JOB_SOFT_TIME_LIMIT_S")
+
+    def fernet_key(self) -> bytes:
+        """The Fernet key for Hub tokens; in embedded mode one is generated into data_dir."""
+        if self.secret_key is not None:
+            return self.secret_key.get_secret_value().encode()
+        if not self.embedded:
+            raise ConfigError("SLIMGPT_SECRET_KEY is required in production")
+        path = Path(self.data_dir) / "secret.key"
+        if path.exists():
+            return path.read_bytes().strip()
+        from cryptography.fernet import Fernet
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = Fernet.generate_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(key)
+        log.warning("SLIMGPT_SECRET_KEY is unset: generated a Hub-token encryption key at %s "
+                    "(embedded mode only; keep this file, tokens cannot be read without it)", path)
+        return key
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment (cached)."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Job database: typed models, engine/session factory, migrations helper."""

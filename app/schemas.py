@@ -1,0 +1,291 @@
+"""Request and response models of the /v1 API. Unknown fields are rejected (422)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Hub repo id syntax: ``owner/name``; letters, digits, '-', '_', '.'; no '--' or '..';
+#: neither part starts or ends with '-' or '.'; at most 96 characters per part.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
+HUB_REPO_RE = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
+BUILTIN_DATASETS = ("c4", "wikitext2")
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def is_hub_repo_id(value: str) -> bool:
+    return bool(HUB_REPO_RE.match(value)) and "--" not in value and ".." not in value
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Ratio = Annotated[float, Field(ge=0.0, le=0.95)]
+
+
+class CalibrationSpec(Strict):
+    source: str = Field(
+        "c4",
+        description="`c4`, `wikitext2`, or the id of a file uploaded with POST /v1/files",
+        examples=["c4"],
+    )
+    num_samples: int = Field(128, ge=1, le=4096)
+    seq_len: int = Field(2048, ge=16, le=32768)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v in BUILTIN_DATASETS or UUID_RE.match(v):
+            return v
+        raise ValueError(
+            f"must be one of {', '.join(BUILTIN_DATASETS)} or an uploaded file id (a UUID)"
+        )
+
+
+class PruningSpec(Strict):
+    percdamp: float = Field(0.01, gt=0.0, le=1.0, description="Hessian damping, share of mean diag")
+    min_group: int = Field(64, ge=1, le=65536, description="smallest FFN channel group")
+    gqa_policy: Literal["balanced", "group", "free"] = Field(
+        "balanced",
+        description="`balanced`: the same number of query heads leaves every KV group; `group`: "
+        "whole KV groups are dropped; `free`: any query heads",
+    )
+    alpha: float = Field(0.25, ge=0.0, le=1.0, description="first-layer ratio = alpha * last")
+    heads: Ratio | None = Field(None, description="explicit attention-head ratio per layer")
+    ffn: Ratio | None = Field(None, description="explicit FFN-channel ratio per layer")
+
+
+class ExportSpec(Strict):
+    profile: Literal["hetero", "uniform"] = Field(
+        "hetero",
+        description="`hetero`: exact per-layer widths (loads with trust_remote_code); `uniform`: "
+        "the same widths in every layer, a plain Llama config (needs schedule `uniform`)",
+    )
+
+
+class DestinationSpec(Strict):
+    hub_repo_id: str | None = Field(
+        None, description="publish to this Hub repo; absent = local artifacts only",
+        examples=["my-org/smollm2-135m-slim20"],
+    )
+    private: bool = True
+    create_pr: bool = False
+
+    @field_validator("hub_repo_id")
+    @classmethod
+    def _repo(cls, v: str | None) -> str | None:
+        if v is not None and not is_hub_repo_id(v):
+            raise ValueError("is not a valid Hub repo id (expected `owner/name`)")
+        return v
+
+
+class EvaluateSpec(Strict):
+    perplexity: bool = True
+    eval_source: str | None = Field(
+        None, description="`wikitext2`, `c4` or an uploaded file id; default wikitext2"
+    )
+
+    @field_validator("eval_source")
+    @classmethod
+    def _source(cls, v: str | None) -> str | None:
+        if v is None or v in BUILTIN_DATASETS or UUID_RE.match(v):
+            return v
+        raise ValueError(
+            f"must be one of {', '.join(BUILTIN_DATASETS)} or an uploaded file id (a UUID)"
+        )
+
+
+ScheduleSpec = (
+    Literal["log", "linear", "uniform"]
+    | Annotated[list[Ratio], Field(min_length=1, max_length=1024)]
+)
+
+
+def _check_schedule_profile(schedule: Any, profile: str, explicit: bool) -> Any:
+    """Profile `uniform` needs every layer equally wide: schedule `uniform` (set when no schedule
+    was given), or an explicit list of equal ratios; another explicit schedule is a 422."""
+    if profile != "uniform":
+        return schedule
+    if not explicit:
+        return "uniform"
+    if schedule == "uniform":
+        return schedule
+    if isinstance(schedule, list) and len(set(schedule)) == 1:
+        return schedule
+    raise ValueError(
+        "export.profile 'uniform' needs the same width in every layer: use schedule 'uniform' "
+        f"(or leave schedule out), not {schedule!r}"
+    )
+
+
+class JobCreate(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "HuggingFaceTB/SmolLM2-135M",
+                    "revision": "main",
+                    "target_ratio": 0.2,
+                    "schedule": "log",
+                    "calibration": {"source": "c4", "num_samples": 128, "seq_len": 2048,
+                                    "seed": 0},
+                    "pruning": {"percdamp": 0.01, "min_group": 64, "gqa_policy": "balanced"},
+                    "export": {"profile": "hetero"},
+                    "destination": {"hub_repo_id": "my-org/SmolLM2-135M-slim20",
+                                    "private": True, "create_pr": False},
+                    "evaluate": {"perplexity": True},
+                }
+            ]
+        },
+    )
+
+    model_id: str = Field(
+        ..., min_length=1, max_length=512,
+        description="Hub repo id `owner/name`, or a folder relative to SLIMGPT_LOCAL_MODELS_DIR",
+    )
+    revision: str = Field("main", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._/\-]+$")
+    target_ratio: float = Field(..., gt=0.0, le=0.9,
+                                description="share of decoder parameters to remove, in (0, 0.9]")
+    schedule: ScheduleSpec = Field("log", description="`log`, `linear`, `uniform` or per-layer list")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    destination: DestinationSpec = Field(default_factory=DestinationSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        if ".." in v or v.startswith("/") or v.endswith("/"):
+            raise ValueError("is not a valid git revision")
+        return v
+
+    @model_validator(mode="after")
+    def _profile(self) -> JobCreate:
+        self.schedule = _check_schedule_profile(
+            self.schedule, self.export.profile, "schedule" in self.model_fields_set
+        )
+        return self
+
+
+class EstimateRequest(Strict):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "config": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
+                               "num_attention_heads": 9, "num_key_value_heads": 3,
+                               "intermediate_size": 1536, "vocab_size": 49152,
+                               "tie_word_embeddings": True},
+                    "target_ratio": 0.2,
+                    "schedule": "log",
+                }
+            ]
+        },
+    )
+
+    config: dict[str, Any] | None = Field(None, description="the model's config.json")
+    model_id: str | None = Field(
+        None, description="a local model folder (under SLIMGPT_LOCAL_MODELS_DIR) to read "
+        "config.json from; Hub models need `config` (the API does not download)",
+    )
+    target_ratio: float = Field(..., gt=0.0, le=0.9)
+    schedule: ScheduleSpec = "log"
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EstimateRequest:
+        if (self.config is None) == (self.model_id is None):
+            raise ValueError("give exactly one of `config` or `model_id`")
+        self.schedule = _check_schedule_profile(
+            self.schedule, self.export.profile, "schedule" in self.model_fields_set
+        )
+        return self
+
+
+class Progress(BaseModel):
+    phase: str | None = None
+    layer: int | None = None
+    num_layers: int | None = None
+    percent: float | None = None
+    eta_s: float | None = None
+
+
+class JobOut(BaseModel):
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    cancel_requested: bool
+    model_id: str
+    model_source: Literal["hub", "local"]
+    revision: str
+    model_commit_sha: str | None = None
+    progress: Progress
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    attempts: int
+    metrics: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    request: dict[str, Any]
+    links: dict[str, str]
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(None, description="pass as `cursor` for the next page")
+
+
+class EventOut(BaseModel):
+    seq: int
+    time: datetime
+    state: str
+    phase: str | None = None
+    layer: int | None = None
+    percent: float | None = None
+    message: str
+    metrics: dict[str, Any] | None = None
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    download_url: str
+
+
+class ArtifactList(BaseModel):
+    job_id: str
+    items: list[ArtifactOut]
+
+
+class FileOut(BaseModel):
+    id: str
+    filename: str
+    format: Literal["text", "jsonl"]
+    size: int
+    sha256: str
+    created_at: datetime
+
+
+class HubTokenIn(Strict):
+    token: str = Field(..., min_length=8, max_length=1000, pattern=r"^\S+$",
+                       description="a Hugging Face access token (write-only)")
+
+
+class HubTokenStatus(BaseModel):
+    configured: bool
+    updated_at: datetime | None = None
+
+
+class ErrorOut(BaseModel):
+    detail: Any
