@@ -130,9 +130,17 @@ def retry_after_s(exc: BaseException) -> float | None:
 
 
 def hub_error_to_worker_error(
-    exc: BaseException, *, repo_id: str, revision: str | None = None, has_token: bool
+    exc: BaseException,
+    *,
+    repo_id: str,
+    revision: str | None = None,
+    has_token: bool,
+    kind: str = "model",
 ) -> WorkerError | None:
-    """Translate a huggingface_hub error about ``repo_id`` into a user-facing one, if known."""
+    """Translate a huggingface_hub error about ``repo_id`` into a user-facing one, if known.
+
+    ``kind`` ("model" or "dataset") only changes the wording.
+    """
     status = http_status(exc)
     if isinstance(exc, GatedRepoError) or (status in (401, 403) and not has_token):
         if has_token:
@@ -147,7 +155,7 @@ def hub_error_to_worker_error(
         # The Hub answers 401 for private repos it will not reveal, so "not found" may also
         # mean "no access".
         hint = "" if has_token else " (if it is private, add a Hub token with PUT /v1/hub-token)"
-        return ModelNotFoundError(f"model repository {repo_id} was not found on the Hub{hint}")
+        return ModelNotFoundError(f"{kind} repository {repo_id} was not found on the Hub{hint}")
     if status in (401, 403):
         return HubAuthError(f"the Hub rejected the token for {repo_id} (HTTP {status})")
     if isinstance(exc, OfflineModeIsEnabled):
