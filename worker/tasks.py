@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery, Task
 
+from worker.ids import is_valid_job_id
+
 RUN_JOB_TASK = "slimgpt.run_job"
-# Job ids are UUIDs or similar; anything else in a message is a bug or an attack, and must not
-# reach the runner (which would look it up in the database and log it).
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 RUNNER_CONF_KEY = "slimgpt_runner"
 
 logger = logging.getLogger(__name__)
@@ -40,7 +38,7 @@ def register_tasks(app: Celery) -> Task:
     # shared=False: each app gets its own task object instead of a process-wide one.
     @app.task(name=RUN_JOB_TASK, ignore_result=True, shared=False)
     def run_job(job_id: str) -> None:
-        if not isinstance(job_id, str) or not _JOB_ID_RE.match(job_id):
+        if not is_valid_job_id(job_id):
             # Acked and dropped: redelivering a malformed message would fail forever.
             logger.error("rejecting %s message with a malformed job id", RUN_JOB_TASK)
             return
@@ -59,7 +57,7 @@ def enqueue_job(app: Celery, job_id: str, *, queue: str | None = None) -> str:
 
     Returns the Celery task id. The API calls this after committing the job row.
     """
-    if not _JOB_ID_RE.match(job_id):
+    if not is_valid_job_id(job_id):
         raise ValueError(f"not a valid job id: {job_id!r}")
     options: dict[str, Any] = {}
     if queue is not None:
