@@ -325,7 +325,7 @@ def _load_cached(path: Path, num_samples: int, seq_len: int) -> torch.Tensor | N
         return None
     try:
         ids = load_file(path)["input_ids"]
-    except Exception:  # a truncated or foreign file: rebuild rather than fail the job
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: rebuild, do not fail the job
         logger.warning("ignoring unreadable calibration cache %s", path.name)
         return None
     if ids.dtype != torch.long or tuple(ids.shape) != (num_samples, seq_len):

@@ -50,7 +50,7 @@ def _scrub_record(record: logging.LogRecord) -> None:
         return
     try:
         message = record.getMessage()
-    except Exception:  # a broken format string is the caller's bug; leave it to the handler
+    except Exception:  # noqa: BLE001 - a broken format string: leave it to the handler
         return
     record.msg = redact(message)
     record.args = ()
