@@ -228,7 +228,7 @@ def _prune_layer(
     h_attn = HessianAccumulator(attn.o_proj.in_features, device)
     hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
     try:
-        with _Phase(clock, seconds, "forward", device):
+        with _Phase(clock, seconds, "attn_pass", device):
             for sl in batches:
                 attention_block(layer, acts[sl].to(device), ctx)
     finally:
@@ -259,7 +259,7 @@ def _prune_layer(
 
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
     h_ffn = HessianAccumulator(mlp.down_proj.in_features, device)
-    with _Phase(clock, seconds, "forward", device):
+    with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
             h = attention_block(layer, acts[sl].to(device), ctx)
             residual[sl] = h.to(residual.device)
@@ -288,7 +288,7 @@ def _prune_layer(
          {"ffn_error": ffn_err, "ffn_error_uncompensated": ffn_err_nc})
 
     # 3. The pruned layer's outputs become the next layer's inputs.
-    with _Phase(clock, seconds, "forward", device):
+    with _Phase(clock, seconds, "output_pass", device):
         for sl in batches:
             acts[sl] = ffn_block(layer, residual[sl].to(device)).to(acts.device)
 
@@ -389,14 +389,18 @@ def prune_model(
             raise PruningCancelled(i)
         layer = layers[i]
         home = next(layer.parameters()).device
+        t0 = time.perf_counter()
         layer.to(device)
+        clock.add("transfer", time.perf_counter() - t0)
 
         def layer_emit(phase: str, message: str, metrics: dict[str, float], _i: int = i) -> None:
             emit(phase, message, metrics, _i)
 
         report = _prune_layer(layer, plan.layers[i], shape, acts, residual, ctx, config, device,
                               clock, layer_emit)
+        t0 = time.perf_counter()
         layer.to(home)
+        clock.add("transfer", time.perf_counter() - t0)
         reports.append(report)
         if ckpt is not None:
             ckpt.save(i, layer, asdict(report))
