@@ -76,7 +76,7 @@ def _summary(result: PruneResult, ppl: dict[str, float | None], out: Path) -> di
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from slimgpt_core.export import export_pruned
+    from slimgpt_core.export import describe_calibration, export_pruned
     from slimgpt_core.loading import load_base_model
 
     try:
@@ -108,6 +108,7 @@ def run_prune(args: argparse.Namespace) -> int:
         percdamp=args.percdamp, min_group=args.min_group, batch_size=args.batch_size,
         device=str(device), offload_activations=args.offload_activations,
         checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+        plain_heads=args.profile == "uniform",
     )
     bar, on_event = _progress_bar(model.config.num_hidden_layers)
     try:
@@ -117,18 +118,22 @@ def run_prune(args: argparse.Namespace) -> int:
     if eval_windows is not None:
         ppl["after"] = perplexity(model, eval_windows, device=device)
 
-    calibration_info = {
-        "source": args.calib or f"bundled:{BUNDLED_CALIBRATION}",
-        "num_samples": args.nsamples, "seq_len": args.seqlen, "seed": args.seed,
-    }
+    calibration_info = describe_calibration(
+        calib, source=args.calib or f"bundled:{BUNDLED_CALIBRATION}", seed=args.seed)
+    eval_metrics = None
+    if eval_windows is not None:
+        eval_metrics = {"ppl_before": ppl["before"], "ppl_after": ppl["after"],
+                        "dataset": args.eval_file, "tokens": int(eval_windows.numel())}
     out = Path(args.out)
-    export_pruned(
+    report = export_pruned(
         result, out, tokenizer=tokenizer, profile=args.profile,
-        base_model_id=source.get("base_model_id", args.model),
+        base_model_id=source.get("base_model_id") or args.model,
         base_revision=source.get("revision"), calibration_info=calibration_info,
-        eval_metrics={"perplexity_before": ppl["before"], "perplexity_after": ppl["after"]},
-        verify=not args.no_verify, license=source.get("license"),
+        eval_metrics=eval_metrics, verify=not args.no_verify, license=source.get("license"),
     )
+    if report.verification is not None:
+        print(f"verified: reloaded in a fresh process, max logit difference "
+              f"{report.verification.get('max_abs_diff')}", file=sys.stderr)
     summary = _summary(result, ppl, out)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -156,6 +156,13 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
                 "export with profile='hetero'."
             )
         w = widths[0]
+        if d["hidden_size"] % w["num_heads"]:
+            raise ExportError(
+                f"profile 'uniform': transformers only accepts a plain {base} config whose "
+                f"hidden_size ({d['hidden_size']}) is a multiple of the number of heads "
+                f"({w['num_heads']}). Prune with PruneConfig(plain_heads=True) (the CLI's "
+                "--profile uniform does), or export with profile='hetero'."
+            )
         d.update(num_attention_heads=w["num_heads"], num_key_value_heads=w["num_kv_heads"],
                  intermediate_size=w["intermediate_size"])
         from transformers import CONFIG_MAPPING

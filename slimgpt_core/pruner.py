@@ -77,6 +77,8 @@ class PruneConfig:
     #: "slimgpt" (OBS selection and compensation); the ablations "no_compensation" (same
     #: selection, pruned columns only zeroed) and "magnitude" (weight-norm selection, H = I).
     method: str = "slimgpt"
+    #: Only head counts that divide hidden_size (what the `uniform` export profile needs).
+    plain_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -89,7 +91,8 @@ class PruneConfig:
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the result (not device, batch size or paths)."""
         keys = ("target_ratio", "schedule", "alpha", "gqa_policy", "head_ratio", "ffn_ratio",
-                "percdamp", "min_group", "max_group", "compact", "seed", "method")
+                "percdamp", "min_group", "max_group", "compact", "seed", "method",
+                "plain_heads")
         out = {k: getattr(self, k) for k in keys}
         if not isinstance(out["schedule"], str):
             out["schedule"] = list(out["schedule"])
@@ -336,7 +339,7 @@ def prune_model(
     check_uniform_attention(model)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
-                     config.alpha, config.head_ratio, config.ffn_ratio)
+                     config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
     layers = decoder_layers(model)
     n_layers = len(layers)
     device = _resolve_device(config.device)

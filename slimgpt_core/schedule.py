@@ -247,8 +247,14 @@ def plan_layer(
     gqa_policy: str,
     head_ratio: float | None = None,
     ffn_ratio: float | None = None,
+    plain_heads: bool = False,
 ) -> LayerPlan:
-    """How many heads, KV heads and channels layer ``index`` loses at layer ratio ``ratio``."""
+    """How many heads, KV heads and channels layer ``index`` loses at layer ratio ``ratio``.
+
+    ``plain_heads`` keeps only head counts that divide ``hidden_size``: transformers (5.x)
+    refuses a plain Llama/Mistral/Qwen2 config otherwise, so the ``uniform`` artifact profile
+    needs it; the FFN then absorbs what the attention does not remove.
+    """
     ratio = min(max(ratio, 0.0), MAX_LAYER_RATIO)
     r_heads = ratio if head_ratio is None else head_ratio
     r_heads = min(max(r_heads, 0.0), MAX_LAYER_RATIO)
@@ -259,13 +265,22 @@ def plan_layer(
         # Multi-head attention: every head is its own KV group, so all policies coincide.
         gqa_policy = "group"
     if gqa_policy == "group":
-        groups = min(round(r_heads * kv), kv - 1)
-        heads_removed, kv_removed = groups * gs, groups
+        units = min(round(r_heads * kv), kv - 1)
     elif gqa_policy == "balanced":
-        per_group = min(round(r_heads * gs), gs - 1)
-        heads_removed, kv_removed = per_group * kv, 0
+        units = min(round(r_heads * gs), gs - 1)
     else:  # free: KV heads go only when pruning happens to empty a group
-        heads_removed, kv_removed = min(round(r_heads * shape.num_heads), shape.num_heads - 1), 0
+        units = min(round(r_heads * shape.num_heads), shape.num_heads - 1)
+
+    def removed(u: int) -> tuple[int, int]:
+        if gqa_policy == "group":
+            return u * gs, u
+        if gqa_policy == "balanced":
+            return u * kv, 0
+        return u, 0
+
+    while plain_heads and units > 0 and shape.hidden_size % (shape.num_heads - removed(units)[0]):
+        units -= 1
+    heads_removed, kv_removed = removed(units)
     before = shape.dense_layer_params
     attn_removed = heads_removed * shape.params_per_q_head + kv_removed * shape.params_per_kv_head
     max_channels = math.floor(shape.intermediate_size * MAX_LAYER_RATIO)
@@ -302,9 +317,11 @@ def _plan_from_ratios(
     gqa_policy: str,
     head_ratio: float | None,
     ffn_ratio: float | None,
+    plain_heads: bool = False,
 ) -> tuple[LayerPlan, ...]:
     return tuple(
-        plan_layer(shape, i, r, gqa_policy, head_ratio, ffn_ratio) for i, r in enumerate(ratios)
+        plan_layer(shape, i, r, gqa_policy, head_ratio, ffn_ratio, plain_heads)
+        for i, r in enumerate(ratios)
     )
 
 
@@ -321,6 +338,7 @@ def make_plan(
     alpha: float = 0.25,
     head_ratio: float | None = None,
     ffn_ratio: float | None = None,
+    plain_heads: bool = False,
 ) -> PruningPlan:
     """Solve the schedule for ``target_ratio`` of decoder-layer parameters and plan every layer.
 
@@ -342,13 +360,13 @@ def make_plan(
             raise PlanError(f"explicit schedule has {len(ratios)} ratios for {n} layers")
         if any(not 0.0 <= r <= MAX_LAYER_RATIO for r in ratios):
             raise PlanError(f"explicit per-layer ratios must lie in [0, {MAX_LAYER_RATIO}]")
-        layers = _plan_from_ratios(shape, ratios, gqa_policy, head_ratio, ffn_ratio)
+        layers = _plan_from_ratios(shape, ratios, gqa_policy, head_ratio, ffn_ratio, plain_heads)
         return PruningPlan(shape, target_ratio, "explicit", gqa_policy, tuple(ratios), layers,
                            ratios[0], ratios[-1], tuple(notes))
 
     def layers_for(r_last: float) -> tuple[list[float], tuple[LayerPlan, ...]]:
         rs = schedule_ratios(schedule, n, r_last, alpha)
-        return rs, _plan_from_ratios(shape, rs, gqa_policy, head_ratio, ffn_ratio)
+        return rs, _plan_from_ratios(shape, rs, gqa_policy, head_ratio, ffn_ratio, plain_heads)
 
     # The removed share is non-decreasing in r_last (each layer's counts are), so bisect for
     # the crossing, then take whichever side of the rounding step lands closer to the target.
@@ -385,8 +403,10 @@ def estimate(
     alpha: float = 0.25,
     head_ratio: float | None = None,
     ffn_ratio: float | None = None,
+    plain_heads: bool = False,
 ) -> dict[str, Any]:
     """Dry run for the API: the per-layer widths and parameter counts a job would produce."""
     shape = ModelShape.from_config(config)
-    plan = make_plan(shape, target_ratio, schedule, gqa_policy, alpha, head_ratio, ffn_ratio)
+    plan = make_plan(shape, target_ratio, schedule, gqa_policy, alpha, head_ratio, ffn_ratio,
+                     plain_heads)
     return plan.to_dict()

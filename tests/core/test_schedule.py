@@ -134,3 +134,9 @@ def test_schedule_module_does_not_import_torch() -> None:
     code = "import slimgpt_core, slimgpt_core.schedule, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plain_heads_keep_head_counts_that_divide_hidden_size() -> None:
+    plan = make_plan(ModelShape.from_config(LLAMA_7B), 0.2, "uniform", plain_heads=True)
+    assert abs(plan.achieved_ratio - 0.2) <= 0.01
+    assert all(4096 % lp.heads_kept == 0 for lp in plan.layers)

@@ -1,0 +1,74 @@
+"""`slimgpt prune` from the command line, on a tiny local model folder."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from app.cli import main
+from tests.core.tiny import tiny_llama
+from tests.export._export_helpers import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _text(path: Path, words: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.write_text(" ".join(f"w{rng.randrange(3, 128)}" for _ in range(words)))
+    return path
+
+
+def _args(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(model_dir), "--ratio", "0.3",
+            "--calib", str(_text(tmp_path / "calib.txt", 2000, 0)),
+            "--eval", str(_text(tmp_path / "eval.txt", 500, 1)), "--eval-windows", "2",
+            "--out", str(tmp_path / "out"), "--nsamples", "4", "--seqlen", "32",
+            "--min-group", "8", "--device", "cpu", *extra]
+
+
+def test_prune_writes_a_verified_folder_and_reports_sizes(model_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["params_after"] < summary["params_before"]
+    assert summary["perplexity_before"] > 0 and summary["perplexity_after"] > 0
+    out = tmp_path / "out"
+    pruning = json.loads((out / "pruning_config.json").read_text())
+    assert pruning["verification"]["passed"] is True
+    assert not list(out.glob("*.bin"))
+
+
+def test_uniform_profile_writes_a_plain_llama_config(model_dir: Path, tmp_path: Path) -> None:
+    assert main(_args(model_dir, tmp_path, "--profile", "uniform", "--no-verify")) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config
+
+
+@pytest.mark.parametrize("ratio", ["0", "0.95", "-1"])
+def test_ratio_outside_range_is_a_usage_error(model_dir: Path, tmp_path: Path,
+                                              ratio: str, capsys: pytest.CaptureFixture) -> None:
+    args = _args(model_dir, tmp_path)
+    args[args.index("--ratio") + 1] = ratio
+    assert main(args) == 2
+    assert "--ratio" in capsys.readouterr().err
+
+
+def test_uniform_profile_with_log_schedule_is_a_usage_error(model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    assert main(_args(model_dir, tmp_path, "--profile", "uniform", "--schedule", "log")) == 2
+
+
+def test_existing_non_empty_output_is_refused(model_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(_args(model_dir, tmp_path)) == 2
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
