@@ -86,7 +86,7 @@ def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
         if line.startswith(":"):
             continue
         field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
+        value = value.removeprefix(" ")
         if field == "data":
             data.append(value)
         elif field == "event":
@@ -131,7 +131,7 @@ class SlimGPTClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> SlimGPTClient:
+    def __enter__(self) -> SlimGPTClient:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

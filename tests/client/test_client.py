@@ -24,7 +24,7 @@ def test_parse_sse_handles_ids_events_comments_and_multiline_data():
 def test_submit_wait_events_and_download(live_server, api_key, tmp_path):
     with SlimGPTClient(live_server.url, api_key, timeout=10) as c:
         job = c.submit_job(JobCreate(model_id="test/ok", target_ratio=0.2))
-        assert job["state"] == "queued"
+        assert job["state"] in ("queued", "running", "succeeded")
         seen = []
         done = c.wait(job["id"], poll_s=0.02, timeout=20, on_update=seen.append)
         assert done["state"] == "succeeded" and seen[-1]["state"] == "succeeded"
@@ -73,9 +73,9 @@ def test_errors_carry_status_and_detail(live_server, api_key):
     with SlimGPTClient(live_server.url, "sgk_wrong_key") as c, pytest.raises(ApiError) as err:
         c.get_job("x")
     assert err.value.status == 401
-    with SlimGPTClient(f"http://127.0.0.1:{free_port()}", api_key, retries=0) as c:
-        with pytest.raises(ConnectionFailed) as err:
-            c.health()
+    dead = SlimGPTClient(f"http://127.0.0.1:{free_port()}", api_key, retries=0)
+    with dead as c, pytest.raises(ConnectionFailed) as err:
+        c.health()
     assert err.value.status == 0 and "cannot reach" in str(err.value)
 
 
