@@ -156,7 +156,7 @@ def test_service_extra_does_not_pull_torch():
 def test_worker_dockerfile_is_cuda_with_the_worker_extra():
     ins = _instructions(WORKER_DOCKERFILE)
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in ins if i == "ARG" and "=" in a}
-    base = [a for i, a in ins if i == "FROM"][0]
+    base = next(a for i, a in ins if i == "FROM")
     base = args.get(base.strip("${}"), base)
     assert base.startswith("nvidia/cuda:") and "runtime" in base
     runs = " ".join(a for i, a in ins if i == "RUN")
@@ -184,6 +184,6 @@ def test_dockerignore_keeps_secrets_and_state_out_but_not_the_package():
 
 def test_env_example_names_the_required_variables():
     text = (ROOT / ".env.example").read_text()
-    assert re.search(r"^SLIMGPT_SECRET_KEY=", text, re.M)
-    assert re.search(r"^POSTGRES_PASSWORD=", text, re.M)
+    assert re.search(r"^SLIMGPT_SECRET_KEY=", text, re.MULTILINE)
+    assert re.search(r"^POSTGRES_PASSWORD=", text, re.MULTILINE)
     assert ".env" in (ROOT / ".gitignore").read_text().split()
