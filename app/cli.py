@@ -88,7 +88,12 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimgpt", description="SlimGPT pruning service")
+    from app.client_cli import EXIT_CODES_HELP, add_client_commands, add_global_options
+
+    parser = argparse.ArgumentParser(prog="slimgpt", description="SlimGPT pruning service",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=EXIT_CODES_HELP)
+    add_global_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     try:
         from slimgpt_core.cli_args import add_prune_parser
@@ -120,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
     revoke.set_defaults(handler=_keys)
+
+    # Client commands against a running service: submit, batch, status, list, cancel, logs,
+    # download (app/client_cli.py), and `worker`.
+    add_client_commands(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app.core.config import Settings
+from app.core.logging import job_context
 
 log = logging.getLogger("slimgpt.dispatch")
 
@@ -121,7 +122,8 @@ class InProcessDispatcher:
             if job_id is None:
                 return
             try:
-                self.runner(job_id)
+                with job_context(job_id):  # every log line of the job carries its id
+                    self.runner(job_id)
             except Exception as err:
                 log.exception("in-process runner raised", extra={"job_id": job_id})
                 self._fail(job_id, err)

@@ -13,6 +13,7 @@ from typing import Any
 
 from celery import Celery, Task
 
+from app.core.logging import job_context
 from worker.ids import is_valid_job_id
 
 RUN_JOB_TASK = "slimgpt.run_job"
@@ -46,8 +47,9 @@ def register_tasks(app: Celery) -> Task:
         # torch/CUDA (forked children must not inherit a CUDA context) and the lead's runner
         # can be swapped by setting.
         runner = load_runner(str(app.conf.get(RUNNER_CONF_KEY) or "worker.runner:run_job"))
-        logger.info("running job %s", job_id)
-        runner(job_id)
+        with job_context(job_id):  # every log line of the job carries its id
+            logger.info("running job %s", job_id)
+            runner(job_id)
 
     return run_job  # type: ignore[no-any-return]
 

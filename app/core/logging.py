@@ -6,6 +6,9 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
 
 _SECRET_PATTERNS = [
@@ -34,6 +37,37 @@ class ScrubFilter(logging.Filter):
         clean = scrub(msg)
         if clean != msg:
             record.msg, record.args = clean, None
+        return True
+
+
+#: The job the current thread/task is running; set by the workers around a job's execution so
+#: that *every* log line of the job carries its id, including lines from code that knows nothing
+#: of jobs. (A thread started inside a job does not inherit it: wrap its target in job_context.)
+_current_job_id: ContextVar[str | None] = ContextVar("slimgpt_job_id", default=None)
+
+
+def current_job_id() -> str | None:
+    return _current_job_id.get()
+
+
+@contextmanager
+def job_context(job_id: str) -> Iterator[None]:
+    """Log lines emitted inside this block get ``job_id`` (unless they set one themselves)."""
+    token = _current_job_id.set(job_id)
+    try:
+        yield
+    finally:
+        _current_job_id.reset(token)
+
+
+class JobContextFilter(logging.Filter):
+    """Adds the current job's id (see :func:`job_context`) to records that lack one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "job_id", None) is None:
+            job_id = _current_job_id.get()
+            if job_id is not None:
+                record.job_id = job_id
         return True
 
 
@@ -66,18 +100,26 @@ def job_logger(name: str, job_id: str) -> logging.LoggerAdapter:
     return logging.LoggerAdapter(logging.getLogger(name), {"job_id": job_id})
 
 
-def configure_logging(json_lines: bool = False, level: str = "INFO") -> None:
-    root = logging.getLogger("slimgpt")
-    root.setLevel(level.upper())
-    for handler in list(root.handlers):
-        if getattr(handler, "_slimgpt", False):
-            root.removeHandler(handler)
+#: The logger trees the service writes to: the API/crud (``slimgpt.*``) and the job code of the
+#: worker package (``worker.*``, which the embedded in-process worker runs too).
+SERVICE_LOGGERS = ("slimgpt", "worker")
+
+
+def configure_logging(json_lines: bool = False, level: str = "INFO",
+                      names: Sequence[str] = SERVICE_LOGGERS) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler._slimgpt = True  # type: ignore[attr-defined]
     handler.setFormatter(
         JsonFormatter() if json_lines else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     handler.addFilter(ScrubFilter())
-    root.addHandler(handler)
-    if not any(isinstance(f, ScrubFilter) for f in root.filters):
-        root.addFilter(ScrubFilter())
+    handler.addFilter(JobContextFilter())
+    for name in names:
+        root = logging.getLogger(name)
+        root.setLevel(level.upper())
+        for old in list(root.handlers):
+            if getattr(old, "_slimgpt", False):
+                root.removeHandler(old)
+        root.addHandler(handler)
+        if not any(isinstance(f, ScrubFilter) for f in root.filters):
+            root.addFilter(ScrubFilter())

@@ -1,0 +1,91 @@
+"""SLIMGPT_LOG_JSON=1: one JSON object per line, and every line logged while a job runs carries
+its job id (API, crud and worker loggers alike, even without `extra=`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from app.core.config import Settings
+from app.core.logging import SERVICE_LOGGERS, configure_logging, current_job_id, job_context
+from app.dispatch import InProcessDispatcher
+
+
+@pytest.fixture
+def json_logs(monkeypatch) -> Iterator[io.StringIO]:
+    monkeypatch.setenv("SLIMGPT_LOG_JSON", "1")
+    settings = Settings(_env_file=None)
+    assert settings.log_json is True
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers))
+             for n in SERVICE_LOGGERS}
+    configure_logging(settings.log_json, "INFO")
+    buf = io.StringIO()
+    handler = logging.getLogger("slimgpt").handlers[-1]
+    assert handler in logging.getLogger("worker").handlers  # one handler for both trees
+    handler.setStream(buf)  # instead of stderr
+    try:
+        yield buf
+    finally:
+        for name, (level, handlers) in saved.items():
+            logger = logging.getLogger(name)
+            logger.setLevel(level)
+            logger.handlers[:] = handlers
+
+
+def _lines(buf: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+
+
+def test_every_line_inside_a_job_carries_its_id(json_logs):
+    with job_context("job-1"):
+        assert current_job_id() == "job-1"
+        logging.getLogger("slimgpt.jobs").info("claimed")
+        logging.getLogger("worker.model_source").warning("resolved %s", "a/b")
+        logging.getLogger("slimgpt.api").info("explicit", extra={"job_id": "job-2"})
+    logging.getLogger("slimgpt.api").info("not a job line")
+    lines = _lines(json_logs)
+    assert [(ln["logger"], ln["message"], ln.get("job_id")) for ln in lines] == [
+        ("slimgpt.jobs", "claimed", "job-1"),
+        ("worker.model_source", "resolved a/b", "job-1"),
+        ("slimgpt.api", "explicit", "job-2"),
+        ("slimgpt.api", "not a job line", None),
+    ]
+    assert all({"time", "level", "logger", "message"} <= set(ln) for ln in lines)
+    assert current_job_id() is None
+
+
+def test_the_embedded_worker_tags_the_runner_lines(json_logs):
+    def runner(job_id: str) -> None:
+        logging.getLogger("worker.runner").info("pruning layer 1 with token hf_abcdefghijklmn")
+
+    d = InProcessDispatcher(runner)
+    d.enqueue("0d9e6c1e-1111-2222-3333-444455556666")
+    assert d.wait_idle(10)
+    d.stop()
+    lines = [ln for ln in _lines(json_logs) if ln["logger"] == "worker.runner"]
+    assert len(lines) == 1
+    assert lines[0]["job_id"] == "0d9e6c1e-1111-2222-3333-444455556666"
+    assert "hf_abcdefghijklmn" not in lines[0]["message"]  # secrets scrubbed as well
+
+
+def test_the_celery_task_tags_the_runner_lines(json_logs):
+    pytest.importorskip("celery")
+    from celery import Celery
+
+    from worker.tasks import RUNNER_CONF_KEY, register_tasks
+
+    app = Celery("t", set_as_current=False)
+    app.conf.update({RUNNER_CONF_KEY: f"{__name__}:_runner_for_celery",
+                     "task_always_eager": True})
+    task = register_tasks(app)
+    task.apply(args=["0d9e6c1e-1111-2222-3333-444455556666"])
+    lines = [ln for ln in _lines(json_logs) if ln["logger"] == "worker.runner"]
+    assert [ln.get("job_id") for ln in lines] == ["0d9e6c1e-1111-2222-3333-444455556666"]
+
+
+def _runner_for_celery(job_id: str) -> None:
+    logging.getLogger("worker.runner").info("ran")
