@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_prune_parser(sub)
 
+    from app.demo import add_demo_parser
+
+    add_demo_parser(sub)
+
     serve = sub.add_parser("serve", help="run the API (embedded mode also runs the worker)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
