@@ -52,7 +52,23 @@ class KVIndexedAttention(nn.Module):
     of transformers; only the grouping of query heads onto KV heads is explicit.
     """
 
-    kv_index: torch.Tensor
+    #: Per kept query head, the position of the KV head it reads (a plain tuple, not a buffer:
+    #: from_pretrained builds models on the meta device and would leave a non-persistent
+    #: buffer uninitialised; a tuple survives meta init, ``device_map`` and ``.to()`` alike).
+    kv_index_list: tuple[int, ...]
+
+    @property
+    def kv_index(self) -> torch.Tensor:
+        """The kv index as a CPU tensor (for inspection)."""
+        return torch.tensor(self.kv_index_list, dtype=torch.long)
+
+    def _kv_index_on(self, device: torch.device) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_kv_index_cache", {})
+        index = cache.get(device)
+        if index is None:
+            index = torch.tensor(self.kv_index_list, dtype=torch.long, device=device)
+            cache[device] = index
+        return index
 
     def forward(  # type: ignore[override]
         self,
@@ -75,8 +91,9 @@ class KVIndexedAttention(nn.Module):
         if cache is not None:
             key, value = _cache_update(cache, key, value, self.layer_idx, cos, sin, kwargs)
         # The cache keeps the compact KV heads; expand to one KV head per query head here.
-        key = key.index_select(1, self.kv_index)
-        value = value.index_select(1, self.kv_index)
+        index = self._kv_index_on(key.device)
+        key = key.index_select(1, index)
+        value = value.index_select(1, index)
         impl = self.config._attn_implementation
         if impl == "sdpa":
             attention = sdpa_attention_forward
@@ -107,10 +124,8 @@ def install_kv_index(attn: nn.Module, kv_index: list[int]) -> None:
         if base not in _KV_INDEXED_CLASSES:
             _KV_INDEXED_CLASSES[base] = type(f"KVIndexed{base.__name__}", (KVIndexedAttention, base), {})
         attn.__class__ = _KV_INDEXED_CLASSES[base]
-    attn.register_buffer(
-        "kv_index", torch.tensor(kv_index, dtype=torch.long, device=attn.q_proj.weight.device),
-        persistent=False,
-    )
+    attn.kv_index_list = tuple(int(k) for k in kv_index)
+    attn.__dict__["_kv_index_cache"] = {}
     # After the gather every query head has its own KV head, so the kernels must not repeat.
     attn.num_key_value_groups = 1
 
@@ -147,7 +162,8 @@ def set_attention_layout(attn: nn.Module, num_heads: int, num_kv_heads: int,
     if kv_index is None:
         kv_index = [j // (num_heads // num_kv_heads) for j in range(num_heads)]
     groups = regular_groups(kv_index, num_kv_heads)
-    if groups is None:
+    if groups is None or isinstance(attn, KVIndexedAttention):
+        # (a module that already routes by index keeps doing so, with the new index)
         install_kv_index(attn, kv_index)
     else:
         attn.num_key_value_groups = groups
@@ -168,7 +184,16 @@ class SlimGPTConfigMixin:
 
 
 class SlimGPTModelMixin:
-    """Builds the base architecture, then narrows each layer to its pruned widths."""
+    """Builds the base architecture, then narrows each layer to its pruned widths.
+
+    The narrowing runs at the start of ``post_init`` (which the base ``__init__`` calls last),
+    so weight initialisation, weight tying and ``from_pretrained``'s bookkeeping (meta-device
+    init, ``device_map`` planning, missing-key checks) all see the pruned shapes.
+    """
+
+    def post_init(self) -> None:
+        self._apply_layer_widths()
+        super().post_init()  # type: ignore[misc]
 
     def _apply_layer_widths(self) -> None:
         cfg = self.config
@@ -206,7 +231,6 @@ class SlimGPTLlamaForCausalLM(SlimGPTModelMixin, LlamaForCausalLM):
 
     def __init__(self, config: SlimGPTLlamaConfig) -> None:
         super().__init__(config)
-        self._apply_layer_widths()
 
 
 class SlimGPTMistralForCausalLM(SlimGPTModelMixin, MistralForCausalLM):
@@ -214,7 +238,6 @@ class SlimGPTMistralForCausalLM(SlimGPTModelMixin, MistralForCausalLM):
 
     def __init__(self, config: SlimGPTMistralConfig) -> None:
         super().__init__(config)
-        self._apply_layer_widths()
 
 
 class SlimGPTQwen2ForCausalLM(SlimGPTModelMixin, Qwen2ForCausalLM):
@@ -222,7 +245,6 @@ class SlimGPTQwen2ForCausalLM(SlimGPTModelMixin, Qwen2ForCausalLM):
 
     def __init__(self, config: SlimGPTQwen2Config) -> None:
         super().__init__(config)
-        self._apply_layer_widths()
 
 
 #: base ``model_type`` -> (config class, model class) of its hetero variant.

@@ -1,0 +1,175 @@
+"""The model card (``README.md``) and the per-layer width chart of an exported pruned model."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CHART_FILE = "pruning_chart.png"
+
+
+def plot_layer_widths(widths: Sequence[Mapping[str, int]], dense: Mapping[str, int],
+                      path: str | Path) -> Path:
+    """Bar chart of kept query heads, KV heads and FFN channels per layer against the dense
+    widths. ``widths[i]`` has ``num_heads``, ``num_kv_heads``, ``intermediate_size``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    n = len(widths)
+    xs = list(range(n))
+    fig = Figure(figsize=(max(6.0, 0.28 * n + 3), 5.5), dpi=100)
+    ax_h, ax_c = fig.subplots(2, 1, sharex=True)
+    bar = 0.4
+    ax_h.bar([x - bar / 2 for x in xs], [w["num_heads"] for w in widths], bar,
+             label="query heads kept", color="#3b75af")
+    ax_h.bar([x + bar / 2 for x in xs], [w["num_kv_heads"] for w in widths], bar,
+             label="KV heads kept", color="#ef8636")
+    ax_h.axhline(dense["num_heads"], color="#3b75af", ls="--", lw=1, label="dense query heads")
+    ax_h.axhline(dense["num_kv_heads"], color="#ef8636", ls=":", lw=1, label="dense KV heads")
+    ax_h.set_ylabel("heads")
+    ax_h.legend(fontsize=7, loc="lower left", ncol=2)
+    ax_c.bar(xs, [w["intermediate_size"] for w in widths], 0.7, color="#519e3e",
+             label="FFN channels kept")
+    ax_c.axhline(dense["intermediate_size"], color="#519e3e", ls="--", lw=1,
+                 label="dense FFN channels")
+    ax_c.set_ylabel("FFN channels")
+    ax_c.set_xlabel("layer")
+    ax_c.legend(fontsize=7, loc="lower left")
+    ax_c.set_xticks(xs)
+    ax_c.tick_params(axis="x", labelsize=7)
+    fig.suptitle("SlimGPT: kept widths per layer")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def loading_snippet(profile: str, repo_or_path: str) -> str:
+    """The exact Python that loads an export of ``profile``."""
+    remote = ", trust_remote_code=True" if profile == "hetero" else ""
+    return (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_or_path}"{remote})\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_or_path}")\n'
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _fmt_params(n: int | None) -> str:
+    if n is None:
+        return "–"
+    return f"{n:,} ({n / 1e6:.1f} M)"
+
+
+def _fmt_ppl(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.3f}"
+
+
+def render_model_card(
+    *,
+    base_model_id: str,
+    base_revision: str | None,
+    license: str,
+    profile: str,
+    pruning: Mapping[str, Any],
+    calibration: Mapping[str, Any],
+    eval_metrics: Mapping[str, Any] | None,
+    library_version: str,
+    repo_or_path: str = "path/to/this/folder",
+) -> str:
+    """``README.md`` text: YAML metadata, results table, chart, loading snippet, provenance."""
+    meta: dict[str, Any] = {
+        "license": license,
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["pruned", "slimgpt", "structured-pruning", f"profile-{profile}"],
+    }
+    if _HUB_ID.match(base_model_id):
+        meta = {"base_model": base_model_id, **meta}
+    dataset = calibration.get("dataset")
+    if dataset:
+        meta["datasets"] = [dataset]
+    header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+
+    ev = eval_metrics or {}
+    before, after = pruning["params_before"], pruning["params_after"]
+    removed = 1.0 - after / before if before else 0.0
+    rows = [
+        "| | base | pruned |",
+        "|---|---|---|",
+        f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |",
+        f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
+        f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |",
+    ]
+    revision = f" (revision `{base_revision}`)" if base_revision else ""
+    ver = pruning.get("verification") or {}
+    if ver:
+        ver_line = (f"Verified before publishing: the folder was loaded in a fresh process and its "
+                    f"logits on {ver.get('windows')} windows matched the in-memory pruned model "
+                    f"(max |diff| {ver.get('max_abs_diff', float('nan')):.3g}, tolerance "
+                    f"{ver.get('tolerance', float('nan')):.3g}).")
+    else:
+        ver_line = "This folder was not verified after writing."
+    cal_bits = [str(calibration.get("source") or dataset or "unknown source")]
+    if calibration.get("num_samples") is not None:
+        cal_bits.append(f"{calibration['num_samples']} windows")
+    if calibration.get("seqlen") is not None:
+        cal_bits.append(f"of {calibration['seqlen']} tokens")
+    if calibration.get("seed") is not None:
+        cal_bits.append(f"seed {calibration['seed']}")
+    if calibration.get("sha256"):
+        cal_bits.append(f"sha256 `{str(calibration['sha256'])[:16]}…`")
+    profile_text = (
+        "`hetero`: every layer keeps its own number of heads and FFN channels; `config.json` "
+        "lists the per-layer widths and points (`auto_map`) to `modeling_slimgpt.py` in this "
+        "folder, so loading needs `trust_remote_code=True`."
+        if profile == "hetero" else
+        "`uniform`: every layer has the same widths, so this is a plain "
+        f"`{pruning.get('architecture', 'LlamaForCausalLM')}` checkpoint with an explicit "
+        "`head_dim`; it loads with no remote code (transformers, vLLM, llama.cpp conversion)."
+    )
+    body = f"""
+# {base_model_id.split('/')[-1]} — SlimGPT pruned ({removed:.0%} fewer parameters)
+
+A structurally pruned version of `{base_model_id}`{revision}: whole attention heads and FFN
+channels were removed with SlimGPT (layer-wise Optimal Brain Surgeon pruning with weight
+compensation, arXiv 2412.18110). Embeddings, norms and the LM head are unchanged.
+
+## Results
+
+{chr(10).join(rows)}
+
+Target pruning ratio {pruning.get('target_ratio')}, achieved {pruning.get('achieved_ratio', 0):.4f}
+of the decoder-layer parameters.
+
+![kept heads and channels per layer]({CHART_FILE})
+
+## Loading
+
+Profile {profile_text}
+
+```python
+{loading_snippet(profile, repo_or_path)}```
+
+## How it was produced
+
+- Method: SlimGPT (`slimgpt_core` {library_version}): batched greedy head pruning on `o_proj`,
+  dynamic-group FFN channel pruning on `down_proj`, layer by layer on the outputs of the
+  already-pruned layers.
+- Schedule: `{pruning.get('schedule')}`; GQA policy: `{pruning.get('gqa_policy')}`.
+- Calibration: {', '.join(cal_bits)}.
+- {ver_line}
+- Per-layer kept head / KV head / channel indices and all settings: `pruning_config.json`.
+
+Pruned models usually lose some quality; a short LoRA fine-tune (the paper's recovery step)
+recovers part of it. Check the perplexity above against your use.
+"""
+    return f"---\n{header}---\n{body}"
