@@ -40,6 +40,10 @@ class CeleryDispatcher:
             self._app.conf.update(task_serializer="json", accept_content=["json"],
                                   broker_connection_retry_on_startup=False,
                                   broker_connection_timeout=5)
+            if self.settings.broker_key_prefix:
+                # The workers consume under the same prefix (one shared settings table).
+                self._app.conf.broker_transport_options = {
+                    "global_keyprefix": self.settings.broker_key_prefix}
         return self._app
 
     def enqueue(self, job_id: str) -> None:
