@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -66,14 +67,15 @@ class CeleryDispatcher:
         return True
 
 
-def _default_runner(job_id: str) -> None:
+def _default_runner(job_id: str, settings: Settings | None = None) -> None:
     try:
         from worker.runner import run_job  # lazy: the worker package imports torch
     except ImportError as err:
         raise RuntimeError(
             f"the embedded worker is unavailable ({err}); install the `worker` extra"
         ) from err
-    run_job(job_id)
+    # The API's own settings: the embedded worker uses the same database and directories.
+    run_job(job_id, settings)
 
 
 class InProcessDispatcher:
@@ -154,5 +156,6 @@ def make_dispatcher(
     session_factory: Callable[[], Any] | None = None,
 ) -> Dispatcher:
     if settings.embedded:
-        return InProcessDispatcher(runner, session_factory)
+        return InProcessDispatcher(runner or functools.partial(_default_runner, settings=settings),
+                                   session_factory)
     return CeleryDispatcher(settings)
