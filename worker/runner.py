@@ -144,7 +144,7 @@ class LeaseKeeper:
                 if not self.renew():
                     logger.warning("lost the lease of job %s", self.job_id)
                     return
-            except Exception:  # noqa: BLE001 - a database hiccup: try again next round
+            except Exception:
                 logger.warning("could not renew the lease of job %s", self.job_id, exc_info=True)
 
 

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
+from app.db.migrate import upgrade
 from app.dispatch import CeleryDispatcher
 from app.main import create_app
-from app.db.migrate import upgrade
 
 from .celery_stack import Stack, events, job_state
 from .conftest import TempPostgres, job_body, upload_calibration, wait_until
