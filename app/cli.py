@@ -87,6 +87,26 @@ def _keys(args: argparse.Namespace) -> int:
         return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """A Celery worker with the same settings as the API (imports the worker package lazily)."""
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    if args.queue:
+        settings = settings.model_copy(update={"celery_queue": args.queue})
+    if not settings.broker_url:
+        print("slimgpt worker needs SLIMGPT_BROKER_URL (redis://...); without a broker, "
+              "`slimgpt serve` runs jobs on its embedded in-process worker", file=sys.stderr)
+        return 2
+    from worker.celery_app import make_celery, worker_argv
+
+    argv = worker_argv(settings, hostname=args.hostname)
+    if args.loglevel:
+        argv[argv.index("--loglevel") + 1] = args.loglevel
+    make_celery(settings).worker_main(argv)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.client_cli import EXIT_CODES_HELP, add_client_commands, add_global_options
 
@@ -110,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(handler=_serve)
+
+    work = sub.add_parser("worker", help="run a Celery GPU worker (production mode)")
+    work.add_argument("--queue", default=None, help="queue to consume (default: "
+                      "SLIMGPT_CELERY_QUEUE)")
+    work.add_argument("--hostname", default=None, help="Celery node name, e.g. gpu0@%%h")
+    work.add_argument("--loglevel", default=None, help="INFO (default), DEBUG, WARNING, ...")
+    work.set_defaults(handler=_worker)
 
     db = sub.add_parser("db", help="database migrations")
     db_sub = db.add_subparsers(dest="db_command", required=True)

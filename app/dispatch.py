@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -41,6 +42,10 @@ class CeleryDispatcher:
             self._app.conf.update(task_serializer="json", accept_content=["json"],
                                   broker_connection_retry_on_startup=False,
                                   broker_connection_timeout=5)
+            if self.settings.broker_key_prefix:
+                # The workers consume under the same prefix (one shared settings table).
+                self._app.conf.broker_transport_options = {
+                    "global_keyprefix": self.settings.broker_key_prefix}
         return self._app
 
     def enqueue(self, job_id: str) -> None:
@@ -63,14 +68,15 @@ class CeleryDispatcher:
         return True
 
 
-def _default_runner(job_id: str) -> None:
+def _default_runner(job_id: str, settings: Settings | None = None) -> None:
     try:
         from worker.runner import run_job  # lazy: the worker package imports torch
     except ImportError as err:
         raise RuntimeError(
             f"the embedded worker is unavailable ({err}); install the `worker` extra"
         ) from err
-    run_job(job_id)
+    # The API's own settings: the embedded worker uses the same database and directories.
+    run_job(job_id, settings)
 
 
 class InProcessDispatcher:
@@ -152,5 +158,6 @@ def make_dispatcher(
     session_factory: Callable[[], Any] | None = None,
 ) -> Dispatcher:
     if settings.embedded:
-        return InProcessDispatcher(runner, session_factory)
+        return InProcessDispatcher(runner or functools.partial(_default_runner, settings=settings),
+                                   session_factory)
     return CeleryDispatcher(settings)

@@ -31,7 +31,7 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         # Postgres holds job state; a result backend would be a second, stale copy.

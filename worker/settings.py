@@ -1,74 +1,49 @@
-"""Worker settings, read from ``SLIMGPT_*`` environment variables.
+"""Worker settings: the API's :class:`app.core.config.Settings`, plus the worker's checks.
 
-The API has its own ``app.core.config.Settings`` that reads the same variable names; the two are
-kept deliberately small so they can be unified without renaming anything.
+There is one settings class and one table of ``SLIMGPT_*`` variables (the docstring of
+:mod:`app.core.config`), so ``SLIMGPT_DATABASE_URL``, ``SLIMGPT_BROKER_URL``,
+``SLIMGPT_BROKER_KEY_PREFIX``, ``SLIMGPT_CELERY_QUEUE``, ``SLIMGPT_ARTIFACTS_DIR``,
+``SLIMGPT_LOCAL_MODELS_DIR`` and the time limits mean the same thing in the API and in a worker.
+This subclass adds only:
 
-========================================  ===============================  =========================
-variable                                  meaning                          default
-========================================  ===============================  =========================
-``SLIMGPT_BROKER_URL``                    Redis broker                     redis://127.0.0.1:6379/0
-``SLIMGPT_BROKER_KEY_PREFIX``             prefix of every broker key       "" (none)
-``SLIMGPT_QUEUE``                         queue this worker consumes       slimgpt
-``SLIMGPT_JOB_SOFT_TIME_LIMIT_S``         soft limit (job may clean up)    21600 (6 h)
-``SLIMGPT_JOB_HARD_TIME_LIMIT_S``         hard limit (process killed)      soft + 1800
-``SLIMGPT_VISIBILITY_TIMEOUT_S``          redelivery delay after a crash   hard + 3600
-``SLIMGPT_UNACKED_RESTORE_INTERVAL_S``    how often crashed jobs are swept 60
-``SLIMGPT_HF_CACHE_DIR``                  Hub download cache               huggingface_hub default
-``SLIMGPT_ARTIFACTS_DIR``                 published models, checkpoints    ./artifacts
-``SLIMGPT_CACHE_DIR``                     tokenized calibration cache      ~/.cache/slimgpt
-``SLIMGPT_LOCAL_MODELS_DIR``              allowed root for local models    unset: local models off
-``SLIMGPT_MAX_ATTEMPTS``                  deliveries before a job fails    3
-``SLIMGPT_HUB_ENDPOINT``                  Hub URL                          huggingface_hub default
-``SLIMGPT_HUB_RETRIES``                   attempts for transient Hub errs  5
-``SLIMGPT_HUB_BACKOFF_BASE_S``            first retry delay (doubles)      2.0
-``SLIMGPT_HUB_BACKOFF_MAX_S``             longest retry delay              60.0
-``SLIMGPT_RUNNER``                        ``module:function`` run per job  worker.runner:run_job
-========================================  ===============================  =========================
+* ``queue`` / ``max_attempts``: short names for ``celery_queue`` / ``job_max_attempts`` (also
+  accepted as constructor arguments; the old variables ``SLIMGPT_QUEUE`` and
+  ``SLIMGPT_MAX_ATTEMPTS`` are aliases of ``SLIMGPT_CELERY_QUEUE`` / ``SLIMGPT_JOB_MAX_ATTEMPTS``);
+* validation that the hard limit exceeds the soft one and the visibility timeout the hard one
+  (a shorter visibility timeout makes Redis hand a running job to a second worker);
+* ``effective_broker_url``: a worker needs a broker; unset, it uses ``redis://127.0.0.1:6379/0``
+  (``slimgpt worker`` refuses to start without ``SLIMGPT_BROKER_URL`` instead).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import model_validator
 
+from app.core.config import Settings
 from worker.retry import RetryPolicy
 
-_SIX_HOURS = 6 * 3600
+DEFAULT_DEV_BROKER = "redis://127.0.0.1:6379/0"
+_SHORT_NAMES = {"queue": "celery_queue", "max_attempts": "job_max_attempts"}
 
 
-class WorkerSettings(BaseSettings):
-    """Everything a GPU worker process needs; see the module docstring for the table."""
+class WorkerSettings(Settings):
+    """Everything a GPU worker process needs; see :mod:`app.core.config` for the table."""
 
-    model_config = SettingsConfigDict(env_prefix="SLIMGPT_", extra="ignore")
-
-    broker_url: str = "redis://127.0.0.1:6379/0"
-    broker_key_prefix: str = ""
-    queue: str = "slimgpt"
-    job_soft_time_limit_s: int = Field(default=_SIX_HOURS, gt=0)
-    job_hard_time_limit_s: int | None = Field(default=None, gt=0)
-    visibility_timeout_s: int | None = Field(default=None, gt=0)
-    unacked_restore_interval_s: float = Field(default=60.0, gt=0)
-    hf_cache_dir: Path | None = None
-    artifacts_dir: Path = Path("artifacts")
-    cache_dir: Path = Path("~/.cache/slimgpt").expanduser()
-    local_models_dir: Path | None = None
-    max_attempts: int = Field(default=3, ge=1)
-    hub_endpoint: str | None = None
-    hub_retries: int = Field(default=5, ge=1)
-    hub_backoff_base_s: float = Field(default=2.0, ge=0)
-    hub_backoff_max_s: float = Field(default=60.0, ge=0)
-    runner: str = "worker.runner:run_job"
+    @model_validator(mode="before")
+    @classmethod
+    def _short_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for short, full in _SHORT_NAMES.items():
+                if short in data:
+                    data = dict(data)
+                    data.setdefault(full, data.pop(short))
+        return data
 
     @model_validator(mode="after")
     def _limits_are_ordered(self) -> WorkerSettings:
-        # Defaults derive from the soft limit so that setting only that one stays consistent.
-        if self.job_hard_time_limit_s is None:
-            self.job_hard_time_limit_s = self.job_soft_time_limit_s + 1800
-        if self.visibility_timeout_s is None:
-            self.visibility_timeout_s = self.job_hard_time_limit_s + 3600
-        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+        if self.hard_limit_s <= self.job_soft_time_limit_s:
             raise ValueError(
                 "SLIMGPT_JOB_HARD_TIME_LIMIT_S must be greater than SLIMGPT_JOB_SOFT_TIME_LIMIT_S "
                 "so a job gets the soft limit's chance to save its state"
@@ -76,7 +51,7 @@ class WorkerSettings(BaseSettings):
         # Redis redelivers an unacknowledged message after the visibility timeout even if the
         # worker holding it is alive, so a shorter timeout would start a second copy of a
         # running job.
-        if self.visibility_timeout_s <= self.job_hard_time_limit_s:
+        if self.visibility_s <= self.hard_limit_s:
             raise ValueError(
                 "SLIMGPT_VISIBILITY_TIMEOUT_S must be greater than SLIMGPT_JOB_HARD_TIME_LIMIT_S, "
                 "otherwise Redis redelivers jobs that are still running"
@@ -84,13 +59,25 @@ class WorkerSettings(BaseSettings):
         return self
 
     @property
+    def queue(self) -> str:
+        return self.celery_queue
+
+    @property
+    def max_attempts(self) -> int:
+        return self.job_max_attempts
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or DEFAULT_DEV_BROKER
+
+    @property
     def hard_limit_s(self) -> int:
-        assert self.job_hard_time_limit_s is not None  # set by the validator
+        assert self.job_hard_time_limit_s is not None  # set by Settings' validator
         return self.job_hard_time_limit_s
 
     @property
     def visibility_s(self) -> int:
-        assert self.visibility_timeout_s is not None  # set by the validator
+        assert self.visibility_timeout_s is not None  # set by Settings' validator
         return self.visibility_timeout_s
 
     def hub_retry_policy(self) -> RetryPolicy:

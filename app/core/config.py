@@ -5,24 +5,36 @@
 | SLIMGPT_DATA_DIR                | ./.slimgpt                       | root of everything the embedded mode writes   |
 | SLIMGPT_DATABASE_URL            | sqlite:///<data_dir>/slimgpt.db  | SQLAlchemy URL (postgresql+psycopg://… prod)  |
 | SLIMGPT_BROKER_URL              | unset = embedded in-process worker | Celery broker (redis://…) = production      |
-| SLIMGPT_CELERY_QUEUE            | slimgpt                          | queue the API sends `slimgpt.run_job` to      |
-| SLIMGPT_ARTIFACTS_DIR           | <data_dir>/artifacts             | pruned model folders, one per job             |
+| SLIMGPT_BROKER_KEY_PREFIX       | "" (none)                        | prefix of every broker key (API and workers)  |
+| SLIMGPT_CELERY_QUEUE            | slimgpt                          | queue the API sends `slimgpt.run_job` to and a worker consumes (alias SLIMGPT_QUEUE) |
+| SLIMGPT_ARTIFACTS_DIR           | <data_dir>/artifacts             | pruned model folders and checkpoints, one folder per job |
 | SLIMGPT_UPLOADS_DIR             | <data_dir>/uploads               | uploaded calibration files                    |
-| SLIMGPT_LOCAL_MODELS_DIR        | <data_dir>/models                | root for local model folders (model_id)       |
+| SLIMGPT_LOCAL_MODELS_DIR        | <data_dir>/models                | root for local model folders / .gguf files (model_id) |
 | SLIMGPT_HF_CACHE_DIR            | unset (huggingface default)      | Hub cache for the worker                      |
+| SLIMGPT_CACHE_DIR               | ~/.cache/slimgpt                 | worker: tokenized calibration windows cache   |
+| SLIMGPT_HUB_ENDPOINT            | unset (huggingface default)      | worker: Hub URL                               |
+| SLIMGPT_HUB_RETRIES             | 5                                | worker: attempts for transient Hub errors     |
+| SLIMGPT_HUB_BACKOFF_BASE_S      | 2.0                              | worker: first Hub retry delay (doubles)       |
+| SLIMGPT_HUB_BACKOFF_MAX_S       | 60.0                             | worker: longest Hub retry delay               |
 | SLIMGPT_SECRET_KEY              | embedded: generated into data_dir | Fernet key encrypting Hub tokens (prod: required) |
 | SLIMGPT_MAX_UPLOAD_BYTES        | 104857600 (100 MiB)              | largest accepted calibration upload           |
 | SLIMGPT_MAX_BODY_BYTES          | 1048576 (1 MiB)                  | largest JSON request body                     |
 | SLIMGPT_JOB_SOFT_TIME_LIMIT_S   | 21600                            | Celery soft time limit of one job             |
-| SLIMGPT_JOB_HARD_TIME_LIMIT_S   | 23400                            | Celery hard time limit of one job             |
-| SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed             |
+| SLIMGPT_JOB_HARD_TIME_LIMIT_S   | soft + 1800                      | Celery hard time limit of one job             |
+| SLIMGPT_VISIBILITY_TIMEOUT_S    | hard + 3600                      | Redis redelivers an unacked job after this (> hard limit) |
+| SLIMGPT_UNACKED_RESTORE_INTERVAL_S | 60                            | worker: how often messages of dead workers are swept |
+| SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed (alias SLIMGPT_MAX_ATTEMPTS) |
 | SLIMGPT_JOB_LEASE_S             | 300                              | worker lease length (renewed while running)   |
+| SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
 | SLIMGPT_LOG_LEVEL               | INFO                             |                                              |
 | SLIMGPT_AUTH_DISABLED           | false                            | embedded only: every request is tenant `local` |
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+
+The API and the workers read this one class (``worker.settings.WorkerSettings`` derives from it
+and only adds checks), so every variable means the same thing in both processes.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger("slimgpt.config")
@@ -43,24 +55,36 @@ class ConfigError(RuntimeError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLIMGPT_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SLIMGPT_", extra="ignore",
+                                      populate_by_name=True)
 
     data_dir: Path = Path("./.slimgpt")
     database_url: str | None = None
     broker_url: str | None = None
-    celery_queue: str = "slimgpt"
+    broker_key_prefix: str = ""
+    celery_queue: str = Field(
+        "slimgpt", validation_alias=AliasChoices("SLIMGPT_CELERY_QUEUE", "SLIMGPT_QUEUE"))
     artifacts_dir: Path | None = None
     uploads_dir: Path | None = None
     local_models_dir: Path | None = None
     hf_cache_dir: Path | None = None
+    cache_dir: Path = Path("~/.cache/slimgpt").expanduser()
+    hub_endpoint: str | None = None
+    hub_retries: int = Field(5, ge=1)
+    hub_backoff_base_s: float = Field(2.0, ge=0)
+    hub_backoff_max_s: float = Field(60.0, ge=0)
     secret_key: SecretStr | None = None
 
     max_upload_bytes: int = Field(100 * 1024 * 1024, gt=0)
     max_body_bytes: int = Field(1024 * 1024, gt=0)
     job_soft_time_limit_s: int = Field(6 * 3600, gt=0)
-    job_hard_time_limit_s: int = Field(6 * 3600 + 1800, gt=0)
-    job_max_attempts: int = Field(3, ge=1)
+    job_hard_time_limit_s: int | None = Field(None, gt=0)
+    visibility_timeout_s: int | None = Field(None, gt=0)
+    unacked_restore_interval_s: float = Field(60.0, gt=0)
+    job_max_attempts: int = Field(
+        3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
     job_lease_s: int = Field(300, gt=0)
+    runner: str = "worker.runner:run_job"
 
     log_json: bool = False
     log_level: str = "INFO"
@@ -82,6 +106,11 @@ class Settings(BaseSettings):
             self.local_models_dir = base / "models"
         if self.auto_migrate is None:
             self.auto_migrate = self.is_sqlite
+        # Derived from the soft limit so that setting only that one stays consistent.
+        if self.job_hard_time_limit_s is None:
+            self.job_hard_time_limit_s = self.job_soft_time_limit_s + 1800
+        if self.visibility_timeout_s is None:
+            self.visibility_timeout_s = self.job_hard_time_limit_s + 3600
         return self
 
     # -- derived ---------------------------------------------------------------------------
@@ -102,7 +131,7 @@ class Settings(BaseSettings):
                 "SLIMGPT_SECRET_KEY is required in production (a Fernet key, e.g. from "
                 "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)"
             )
-        if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
+        if (self.job_hard_time_limit_s or 0) <= self.job_soft_time_limit_s:
             raise ConfigError("SLIMGPT_JOB_HARD_TIME_LIMIT_S must exceed SLIMGPT_JOB_SOFT_TIME_LIMIT_S")
 
     def fernet_key(self) -> bytes:

@@ -1,0 +1,87 @@
+"""Embedded mode: SQLite, no broker, the real in-process dispatcher and the real runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings
+from app.dispatch import InProcessDispatcher
+from app.main import create_app
+
+from .conftest import job_body, upload_calibration, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+PHASES = ["loading", "calibrating", "pruning", "verifying", "evaluating", "publishing"]
+
+
+def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
+        tiny_models: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
+                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
+                        auth_disabled=True)
+    assert settings.embedded and settings.is_sqlite
+    app = create_app(settings)
+    with TestClient(app) as client:
+        assert isinstance(app.state.dispatcher, InProcessDispatcher)
+        file_id = upload_calibration(client)
+        r = client.post("/v1/jobs", json=job_body("tiny4", file_id))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+
+        def finished() -> dict | None:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = wait_until(finished, 200, "the job to finish")
+        assert job["state"] == "succeeded", job["error"]
+        m = job["metrics"]
+        assert m["params_after"] < m["params_before"]
+        assert m["perplexity_before"] > 1 and m["perplexity_after"] > 1
+        assert 0 < m["achieved_ratio"] < 1
+        assert set(PHASES) <= set(m["seconds"])
+        assert job["progress"]["percent"] == 100.0
+        assert job["result"]["location"].startswith("file://")
+
+        rows = client.get(f"/v1/jobs/{job_id}/events",
+                          headers={"accept": "application/json"}).json()
+        seqs = [e["seq"] for e in rows]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        phases = [e["phase"] for e in rows if e["phase"] in PHASES]
+        order = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+        assert order == PHASES, order
+        layer_events = [e for e in rows if (e["metrics"] or {}).get("kind") == "layer_done"]
+        assert [e["layer"] for e in layer_events] == [0, 1, 2, 3]
+        assert [e["message"] for e in layer_events][-1] == "layer 4/4 done"
+        assert rows[-1]["state"] == "succeeded"
+
+        arts = client.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]
+        names = {a["name"] for a in arts}
+        assert {"model/config.json", "model/pruning_config.json", "model/README.md",
+                "model/modeling_slimgpt.py"} <= names
+        assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+        download = tmp_path / "download"
+        for a in arts:
+            got = client.get(a["download_url"])
+            assert got.status_code == 200
+            target = download / a["name"].removeprefix("model/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(got.content)
+        # Only the published model is left: checkpoints and staging are gone.
+        job_root = Path(settings.artifacts_dir) / job_id
+        assert sorted(p.name for p in job_root.iterdir()) == ["model"]
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(download, trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == m["params_after"]
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 5, 9, 30]])).logits
+    assert out.shape[-1] == model.config.vocab_size
+    card = (download / "README.md").read_text()
+    assert f"{m['perplexity_after']:.2f}"[:4] in card

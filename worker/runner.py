@@ -1,0 +1,611 @@
+"""``run_job(job_id)``: the one job pipeline, run by the Celery task and the embedded worker.
+
+load -> calibrate -> prune -> verify (export) -> evaluate -> publish, with an event row per phase
+and per pruned layer, all read from and written to the job database by job id.
+
+Reliability rules (DESIGN.md, "Jobs"):
+
+* A job runs only under its lease (``claim_job``); the lease is renewed by a background thread.
+  A delivery that finds the job terminal returns quietly (a succeeded job is never redone, a
+  cancelled one never restarts); one that finds a live lease of another worker waits up to about
+  one lease length for it to expire (a worker that just died) and otherwise leaves the job to its
+  owner. Deliveries beyond ``SLIMGPT_JOB_MAX_ATTEMPTS`` fail the job (poison job).
+* Pruning checkpoints every finished layer into ``<artifacts>/<job_id>/checkpoints``; a
+  redelivered job continues from its last finished layer, and layer events already written are
+  not written again.
+* Errors become a user-facing ``code: message`` (``worker.errors.describe_exception``); retryable
+  ones (Cholesky trouble: with 10x damping; Hub 5xx/rate limits) are retried in place while
+  attempts remain.
+* Cancellation (the job's ``cancel_requested`` flag, checked between layers and between phases)
+  ends the job ``cancelled`` and deletes its partial files.
+
+Test-only hook: ``SLIMGPT_TEST_LAYER_DELAY_S`` sleeps that long after each finished layer's event,
+so a test can kill or cancel a job at a known layer. It is not a setting; production never sets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.core.config import Settings
+from app.crud import jobs as crud
+from app.db.models import JobEvent
+from app.db.session import session_scope
+from worker.errors import JobCancelled, describe_exception
+from worker.publish import HubDestination, HubPublisher, LocalPublisher, Publisher
+from worker.redact import install_redaction, register_secret, unregister_secret
+from worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+TEST_LAYER_DELAY_ENV = "SLIMGPT_TEST_LAYER_DELAY_S"
+#: Overall percent at the start of each phase (pruning spans 10..85 by layer).
+PHASE_PERCENT = {"loading": 0.0, "calibrating": 5.0, "pruning": 10.0, "verifying": 85.0,
+                 "evaluating": 92.0, "publishing": 97.0}
+PRUNING_SPAN = (10.0, 85.0)
+#: Sub-layer progress (attention/ffn of a layer) is written at most this often.
+SUBLAYER_EVENT_INTERVAL_S = 10.0
+#: The cancel flag is read from the database at most this often.
+CANCEL_POLL_S = 1.0
+#: Evaluation windows of the perplexity before/after.
+EVAL_MAX_WINDOWS = 16
+EVAL_MAX_SEQ_LEN = 512
+
+HubPublisherFactory = Callable[[str], Publisher]
+
+
+class LeaseLost(Exception):
+    """Another worker took the job over (our lease expired); stop without touching it."""
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def as_worker_settings(settings: Settings | None) -> WorkerSettings:
+    if settings is None:
+        return WorkerSettings()
+    if isinstance(settings, WorkerSettings):
+        return settings
+    return WorkerSettings.model_validate(settings.model_dump())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_dir(settings: Settings, job_id: str) -> Path:
+    return Path(settings.artifacts_dir) / job_id  # type: ignore[arg-type]
+
+
+def checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    return job_dir(settings, job_id) / "checkpoints"
+
+
+def staging_dir(settings: Settings, job_id: str) -> Path:
+    return job_dir(settings, job_id) / "staging"
+
+
+def remove_partial_files(settings: Settings, job_id: str) -> None:
+    """Checkpoints and the staged export; the published ``model`` folder is never touched."""
+    for path in (checkpoint_dir(settings, job_id), staging_dir(settings, job_id)):
+        shutil.rmtree(path, ignore_errors=True)
+    root = job_dir(settings, job_id)
+    try:
+        root.rmdir()  # only when empty: nothing was published
+    except OSError:
+        pass
+
+
+# -- the lease ----------------------------------------------------------------------------------
+class LeaseKeeper:
+    """Renews the job's lease every third of its length on a daemon thread."""
+
+    def __init__(self, settings: WorkerSettings, job_id: str, worker_id: str) -> None:
+        self.settings, self.job_id, self.worker_id = settings, job_id, worker_id
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}",
+                                        daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def renew(self) -> bool:
+        with session_scope(self.settings) as s:
+            ok = crud.renew_lease(s, self.job_id, self.worker_id, self.settings.job_lease_s)
+        if not ok:
+            self.lost.set()
+        return ok
+
+    def _loop(self) -> None:
+        interval = max(0.2, self.settings.job_lease_s / 3)
+        while not self._stop.wait(interval):
+            try:
+                if not self.renew():
+                    logger.warning("lost the lease of job %s", self.job_id)
+                    return
+            except Exception:
+                logger.warning("could not renew the lease of job %s", self.job_id, exc_info=True)
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+@dataclass
+class _State:
+    """What one attempt has learned so far (kept across in-place retries)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    percdamp_boost: float = 1.0
+
+
+class JobRunner:
+    """Runs one job; the model source, calibration source and Hub publisher are injectable."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        model_source: Any | None = None,
+        calibration_source: Any | None = None,
+        hub_publisher_factory: HubPublisherFactory | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self._model_source = model_source
+        self._calibration_source = calibration_source
+        self._hub_publisher_factory = hub_publisher_factory
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # db ---------------------------------------------------------------------------------------
+    @contextmanager
+    def db(self) -> Iterator[Any]:
+        with session_scope(self.settings) as s:
+            yield s
+
+    def event(self, job_id: str, phase: str, message: str, **kw: Any) -> None:
+        with self.db() as s:
+            crud.add_event(s, job_id, phase=phase, message=message, **kw)
+
+    def _cancel_requested(self, job_id: str) -> bool:
+        with self.db() as s:
+            return crud.is_cancel_requested(s, job_id)
+
+    # entry ------------------------------------------------------------------------------------
+    def run(self, job_id: str) -> None:
+        install_redaction()
+        job = self._claim(job_id)
+        if job is None:
+            return
+        max_attempts = self.settings.job_max_attempts
+        if job.attempts > max_attempts:
+            logger.error("job %s exceeded %d attempts; failing it", job_id, max_attempts)
+            with self.db() as s:
+                crud.finish_job(s, job_id, "failed", error=(
+                    f"too_many_attempts: the job was started {job.attempts - 1} times without "
+                    f"finishing (limit SLIMGPT_JOB_MAX_ATTEMPTS={max_attempts}); the worker "
+                    "probably crashed on it (e.g. out of memory)"))
+            remove_partial_files(self.settings, job_id)
+            return
+
+        state = _State()
+        token: str | None = None
+        try:
+            with self.db() as s:
+                token = crud.get_hub_token_for_job(s, job_id, self.settings)
+            register_secret(token)
+            with LeaseKeeper(self.settings, job_id, self.worker_id) as lease:
+                attempts = job.attempts
+                while True:
+                    try:
+                        self._pipeline(job_id, token, lease, state)
+                        return
+                    except (LeaseLost, JobCancelled):
+                        raise
+                    except Exception as exc:
+                        desc = describe_exception(exc)
+                        if lease.lost.is_set():
+                            raise LeaseLost() from exc
+                        if desc.retryable and attempts < max_attempts:
+                            attempts = self._retry(job_id, exc, desc, state)
+                            continue
+                        raise
+        except LeaseLost:
+            logger.warning("job %s: another worker holds the lease now; stopping here", job_id)
+        except JobCancelled:
+            self._finish_cancelled(job_id, state)
+        except Exception as exc:
+            desc = describe_exception(exc)
+            logger.error("job %s failed: %s: %s", job_id, desc.code, desc.message,
+                         exc_info=desc.code == "internal_error")
+            with self.db() as s:
+                crud.finish_job(s, job_id, "failed", error=f"{desc.code}: {desc.message}",
+                                metrics={"seconds": state.seconds, "error_code": desc.code})
+            remove_partial_files(self.settings, job_id)
+        finally:
+            unregister_secret(token)
+
+    def _claim(self, job_id: str) -> Any:
+        """Claim the lease, waiting out a dead worker's lease (about one lease length)."""
+        deadline = time.monotonic() + self.settings.job_lease_s * 1.5 + 1
+        while True:
+            with self.db() as s:
+                job = crud.claim_job(s, job_id, self.worker_id, self.settings.job_lease_s)
+                if job is not None:
+                    return job
+                current = crud.get_job(s, job_id)
+                if current is None or current.is_terminal:
+                    logger.info("job %s is %s; nothing to do", job_id,
+                                "unknown" if current is None else current.state)
+                    return None
+            if time.monotonic() > deadline:
+                logger.info("job %s is held by a live worker; leaving it to that worker", job_id)
+                return None
+            time.sleep(min(2.0, max(0.2, self.settings.job_lease_s / 5)))
+
+    def _retry(self, job_id: str, exc: Exception, desc: Any, state: _State) -> int:
+        """Record the retry, count it as an attempt, and adjust what it needs (more damping)."""
+        if desc.code == "cholesky_failed":
+            state.percdamp_boost *= 10.0
+            shutil.rmtree(checkpoint_dir(self.settings, job_id), ignore_errors=True)
+        logger.warning("job %s: retrying after %s", job_id, desc.code)
+        self.event(job_id, "loading", f"retrying after a transient error ({desc.code}): "
+                   f"{desc.message}", metrics={"error_code": desc.code})
+        time.sleep(min(5.0, self.settings.hub_backoff_base_s))
+        with self.db() as s:
+            job = crud.claim_job(s, job_id, self.worker_id, self.settings.job_lease_s)
+        if job is None:
+            raise LeaseLost() from exc
+        return int(job.attempts)
+
+    def _finish_cancelled(self, job_id: str, state: _State) -> None:
+        with self.db() as s:
+            crud.finish_job(s, job_id, "cancelled", metrics={"seconds": state.seconds},
+                            message="job cancelled; partial files removed")
+        remove_partial_files(self.settings, job_id)
+        logger.info("job %s cancelled", job_id)
+
+    # phases -----------------------------------------------------------------------------------
+    def _pipeline(self, job_id: str, token: str | None, lease: LeaseKeeper, state: _State) -> None:
+        import torch
+
+        from slimgpt_core.calibration import sample_windows
+        from slimgpt_core.export import describe_calibration, export_pruned
+        from slimgpt_core.loading import load_base_model
+        from slimgpt_core.pruner import PruneConfig, PruningCancelled, prune_model
+
+        with self.db() as s:
+            job = crud.get_job(s, job_id)
+            assert job is not None
+            req: dict[str, Any] = dict(job.request or {})
+            model_source, model_id, revision = job.model_source, job.model_id, job.revision
+            local_path, calibration_path, eval_path = (job.local_model_path, job.calibration_path,
+                                                       job.eval_path)
+        calib = req.get("calibration") or {}
+        pruning = req.get("pruning") or {}
+        export = req.get("export") or {}
+        destination = req.get("destination") or {}
+        evaluate = req.get("evaluate") or {}
+
+        def check_cancel() -> None:
+            if lease.lost.is_set():
+                raise LeaseLost()
+            if self._cancel_requested(job_id):
+                raise JobCancelled()
+
+        @contextmanager
+        def phase(name: str, message: str) -> Iterator[None]:
+            check_cancel()
+            self.event(job_id, name, message, percent=PHASE_PERCENT[name])
+            t0 = time.perf_counter()
+            try:
+                yield
+            finally:
+                state.seconds[name] = round(state.seconds.get(name, 0.0)
+                                            + time.perf_counter() - t0, 3)
+
+        # loading ------------------------------------------------------------------------
+        with phase("loading", f"resolving model {model_id}"):
+            resolved = self._resolve_model(model_source, model_id, local_path, revision, token)
+            if resolved.kind == "hub" and resolved.revision:
+                with self.db() as s:
+                    crud.set_model_commit(s, job_id, resolved.revision)
+            model, tokenizer, info = load_base_model(str(resolved.path))
+            base_model_id = model_id if resolved.kind == "hub" else (
+                info.get("base_model_id") or model_id)
+            base_revision = resolved.revision if resolved.kind == "hub" else info.get("revision")
+            num_layers = int(model.config.num_hidden_layers)
+            self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers)",
+                       num_layers=num_layers, percent=PHASE_PERCENT["loading"] + 4)
+
+        # calibrating --------------------------------------------------------------------
+        num_samples, seq_len = int(calib.get("num_samples", 128)), int(calib.get("seq_len", 2048))
+        seed = int(calib.get("seed", 0))
+        calib_source = calibration_path or calib.get("source", "c4")
+        with phase("calibrating", f"building {num_samples} calibration windows of {seq_len} "
+                   f"tokens from {calib.get('source', 'c4')}"):
+            windows = self._calibration().windows(
+                calib_source, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed,
+                make_windows=sample_windows, token=token,
+            ).input_ids
+            eval_windows = None
+            if evaluate.get("perplexity", True):
+                eval_windows = self._eval_windows(eval_path, tokenizer, seq_len, model)
+                from slimgpt_core.evaluate import perplexity
+
+                state.metrics["perplexity_before"] = round(perplexity(model, eval_windows), 4)
+
+        # pruning ------------------------------------------------------------------------
+        ckpt = checkpoint_dir(self.settings, job_id)
+        config = PruneConfig(
+            target_ratio=float(req["target_ratio"]),
+            schedule=req.get("schedule", "log"),
+            alpha=float(pruning.get("alpha", 0.25)),
+            gqa_policy=pruning.get("gqa_policy", "balanced"),
+            head_ratio=pruning.get("heads"),
+            ffn_ratio=pruning.get("ffn"),
+            percdamp=float(pruning.get("percdamp", 0.01)) * state.percdamp_boost,
+            min_group=int(pruning.get("min_group", 64)),
+            max_group=max(1024, int(pruning.get("min_group", 64))),
+            checkpoint_dir=ckpt,
+            seed=seed,
+        )
+        progress = _PruneProgress(self, job_id, num_layers, lease)
+        with phase("pruning", f"pruning {num_layers} layers to target ratio "
+                   f"{config.target_ratio}"):
+            try:
+                result = _prune_resuming(prune_model, model, windows, config, progress, ckpt,
+                                         self, job_id)
+            except PruningCancelled as exc:
+                if lease.lost.is_set():
+                    raise LeaseLost() from exc
+                raise JobCancelled() from exc
+        state.metrics.update(params_before=result.params_before, params_after=result.params_after,
+                             resumed_from=result.resumed_from)
+
+        # verifying (export into staging, proven to load in a fresh process) -------------
+        stage = staging_dir(self.settings, job_id)
+        out = stage / "model"
+        with phase("verifying", "exporting the pruned model and verifying it loads"):
+            stage.mkdir(parents=True, exist_ok=True)
+            report = export_pruned(
+                result, out, tokenizer=tokenizer, profile=export.get("profile", "hetero"),
+                base_model_id=base_model_id, base_revision=base_revision,
+                calibration_info=describe_calibration(
+                    windows, source="upload" if calibration_path else str(calib_source),
+                    dataset=None if calibration_path else str(calib_source), seed=seed),
+                eval_metrics=None, verify=True, license=info.get("license"),
+                repo_id=destination.get("hub_repo_id"), overwrite=True,
+            )
+            state.metrics["achieved_ratio"] = report.achieved_ratio
+            state.metrics["verification"] = _small(report.verification)
+
+        # evaluating ---------------------------------------------------------------------
+        if eval_windows is not None:
+            with phase("evaluating", f"perplexity on {eval_windows.shape[0]} windows"):
+                from slimgpt_core.evaluate import perplexity
+
+                with torch.no_grad():
+                    state.metrics["perplexity_after"] = round(perplexity(model, eval_windows), 4)
+                _record_eval_in_export(out, {
+                    "ppl_before": state.metrics["perplexity_before"],
+                    "ppl_after": state.metrics["perplexity_after"],
+                    "dataset": "upload" if eval_path else "bundled wikitext excerpt",
+                    "num_windows": int(eval_windows.shape[0]),
+                    "seq_len": int(eval_windows.shape[1]),
+                }, repo_id=destination.get("hub_repo_id"))
+        del model, result
+
+        # publishing ---------------------------------------------------------------------
+        with phase("publishing", "publishing the model"):
+            local = LocalPublisher(Path(self.settings.artifacts_dir), move=True)  # type: ignore[arg-type]
+            published = local.publish(out, job_id=job_id)
+            target = local.target(job_id)
+            files = []
+            with self.db() as s:
+                for path in sorted(p for p in target.rglob("*") if p.is_file()):
+                    size, digest = path.stat().st_size, _sha256(path)
+                    crud.add_artifact(s, job_id, path, size, digest)
+                    files.append({"name": path.relative_to(target).as_posix(), "size": size,
+                                  "sha256": digest})
+            result_doc: dict[str, Any] = {"location": published.location,
+                                          "artifact_prefix": "model/", "files": files}
+            repo_id = destination.get("hub_repo_id")
+            if repo_id:
+                self.event(job_id, "publishing", f"publishing to the Hub repo {repo_id}",
+                           percent=98.0)
+                hub = self._hub_publisher(token)
+                hub_result = hub.publish(target, job_id=job_id, destination=HubDestination(
+                    repo_id=repo_id, private=bool(destination.get("private", True)),
+                    create_pr=bool(destination.get("create_pr", False))))
+                result_doc.update(hub_repo_id=repo_id, hub_url=hub_result.location,
+                                  hub_commit_url=hub_result.url,
+                                  hub_commit_sha=hub_result.commit_sha,
+                                  hub_pr_url=hub_result.pr_url)
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        with self.db() as s:
+            crud.finish_job(s, job_id, "succeeded", result=result_doc,
+                            metrics={**state.metrics, "seconds": state.seconds},
+                            message="job succeeded")
+        logger.info("job %s succeeded", job_id)
+
+    # components -------------------------------------------------------------------------------
+    def _resolve_model(self, source: str, model_id: str, local_path: str | None,
+                       revision: str | None, token: str | None) -> Any:
+        ms = self._model_source
+        if ms is None:
+            from worker.model_source import ModelSource
+
+            ms = ModelSource.from_settings(self.settings)
+        ref = local_path if source == "local" and local_path else model_id
+        return ms.resolve(ref, revision=revision if source == "hub" else None, token=token)
+
+    def _calibration(self) -> Any:
+        if self._calibration_source is None:
+            from worker.calibration_source import CalibrationSource
+
+            self._calibration_source = CalibrationSource.from_settings(self.settings)
+        return self._calibration_source
+
+    def _eval_windows(self, eval_path: str | None, tokenizer: Any, seq_len: int,
+                      model: Any) -> Any:
+        from slimgpt_core.calibration import (
+            BUNDLED_EVALUATION,
+            bundled_text,
+            consecutive_windows,
+            read_text_source,
+        )
+
+        text = read_text_source(eval_path) if eval_path else bundled_text(BUNDLED_EVALUATION)
+        max_pos = int(getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
+        length = max(16, min(seq_len, EVAL_MAX_SEQ_LEN, max_pos))
+        return consecutive_windows(text, tokenizer, length, max_windows=EVAL_MAX_WINDOWS)
+
+    def _hub_publisher(self, token: str | None) -> Publisher:
+        if self._hub_publisher_factory is not None:
+            return self._hub_publisher_factory(token or "")
+        return HubPublisher(token=token or "", endpoint=self.settings.hub_endpoint,
+                            retry_policy=self.settings.hub_retry_policy())
+
+
+def _small(doc: Any) -> Any:
+    """A JSON-safe, short copy of a verification report for the job's metrics."""
+    if not isinstance(doc, dict):
+        return doc
+    return {k: v for k, v in doc.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _prune_resuming(prune_model: Callable[..., Any], model: Any, windows: Any, config: Any,
+                    progress: _PruneProgress, ckpt: Path, runner: JobRunner, job_id: str) -> Any:
+    """``prune_model``; checkpoints of another run (changed settings) are discarded once."""
+    from slimgpt_core.checkpoint import CheckpointMismatch
+
+    try:
+        return prune_model(model, windows, config, progress=progress,
+                           should_cancel=progress.should_cancel)
+    except CheckpointMismatch:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        runner.event(job_id, "pruning", "checkpoints of an earlier run do not match this one "
+                     "(settings changed); starting the pruning over")
+        return prune_model(model, windows, config, progress=progress,
+                           should_cancel=progress.should_cancel)
+
+
+class _PruneProgress:
+    """``prune_model``'s progress callback and cancel check, writing throttled event rows."""
+
+    def __init__(self, runner: JobRunner, job_id: str, num_layers: int,
+                 lease: LeaseKeeper) -> None:
+        self.runner, self.job_id, self.n, self.lease = runner, job_id, num_layers, lease
+        self.started = time.perf_counter()
+        self.first_layer = 0
+        self.last_sub_event = 0.0
+        self.last_cancel_check = 0.0
+        self.cancel = False
+        self.delay = float(os.environ.get(TEST_LAYER_DELAY_ENV, "0") or 0)
+        with runner.db() as s:
+            rows = s.query(JobEvent.layer, JobEvent.metrics).filter(
+                JobEvent.job_id == job_id, JobEvent.phase == "pruning",
+                JobEvent.layer.is_not(None)).all()
+            s.rollback()
+        self.done_layers = {layer for layer, m in rows
+                            if isinstance(m, dict) and m.get("kind") == "layer_done"}
+
+    def percent(self, layers_done: int) -> float:
+        lo, hi = PRUNING_SPAN
+        return round(lo + (hi - lo) * layers_done / max(1, self.n), 2)
+
+    def __call__(self, ev: Any) -> None:
+        if ev.phase == "resumed":
+            self.first_layer = int(ev.layer or 0)
+            self.started = time.perf_counter()
+            self.runner.event(self.job_id, "pruning",
+                              f"resuming from layer {self.first_layer}/{self.n} "
+                              f"({self.first_layer} layers restored from checkpoints)",
+                              layer=self.first_layer, num_layers=self.n,
+                              percent=self.percent(self.first_layer),
+                              metrics={"kind": "resumed", "resumed_from": self.first_layer})
+            return
+        if ev.phase == "layer_done" and ev.layer is not None:
+            i = int(ev.layer)
+            if i in self.done_layers:
+                return
+            done = i + 1
+            elapsed = time.perf_counter() - self.started
+            per_layer = elapsed / max(1, done - self.first_layer)
+            eta = round(per_layer * (self.n - done), 1)
+            self.runner.event(self.job_id, "pruning", f"layer {done}/{self.n} done",
+                              layer=i, num_layers=self.n, percent=self.percent(done), eta_s=eta,
+                              metrics={"kind": "layer_done", **dict(ev.metrics)})
+            self.done_layers.add(i)
+            self.lease.renew()
+            if self.delay:
+                time.sleep(self.delay)
+            return
+        now = time.perf_counter()
+        if ev.phase in ("attention", "ffn") and now - self.last_sub_event >= \
+                SUBLAYER_EVENT_INTERVAL_S:
+            self.last_sub_event = now
+            layers_done = int(ev.layer or 0)
+            self.runner.event(self.job_id, "pruning", ev.message, layer=None,
+                              num_layers=self.n, percent=self.percent(layers_done),
+                              metrics={"kind": ev.phase, **dict(ev.metrics)})
+
+    def should_cancel(self) -> bool:
+        if self.lease.lost.is_set():
+            return True
+        now = time.monotonic()
+        if now - self.last_cancel_check >= CANCEL_POLL_S or self.last_cancel_check == 0.0:
+            self.last_cancel_check = now
+            self.cancel = self.runner._cancel_requested(self.job_id)
+        return self.cancel
+
+
+def _record_eval_in_export(folder: Path, eval_metrics: dict[str, Any], *,
+                           repo_id: str | None) -> None:
+    """Put the perplexities into the exported ``pruning_config.json`` and model card."""
+    import slimgpt_core
+    from slimgpt_core.export import PRUNING_CONFIG_FILE
+    from slimgpt_core.model_card import render_model_card
+
+    path = folder / PRUNING_CONFIG_FILE
+    pcfg = json.loads(path.read_text())
+    pcfg["evaluation"] = eval_metrics
+    path.write_text(json.dumps(pcfg, indent=2, default=str) + "\n")
+    base = pcfg.get("base_model") or {}
+    card = render_model_card(
+        base_model_id=str(base.get("id")), base_revision=base.get("revision"),
+        license=str(base.get("license") or "other"), profile=str(pcfg.get("profile")),
+        pruning=pcfg, calibration=pcfg.get("calibration") or {}, eval_metrics=eval_metrics,
+        library_version=slimgpt_core.__version__, repo_or_path=repo_id or str(folder))
+    (folder / "README.md").write_text(card)
+
+
+def run_job(job_id: str, settings: Settings | None = None, **components: Any) -> None:
+    """Run job ``job_id`` to a terminal state (or leave it to the worker holding its lease).
+
+    ``settings`` default to the environment (``SLIMGPT_*``); ``components`` (tests) are
+    ``model_source``, ``calibration_source`` and ``hub_publisher_factory``.
+    """
+    JobRunner(as_worker_settings(settings), **components).run(job_id)
