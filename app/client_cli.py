@@ -145,7 +145,7 @@ class ProgressBar:
         pct = float(p.get("percent") or 0.0)
         phase = p.get("phase") or job["state"]
         where = ""
-        if p.get("layer") is not None and p.get("num_layers"):
+        if phase == "pruning" and p.get("layer") is not None and p.get("num_layers"):
             where = f" layer {int(p['layer']) + 1}/{p['num_layers']}"
         text = f"{self.label} {job['state']}: {phase}{where}"
         if self.tty:
@@ -586,16 +586,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 # -- worker ---------------------------------------------------------------------------------------
-def cmd_worker(args: argparse.Namespace) -> int:
-    try:
-        from worker.__main__ import main as worker_main
-    except ImportError as err:
-        print(f"slimgpt: the worker needs the `worker` extra ({err})", file=sys.stderr)
-        return EXIT_USAGE
-    worker_main()
-    return EXIT_OK
-
-
 # -- parser ---------------------------------------------------------------------------------------
 def _connection_parent() -> argparse.ArgumentParser:
     # SUPPRESS: a value given before the subcommand is not overwritten by the sub-parser default.
@@ -729,5 +719,3 @@ def add_client_commands(sub: Any) -> None:
     download.add_argument("dest", help="destination folder")
     download.set_defaults(handler=cmd_download)
 
-    worker = sub.add_parser("worker", help="run a GPU worker (Celery; needs the worker extra)")
-    worker.set_defaults(handler=cmd_worker)

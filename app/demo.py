@@ -33,7 +33,7 @@ def add_demo_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="prune the real SmolLM2-135M by 20%% through the embedded "
                        "service (no external servers)")
     p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per window")
     p.add_argument("--profile", choices=["hetero", "uniform"], default="hetero")
     p.set_defaults(handler=run_demo)

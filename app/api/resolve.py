@@ -1,4 +1,4 @@
-"""Where a `model_id` points: a Hub repo, or a folder under SLIMGPT_LOCAL_MODELS_DIR."""
+"""Where a `model_id` points: a Hub repo, or a folder or `.gguf` file under SLIMGPT_LOCAL_MODELS_DIR."""
 
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ def resolve_model(settings: Settings, model_id: str, field: str = "model_id") ->
             if candidate != root and root not in candidate.parents:
                 raise _unprocessable(
                     field, "path escapes the local models root (SLIMGPT_LOCAL_MODELS_DIR)")
+            if candidate.is_file() and candidate.suffix == ".gguf":
+                return "local", candidate
             if not candidate.is_dir():
-                raise _unprocessable(field, "a local model must be a folder")
+                raise _unprocessable(field, "a local model must be a folder or a .gguf file")
             if candidate == root:
                 raise _unprocessable(field, "name a model folder inside the local models root")
             return "local", candidate
