@@ -368,6 +368,8 @@ class JobRunner:
             max_group=max(1024, int(pruning.get("min_group", 64))),
             checkpoint_dir=ckpt,
             seed=seed,
+            # A plain (uniform-profile) config needs head counts that divide hidden_size.
+            plain_heads=export.get("profile") == "uniform",
         )
         progress = _PruneProgress(self, job_id, num_layers, lease)
         with phase("pruning", f"pruning {num_layers} layers to target ratio "

@@ -43,6 +43,7 @@ def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) ->
         plan = plan_estimate(
             config, body.target_ratio, body.schedule, body.pruning.gqa_policy,
             body.pruning.alpha, body.pruning.heads, body.pruning.ffn,
+            plain_heads=body.export.profile == "uniform",
         )
     except PlanError as err:
         raise HTTPException(422, detail=str(err)) from None
