@@ -16,15 +16,19 @@ class HessianAccumulator:
     def __init__(self, dim: int, device: torch.device | str) -> None:
         self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.mixed_precision = True  # until this torch build shows it lacks mm(out_dtype=)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
         self.tokens += x.shape[0]
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-            self.sum.add_(torch.mm(x.T, x, out_dtype=torch.float32))
-        else:
-            x = x.float()
-            self.sum.addmm_(x.T, x)
+        if self.mixed_precision and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            try:
+                self.sum.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+                return
+            except (TypeError, RuntimeError):  # older torch: no out_dtype for mm
+                self.mixed_precision = False
+        x = x.float()
+        self.sum.addmm_(x.T, x)
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
