@@ -70,8 +70,9 @@ def test_production_environment(services, name):
     # The secret is a required variable from the environment / .env, never a literal.
     assert re.fullmatch(r"\$\{SLIMGPT_SECRET_KEY:\?.+\}", env["SLIMGPT_SECRET_KEY"])
     assert "${POSTGRES_PASSWORD:?" in env["SLIMGPT_DATABASE_URL"]
-    # API and worker agree on the queue (the API's and the worker's variable names differ).
-    assert env["SLIMGPT_CELERY_QUEUE"] == env["SLIMGPT_QUEUE"]
+    # API and worker read one queue setting, so they cannot disagree.
+    assert env["SLIMGPT_CELERY_QUEUE"] == "slimgpt"
+    assert "SLIMGPT_QUEUE" not in env
     assert env["SLIMGPT_ARTIFACTS_DIR"] == "/data/artifacts"
 
 
