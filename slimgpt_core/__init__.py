@@ -20,7 +20,15 @@ _LAZY = {
     "estimate": "slimgpt_core.schedule",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "ModelShape",
+    "PruneConfig",
+    "PruneResult",
+    "__version__",
+    "estimate",
+    "make_plan",
+    "prune_model",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -39,7 +39,6 @@ from slimgpt_core.modeling_slimgpt import resize_layer
 from slimgpt_core.obs import output_error
 from slimgpt_core.schedule import LayerPlan, ModelShape, PruningPlan, make_plan
 
-
 METHODS: tuple[str, ...] = ("slimgpt", "no_compensation", "magnitude")
 
 
@@ -256,7 +255,7 @@ def _prune_layer(
             compact_attention(attn, heads.kept_heads, heads.kept_kv_heads, heads.kv_index, W)
         else:
             attn.o_proj.weight.data.copy_(W)
-        del W0, W, H, h_attn
+        del W0, W, H
     emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads",
          {"attn_error": attn_err, "attn_error_uncompensated": attn_err_nc})
 
@@ -285,7 +284,7 @@ def _prune_layer(
             compact_mlp(mlp, channels.kept_channels, W)
         else:
             mlp.down_proj.weight.data.copy_(W)
-        del W0, W, H, h_ffn
+        del W0, W, H
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
          f"{shape.intermediate_size} channels",
          {"ffn_error": ffn_err, "ffn_error_uncompensated": ffn_err_nc})

@@ -13,7 +13,7 @@ for p in (ROOT, HERE):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from _export_helpers import export, make_pruned  # noqa: E402
+from _export_helpers import export, make_pruned
 
 
 @pytest.fixture(scope="session")

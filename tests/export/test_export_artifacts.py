@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from _export_helpers import export, make_pruned, tiny_tokenizer
 from huggingface_hub import ModelCard
 from transformers import AutoTokenizer
