@@ -74,12 +74,11 @@ def main() -> None:
     build_s = time.perf_counter() - t0
     ids = torch.randint(0, 32000, (args.nsamples, args.seqlen),
                         generator=torch.Generator().manual_seed(1))
-    if args.resident:
-        model.to(args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     config = PruneConfig(target_ratio=args.ratio, batch_size=args.batch_size, device=args.device,
-                         min_group=args.min_group, offload_activations=args.offload_activations)
+                         min_group=args.min_group, offload_activations=args.offload_activations,
+                         resident=args.resident)
     t0 = time.perf_counter()
     result = prune_model(model, ids, config)
     if args.device.startswith("cuda"):

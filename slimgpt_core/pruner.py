@@ -69,6 +69,10 @@ class PruneConfig:
     device: str | None = None
     #: Keep calibration activations in CPU memory instead of on the device.
     offload_activations: bool = False
+    #: Move the whole model to a CUDA device before pruning (no per-layer transfers): True,
+    #: False (one layer at a time, for models larger than the GPU), or None = when the model
+    #: takes less than half of the free device memory. Measured on 7B/H200: 26 s vs 38 s.
+    resident: bool | None = None
     #: False keeps full-size layers with zeroed columns (the "masked" model; for testing).
     compact: bool = True
     checkpoint_dir: str | Path | None = None
@@ -165,6 +169,16 @@ def model_shape(model: nn.Module) -> ModelShape:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _should_be_resident(model: nn.Module, device: torch.device, resident: bool | None) -> bool:
+    if device.type != "cuda" or resident is False:
+        return False
+    if resident:
+        return True
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _total = torch.cuda.mem_get_info(device)
+    return size < free / 2
 
 
 def _resolve_device(name: str | None) -> torch.device:
@@ -342,6 +356,8 @@ def prune_model(
     layers = decoder_layers(model)
     n_layers = len(layers)
     device = _resolve_device(config.device)
+    if _should_be_resident(model, device, config.resident):
+        model.to(device)
     store = torch.device("cpu") if config.offload_activations else device
     clock = _Clock()
     params_before = count_parameters(model)
