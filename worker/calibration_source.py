@@ -30,11 +30,10 @@ from safetensors.torch import load_file, save_file
 from worker.errors import (
     CalibrationSourceError,
     WorkerError,
+    call_hub_with_retries,
     hub_error_to_worker_error,
-    is_transient_hub_error,
-    retry_after_s,
 )
-from worker.retry import RetryPolicy, call_with_retries
+from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -224,13 +223,9 @@ class CalibrationSource:
 
         try:
             return Path(
-                call_with_retries(
-                    fetch,
-                    policy=self.retry_policy,
-                    is_retryable=is_transient_hub_error,
-                    retry_after_s=retry_after_s,
+                call_hub_with_retries(
+                    fetch, policy=self.retry_policy, sleep=self._sleep,
                     what=f"downloading {dataset.repo_id}/{dataset.filename}",
-                    sleep=self._sleep,
                 )
             )
         except WorkerError:

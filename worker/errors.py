@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import errno
 import sys
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable
+from typing import ClassVar, NamedTuple, TypeVar
 
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -19,6 +20,9 @@ from huggingface_hub.errors import (
 )
 
 from worker.redact import redact
+from worker.retry import RetryPolicy, call_with_retries
+
+T = TypeVar("T")
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     import httpx2 as _http
@@ -220,3 +224,11 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
         if mapped is not None:
             return ErrorDescription(mapped.code, redact(mapped.message), mapped.retryable)
     return ErrorDescription("internal_error", redact(f"{type(exc).__name__}: {exc}"), False)
+
+
+def call_hub_with_retries(fn: Callable[[], T], *, policy: RetryPolicy, what: str,
+                          sleep: Callable[[float], None]) -> T:
+    """Call the Hub, retrying what :func:`is_transient_hub_error` calls transient (429 with
+    its Retry-After, 5xx, connection errors); every Hub client in the worker goes through here."""
+    return call_with_retries(fn, policy=policy, is_retryable=is_transient_hub_error,
+                             retry_after_s=retry_after_s, what=what, sleep=sleep)

@@ -23,11 +23,10 @@ from worker.errors import (
     ModelSourceError,
     UnsupportedModelError,
     WorkerError,
+    call_hub_with_retries,
     hub_error_to_worker_error,
-    is_transient_hub_error,
-    retry_after_s,
 )
-from worker.retry import RetryPolicy, call_with_retries
+from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -206,14 +205,8 @@ class ModelSource:
 
         def hub(fn: Callable[[], Any], action: str) -> Any:
             try:
-                return call_with_retries(
-                    fn,
-                    policy=self.retry_policy,
-                    is_retryable=is_transient_hub_error,
-                    retry_after_s=retry_after_s,
-                    what=f"{action} {what}",
-                    sleep=self._sleep,
-                )
+                return call_hub_with_retries(fn, policy=self.retry_policy, sleep=self._sleep,
+                                             what=f"{action} {what}")
             except WorkerError:
                 raise
             except Exception as exc:

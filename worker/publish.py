@@ -23,14 +23,14 @@ from worker.errors import (
     HubAuthError,
     HubUnavailableError,
     PublishError,
+    call_hub_with_retries,
     http_status,
     is_transient_hub_error,
-    retry_after_s,
 )
 from worker.ids import is_valid_job_id
 from worker.model_source import PICKLE_SUFFIXES
 from worker.redact import register_secret
-from worker.retry import RetryPolicy, call_with_retries
+from worker.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +194,8 @@ class HubPublisher:
 
     def _call(self, fn: Callable[[], Any], repo_id: str, action: str) -> Any:
         try:
-            return call_with_retries(
-                fn,
-                policy=self.retry_policy,
-                is_retryable=is_transient_hub_error,
-                retry_after_s=retry_after_s,
-                what=f"{action} {repo_id}",
-                sleep=self._sleep,
-            )
+            return call_hub_with_retries(fn, policy=self.retry_policy, sleep=self._sleep,
+                                         what=f"{action} {repo_id}")
         except Exception as exc:
             status = http_status(exc)
             if status in (401, 403):
