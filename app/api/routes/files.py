@@ -37,7 +37,9 @@ class _Checker:
         self.size = 0
         self.sha = hashlib.sha256()
         self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.pending = ""
+        # The unfinished last line, as the pieces that arrived: joined only once its newline
+        # comes, so a long line costs linear time (re-scanning a growing string was quadratic).
+        self.pending: list[str] = []
         self.line_no = 0
         self.records = 0
 
@@ -51,10 +53,15 @@ class _Checker:
         except UnicodeDecodeError:
             raise HTTPException(422, detail="file: is not UTF-8 text") from None
         if self.fmt == "jsonl":
-            self.pending += text
-            *lines, self.pending = self.pending.split("\n")
+            first, newline, rest = text.partition("\n")
+            self.pending.append(first)
+            if not newline:
+                return
+            self._line("".join(self.pending))
+            *lines, last = rest.split("\n")
             for line in lines:
                 self._line(line)
+            self.pending = [last]
 
     def _line(self, line: str) -> None:
         self.line_no += 1
@@ -75,7 +82,7 @@ class _Checker:
         except UnicodeDecodeError:
             raise HTTPException(422, detail="file: is not UTF-8 text") from None
         if self.fmt == "jsonl":
-            self._line(self.pending + tail)
+            self._line("".join(self.pending) + tail)
             if self.records == 0:
                 raise HTTPException(422, detail="file: has no jsonl records")
         elif self.size == 0:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +43,8 @@ log = logging.getLogger("slimgpt.api.jobs")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such job for this API key"}}
+#: Event sequence numbers are 32-bit integers in the database.
+MAX_EVENT_SEQ = 2**31 - 1
 
 
 def job_out(job: Job) -> JobOut:
@@ -195,13 +197,26 @@ def _encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _utc(value: datetime, name: str) -> datetime:
+    """``value`` in UTC (naive = UTC); a date that has no UTC equivalent (year 1 at +14:00,
+    year 9999 at -14:00) is a 422, not an overflow deep in the database driver."""
+    try:
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(
+            tzinfo=timezone.utc)
+    except OverflowError:
+        raise HTTPException(422, detail=f"{name}: date is out of range") from None
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(job_id)
+        created_at = datetime.fromisoformat(created)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
         raise HTTPException(422, detail="cursor: invalid pagination cursor") from None
+    if not isinstance(job_id, str) or not UUID_RE.match(job_id):
+        raise HTTPException(422, detail="cursor: invalid pagination cursor")
+    return _utc(created_at, "cursor"), job_id
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
@@ -210,7 +225,7 @@ def list_jobs(
     session: SessionDep,
     state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                      Query()] = None,
-    model_id: Annotated[str | None, Query(max_length=512)] = None,
+    model_id: Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")] = None,
     created_after: Annotated[datetime | None, Query()] = None,
     created_before: Annotated[datetime | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -222,9 +237,9 @@ def list_jobs(
     if model_id:
         stmt = stmt.where(Job.model_id == model_id)
     if created_after:
-        stmt = stmt.where(Job.created_at >= created_after)
+        stmt = stmt.where(Job.created_at >= _utc(created_after, "created_after"))
     if created_before:
-        stmt = stmt.where(Job.created_at < created_before)
+        stmt = stmt.where(Job.created_at < _utc(created_before, "created_before"))
     if cursor:
         c_time, c_id = _decode_cursor(cursor)
         stmt = stmt.where(or_(Job.created_at < c_time,
@@ -263,8 +278,9 @@ def _last_event_id(request: Request, query_value: int | None) -> int:
             value = int(header.strip())
         except ValueError:
             raise HTTPException(422, detail="Last-Event-ID must be an event sequence number") from None
-        if value < 0:
-            raise HTTPException(422, detail="Last-Event-ID must not be negative")
+        if not 0 <= value <= MAX_EVENT_SEQ:
+            raise HTTPException(
+                422, detail=f"Last-Event-ID must be an event sequence number in [0, {MAX_EVENT_SEQ}]")
         return value
     return query_value or 0
 
@@ -281,7 +297,8 @@ def job_events(
     request: Request,
     tenant: TenantDep,
     session: SessionDep,
-    last_event_id: Annotated[int | None, Query(ge=0, description="like the Last-Event-ID header")] = None,
+    last_event_id: Annotated[int | None, Query(
+        ge=0, le=MAX_EVENT_SEQ, description="like the Last-Event-ID header")] = None,
 ) -> Any:
     job = tenant_job(session, tenant, job_id)
     after = _last_event_id(request, last_event_id)
