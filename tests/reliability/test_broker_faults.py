@@ -21,7 +21,8 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture
 def stack(pg_url: str, tmp_path: Path, redis_server: PrivateRedis) -> Iterator[Stack]:
-    s = make_stack(pg_url, tmp_path, redis_server.url)
+    # Many short fake jobs: reuse pool processes (Celery takes up to 5 s to replace one).
+    s = make_stack(pg_url, tmp_path, redis_server.url, worker_max_tasks_per_child=0)
     try:
         yield s
     finally:

@@ -26,7 +26,8 @@ JOBS, CLIENTS, WORKERS = 1000, 50, 3
 def test_1000_jobs_from_50_clients_with_a_redis_restart_midway_none_lost_none_twice(
         pg_url: str, tmp_path: Path, redis_server: PrivateRedis) -> None:
     # Fast fake jobs: reuse pool processes (a fresh one per job costs seconds in Celery).
-    stack = make_stack(pg_url, tmp_path, redis_server.url, worker_max_tasks_per_child=0)
+    stack = make_stack(pg_url, tmp_path, redis_server.url, worker_max_tasks_per_child=0,
+                       job_lease_s=30)
     try:
         key = stack.api_key("load")
         url = stack.start_api("api")
