@@ -21,11 +21,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.errors import DATABASE_UNAVAILABLE
+from app.api.limits import check_queued_jobs
 from app.api.resolve import resolve_model
 from app.core.faults import crash_point
 from app.crud import jobs as crud
 from app.crud.files import get_file
-from app.crud.tenants import get_hub_token_row
+from app.crud.tenants import api_key_active, get_hub_token_row
 from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Artifact, Job, JobEvent, Tenant
 from app.db.notify import job_ready
@@ -148,6 +150,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, body_hash)
 
+    check_queued_jobs(session, tenant.id, settings)  # locks the tenant's row until the commit
     now = utcnow()
     job = Job(
         tenant_id=tenant.id,
@@ -310,20 +313,38 @@ def job_events(
     factory = request.app.state.session_factory
     settings = request.app.state.settings
 
-    def poll(after_seq: int) -> tuple[str | None, list[dict[str, Any]]]:
+    key_id: str | None = getattr(request.state, "api_key_id", None)
+
+    def poll(after_seq: int, check_key: bool) -> tuple[str | None, list[dict[str, Any]], bool]:
         with factory() as s:
             state = s.scalar(select(Job.state).where(Job.id == job_id))  # state first, see below
             events = [_event_dict(e) for e in crud.list_events(s, job_id, after_seq)]
-            return state, events
+            revoked = check_key and key_id is not None and not api_key_active(s, key_id)
+            return state, events, revoked
 
     async def stream() -> Any:
         # The state is read before the events: finish_job commits the final event together with
         # the terminal state, so once a terminal state is seen the events query has them all.
         last = after
         yield "retry: 3000\n\n"
-        beat = time.monotonic()
+        beat = key_checked = time.monotonic()
         while True:
-            state, events = await run_in_threadpool(poll, last)
+            # The key is checked again once per heartbeat period: a revoked key ends the stream.
+            check_key = time.monotonic() - key_checked >= settings.sse_heartbeat_s
+            try:
+                state, events, revoked = await run_in_threadpool(poll, last, check_key)
+            except DATABASE_UNAVAILABLE:
+                # Ends without `end`: the client reconnects with Last-Event-ID (503 until the
+                # database is back) and misses nothing.
+                log.warning("event stream of job %s ended: database unavailable", job_id)
+                yield ": database unavailable\n\n"
+                return
+            if check_key:
+                key_checked = time.monotonic()
+            if revoked:
+                # Ends without `end` as well: the client's reconnect gets its 401.
+                yield ": API key revoked\n\n"
+                return
             for ev in events:
                 last = ev["seq"]
                 yield f"id: {ev['seq']}\nevent: {'state' if ev['state'] in TERMINAL_STATES else 'progress'}\ndata: {json.dumps(ev)}\n\n"
