@@ -1,4 +1,4 @@
-"""Embedded mode: SQLite, no broker, the real in-process dispatcher and the real runner."""
+"""Embedded mode: SQLite, no broker, the real embedded worker and the real runner."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
-from app.dispatch import InProcessDispatcher
 from app.main import create_app
+from worker.embedded import EmbeddedWorker
 
 from .conftest import job_body, upload_calibration, wait_until
 
@@ -27,7 +27,7 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
     assert settings.embedded and settings.is_sqlite
     app = create_app(settings)
     with TestClient(app) as client:
-        assert isinstance(app.state.dispatcher, InProcessDispatcher)
+        assert isinstance(app.state.embedded_worker, EmbeddedWorker)
         file_id = upload_calibration(client)
         r = client.post("/v1/jobs", json=job_body("tiny4", file_id))
         assert r.status_code == 202, r.text
