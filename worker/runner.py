@@ -344,7 +344,8 @@ class JobRunner:
                 ctl.raise_reason(throttle=False, cause=exc)
                 raise JobCancelled() from exc
         state.metrics.update(params_before=result.params_before, params_after=result.params_after,
-                             resumed_from=result.resumed_from)
+                             resumed_from=result.resumed_from,
+                             damping_raised=result.damping_raised())
 
         # verifying (export into staging, proven to load in a fresh process) -------------
         stage = staging_dir(self.settings, job_id)
