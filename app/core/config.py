@@ -39,8 +39,8 @@
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
-| SLIMGPT_DB_TIMEOUT_S            | 2                                | longest wait for the database: connecting, a pooled connection, a lock |
-| SLIMGPT_DB_STATEMENT_TIMEOUT_S  | 10                               | Postgres statement_timeout                    |
+| SLIMGPT_DB_TIMEOUT_S            | 2                                | api: longest wait for the database: connecting, a pooled connection, a lock |
+| SLIMGPT_DB_STATEMENT_TIMEOUT_S  | 10                               | api: Postgres statement_timeout               |
 | SLIMGPT_HEALTH_TIMEOUT_S        | 1.5                              | /readyz: longest wait for each dependency     |
 | SLIMGPT_RATE_LIMIT_PER_MINUTE   | 600                              | API requests per tenant per minute, all replicas together (0 = no limit) |
 | SLIMGPT_RATE_LIMIT_BURST        | 100                              | requests a tenant may send at once before the rate applies |

@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 from app.core.config import Settings, get_settings
 
 _lock = threading.Lock()
-_engines: dict[tuple[str, DbTimeouts], Engine] = {}
+_engines: dict[tuple[str, DbTimeouts | None], Engine] = {}
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,15 @@ def make_engine(url: str, *, null_pool: bool = False, connect_timeout: float | N
                          connect_args=connect_args)
 
 
-def get_engine(settings: Settings | None = None) -> Engine:
-    """The process-wide engine for ``settings.database_url`` with the settings' bounded waits
-    (SLIMGPT_DB_TIMEOUT_S, SLIMGPT_DB_STATEMENT_TIMEOUT_S), created once per URL and timeouts."""
+def get_engine(settings: Settings | None = None, *, requests: bool = False) -> Engine:
+    """The process-wide engine for ``settings.database_url`` (created once per URL and kind).
+
+    ``requests``: the API's engine, every wait bounded by SLIMGPT_DB_TIMEOUT_S and
+    SLIMGPT_DB_STATEMENT_TIMEOUT_S, so that a request answers 503 rather than holding a thread
+    on a dead or hung database. Workers keep the patient engine: they ride out short outages
+    and lock waits themselves (a job must not fail because a commit waited 3 s)."""
     settings = settings or get_settings()
-    key = (str(settings.database_url), DbTimeouts.from_settings(settings))
+    key = (str(settings.database_url), DbTimeouts.from_settings(settings) if requests else None)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
