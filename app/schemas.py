@@ -50,10 +50,13 @@ class CalibrationSpec(Strict):
 class PruningSpec(Strict):
     percdamp: float = Field(0.01, gt=0.0, le=1.0, description="Hessian damping, share of mean diag")
     min_group: int = Field(64, ge=1, le=65536, description="smallest FFN channel group")
-    gqa_policy: Literal["balanced", "group", "free"] = Field(
-        "balanced",
-        description="`balanced`: the same number of query heads leaves every KV group; `group`: "
-        "whole KV groups are dropped; `free`: any query heads",
+    gqa_policy: Literal["balanced", "group", "free"] | None = Field(
+        None,
+        description="`free`: any query heads (KV heads kept unless a group must empty; needs "
+        "the `hetero` profile); `balanced`: the same number of query heads leaves every KV "
+        "group; `group`: whole KV groups are dropped. Default: `free` with the `hetero` "
+        "profile (the better model at equal size, docs/BENCHMARKS.md), `balanced` with "
+        "`uniform`",
     )
     alpha: float = Field(0.25, ge=0.0, le=1.0, description="first-layer ratio = alpha * last")
     heads: Ratio | None = Field(None, description="explicit attention-head ratio per layer")
@@ -66,6 +69,16 @@ class ExportSpec(Strict):
         description="`hetero`: exact per-layer widths (loads with trust_remote_code); `uniform`: "
         "the same widths in every layer, a plain Llama config (needs schedule `uniform`)",
     )
+
+
+class HealSpec(Strict):
+    """Optional recovery: distil the dense model into the pruned one on calibration text."""
+
+    tokens: int = Field(1_000_000, ge=1_000, le=1_000_000_000,
+                        description="training-token budget (bounds the healing time)")
+    mode: Literal["lora", "full"] = Field(
+        "lora", description="`lora`: low-rank adapters merged into the weights afterwards; "
+        "`full`: the decoder layers' own weights")
 
 
 class DestinationSpec(Strict):
@@ -106,6 +119,16 @@ ScheduleSpec = (
 )
 
 
+def _resolve_gqa_policy(pruning: PruningSpec, profile: str) -> None:
+    """Fill the profile's default GQA policy; a plain (`uniform`) config cannot carry `free`."""
+    if pruning.gqa_policy is None:
+        pruning.gqa_policy = "free" if profile == "hetero" else "balanced"
+    elif pruning.gqa_policy == "free" and profile == "uniform":
+        raise ValueError(
+            "pruning.gqa_policy 'free' gives layers uneven head groups, which a plain config "
+            "cannot describe: use export.profile 'hetero', or gqa_policy 'balanced' or 'group'")
+
+
 def _check_schedule_profile(schedule: Any, profile: str, explicit: bool) -> Any:
     """Profile `uniform` needs every layer equally wide: schedule `uniform` (set when no schedule
     was given), or an explicit list of equal ratios; another explicit schedule is a 422."""
@@ -135,7 +158,7 @@ class JobCreate(Strict):
                     "schedule": "log",
                     "calibration": {"source": "c4", "num_samples": 128, "seq_len": 2048,
                                     "seed": 0},
-                    "pruning": {"percdamp": 0.01, "min_group": 64, "gqa_policy": "balanced"},
+                    "pruning": {"percdamp": 0.01, "min_group": 64, "gqa_policy": "free"},
                     "export": {"profile": "hetero"},
                     "destination": {"hub_repo_id": "my-org/SmolLM2-135M-slim20",
                                     "private": True, "create_pr": False},
@@ -158,6 +181,9 @@ class JobCreate(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     destination: DestinationSpec = Field(default_factory=DestinationSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    heal: HealSpec | None = Field(
+        None, description="distil the dense model into the pruned one after pruning; absent = "
+        "no healing")
 
     @field_validator("revision")
     @classmethod
@@ -171,6 +197,7 @@ class JobCreate(Strict):
         self.schedule = _check_schedule_profile(
             self.schedule, self.export.profile, "schedule" in self.model_fields_set
         )
+        _resolve_gqa_policy(self.pruning, self.export.profile)
         return self
 
 
@@ -208,6 +235,7 @@ class EstimateRequest(Strict):
         self.schedule = _check_schedule_profile(
             self.schedule, self.export.profile, "schedule" in self.model_fields_set
         )
+        _resolve_gqa_policy(self.pruning, self.export.profile)
         return self
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimgpt_core.local_search import damped_hessian, swap_channels
 from slimgpt_core.obs import channel_errors, damped_inverse, remove_group
 
 
@@ -24,6 +25,7 @@ class ChannelPruning:
     retries: int
     group_sizes: list[int]
     percdamp: float = 0.0  # damping actually used, as a share of mean(diag H)
+    swaps: int = 0  # improving swaps made by the local search
 
 
 def group_size(remaining: int, min_group: int, max_group: int) -> int:
@@ -44,11 +46,17 @@ def prune_channels(
     percdamp: float,
     min_group: int = 64,
     max_group: int = 1024,
+    swaps: int = 0,
 ) -> ChannelPruning:
-    """Remove ``channels_to_remove`` input channels of ``W`` (``down_proj.weight``, fp32)."""
+    """Remove ``channels_to_remove`` input channels of ``W`` (``down_proj.weight``, fp32).
+
+    ``swaps`` > 0 follows the greedy pass with up to that many improving swaps of a removed
+    and a kept channel (:mod:`slimgpt_core.local_search`).
+    """
     inv = damped_inverse(hessian, percdamp)
     hinv = inv.hinv
     W[:, inv.dead] = 0.0
+    W0 = W.clone() if swaps > 0 else None
     alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
     error = 0.0
     sizes: list[int] = []
@@ -62,6 +70,11 @@ def prune_channels(
         alive[group] = False
         sizes.append(g)
         remaining -= g
+    n_swaps = 0
+    if W0 is not None and channels_to_remove > 0:
+        found = swap_channels(W0, W, hinv, damped_hessian(hessian, inv.damping, inv.dead),
+                              ~alive, max_swaps=swaps)
+        alive, error, n_swaps = ~found.removed, found.error_after, found.swaps
     return ChannelPruning(
         kept_channels=alive.nonzero().squeeze(1).tolist(),
         error=error,
@@ -69,4 +82,5 @@ def prune_channels(
         retries=inv.retries,
         group_sizes=sizes,
         percdamp=inv.percdamp,
+        swaps=n_swaps,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -28,10 +29,15 @@ class UsageError(ValueError):
 
 
 def check_args(args: argparse.Namespace) -> str:
-    """Validate argument combinations; returns the effective schedule."""
+    """Validate argument combinations; returns the effective schedule (and fills the GQA
+    policy's profile-dependent default)."""
     if not 0.0 < args.ratio <= 0.9:
         raise UsageError(f"--ratio must be in (0, 0.9], got {args.ratio}")
     schedule = args.schedule or ("uniform" if args.profile == "uniform" else "log")
+    if args.gqa_policy is None:
+        args.gqa_policy = "balanced" if args.profile == "uniform" else "free"
+    if getattr(args, "heal", False) and args.heal_tokens < 1:
+        raise UsageError("--heal-tokens must be >= 1")
     if args.profile == "uniform":
         if schedule != "uniform":
             raise UsageError("--profile uniform needs identical layers: use --schedule uniform")
@@ -75,6 +81,21 @@ def _summary(result: PruneResult, ppl: dict[str, float | None], out: Path) -> di
     }
 
 
+def _heal(model: Any, teacher: Any, calib_text: str, tokenizer: Any, args: argparse.Namespace,
+          device: torch.device) -> dict[str, Any]:
+    from slimgpt_core.heal import HealConfig, heal
+
+    count = max(1, min(4096, args.heal_tokens // args.seqlen))
+    windows = sample_windows(calib_text, tokenizer, count, args.seqlen, args.seed + 1)
+    print(f"healing: {args.heal_tokens:,} tokens ({args.heal_mode}) ...", file=sys.stderr)
+    report = heal(model, teacher.to(device), windows,
+                  HealConfig(tokens=args.heal_tokens, mode=args.heal_mode, seed=args.seed),
+                  device=device)
+    return {"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
+            "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
+            "kl_last": round(report.loss_last, 5)}
+
+
 def run_prune(args: argparse.Namespace) -> int:
     from slimgpt_core.export import describe_calibration, export_pruned
     from slimgpt_core.loading import load_base_model
@@ -102,7 +123,11 @@ def run_prune(args: argparse.Namespace) -> int:
         ppl["before"] = perplexity(model, eval_windows, device=device)
         print(f"perplexity before: {ppl['before']:.3f}", file=sys.stderr)
 
+    options = {k: getattr(args, k) for k in ("target", "local_search", "allocation")
+               if getattr(args, k, None) is not None}
+    teacher = copy.deepcopy(model) if args.heal else None
     config = PruneConfig(
+        **options,
         target_ratio=args.ratio, schedule=schedule, alpha=args.alpha,
         gqa_policy=args.gqa_policy, head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio,
         percdamp=args.percdamp, min_group=args.min_group, batch_size=args.batch_size,
@@ -115,6 +140,10 @@ def run_prune(args: argparse.Namespace) -> int:
         result = prune_model(model, calib, config, progress=on_event)
     finally:
         bar.close()
+    heal_report = None
+    if teacher is not None:
+        heal_report = _heal(model, teacher, calib_text, tokenizer, args, device)
+        del teacher
     if eval_windows is not None:
         ppl["after"] = perplexity(model, eval_windows, device=device)
 
@@ -135,6 +164,8 @@ def run_prune(args: argparse.Namespace) -> int:
         print(f"verified: reloaded in a fresh process, max logit difference "
               f"{report.verification.get('max_abs_diff')}", file=sys.stderr)
     summary = _summary(result, ppl, out)
+    if heal_report is not None:
+        summary["heal"] = heal_report
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

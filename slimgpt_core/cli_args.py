@@ -30,8 +30,9 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="per-layer ratio schedule (default log; uniform with --profile uniform)")
     p.add_argument("--alpha", type=float, default=0.25, help="r_0 = alpha * r_last (log/linear)")
-    p.add_argument("--gqa-policy", default="balanced", choices=GQA_POLICIES,
-                   help="how grouped-query heads are removed (default balanced)")
+    p.add_argument("--gqa-policy", default=None, choices=GQA_POLICIES,
+                   help="how grouped-query heads are removed (default: free with --profile "
+                   "hetero, balanced with --profile uniform)")
     p.add_argument("--head-ratio", type=float, default=None, help="fixed head ratio per layer")
     p.add_argument("--ffn-ratio", type=float, default=None, help="fixed FFN ratio per layer")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
@@ -52,6 +53,21 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="per-layer checkpoints; rerunning with the same folder resumes")
     p.add_argument("--no-verify", action="store_true",
                    help="skip reloading the folder in a fresh process to compare logits")
+    p.add_argument("--target", default=None, choices=("layer", "dense"),
+                   help="what the compensation reconstructs: each layer's own output (layer) or "
+                   "the dense model's stream (dense); default: PruneConfig's")
+    p.add_argument("--local-search", type=int, default=None, metavar="SWAPS",
+                   help="improving swaps per projection after the greedy pass (0 = none)")
+    p.add_argument("--allocation", default=None, choices=("schedule", "sensitivity"),
+                   help="per-layer widths from the schedule, or redistributed by measured "
+                   "sensitivity (same size)")
+    p.add_argument("--heal", action="store_true",
+                   help="after pruning, distil the dense model into the pruned one on "
+                   "calibration text (LoRA by default)")
+    p.add_argument("--heal-tokens", type=int, default=1_000_000,
+                   help="healing budget in training tokens (default 1,000,000)")
+    p.add_argument("--heal-mode", default="lora", choices=("lora", "full"),
+                   help="train low-rank adapters (merged afterwards) or the full layer weights")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
     p.set_defaults(handler=_run)
     return p

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from slimgpt_core.local_search import damped_hessian, swap_groups
 from slimgpt_core.obs import damped_inverse, group_errors, remove_group
 from slimgpt_core.schedule import kv_groups_emptied
 
@@ -34,6 +35,7 @@ class HeadPruning:
     damping: float
     retries: int
     percdamp: float = 0.0  # damping actually used, as a share of mean(diag H)
+    swaps: int = 0  # improving swaps made by the local search
 
 
 def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -52,14 +54,20 @@ def prune_heads(
     heads_to_remove: int,
     policy: str,
     percdamp: float,
+    swaps: int = 0,
 ) -> HeadPruning:
-    """Remove ``heads_to_remove`` query heads from ``W`` (``o_proj.weight``, fp32) in place."""
+    """Remove ``heads_to_remove`` query heads from ``W`` (``o_proj.weight``, fp32) in place.
+
+    ``swaps`` > 0 follows the greedy pass with up to that many improving swaps of a removed
+    and a kept unit (:mod:`slimgpt_core.local_search`), within the policy's constraints.
+    """
     group_size = num_heads // num_kv_heads
     if group_size == 1:
         policy = "group"
     inv = damped_inverse(hessian, percdamp)
     hinv = inv.hinv
     W[:, inv.dead] = 0.0
+    W0 = W.clone() if swaps > 0 else None
     device = W.device
     alive = torch.ones(num_heads, dtype=torch.bool, device=device)
     error = 0.0
@@ -102,6 +110,25 @@ def prune_heads(
     else:
         raise ValueError(f"unknown GQA policy {policy!r}")
 
+    n_swaps = 0
+    if W0 is not None and heads_to_remove > 0:
+        H = damped_hessian(hessian, inv.damping, inv.dead)
+        if policy == "group":
+            removed, n_swaps, _, error = swap_groups(W0, W, hinv, H, unit_cols, ~unit_alive,
+                                                     lambda _m: True, max_swaps=swaps)
+            alive = ~removed.repeat_interleave(group_size)
+        else:
+            def valid(removed: torch.Tensor) -> bool:
+                per_group = removed.view(num_kv_heads, group_size).sum(1)
+                if policy == "balanced":
+                    return bool((per_group == heads_to_remove // num_kv_heads).all())
+                emptied = int((per_group == group_size).sum())
+                return emptied == kv_groups_emptied(num_heads, num_kv_heads, heads_to_remove)
+
+            removed, n_swaps, _, error = swap_groups(W0, W, hinv, H, all_cols, ~alive, valid,
+                                                     max_swaps=swaps)
+            alive = ~removed
+
     kept = alive.nonzero().squeeze(1).tolist()
     kept_kv = sorted({h // group_size for h in kept})
     position = {kv: i for i, kv in enumerate(kept_kv)}
@@ -113,4 +140,5 @@ def prune_heads(
         damping=inv.damping,
         retries=inv.retries,
         percdamp=inv.percdamp,
+        swaps=n_swaps,
     )

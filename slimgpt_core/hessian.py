@@ -49,3 +49,27 @@ class HessianAccumulator:
         # later as an "indefinite" Cholesky failure that invites pointless damping retries.
         check_finite(self.sum, self.name)
         return self.sum * (2.0 / self.tokens)
+
+
+class CrossAccumulator:
+    """Sums ``T^T X``: targets against inputs of one linear layer, for compensating towards
+    targets other than the layer's own output (``PruneConfig.target = "dense"``)."""
+
+    def __init__(self, out_dim: int, in_dim: int, device: torch.device | str,
+                 name: str = "cross-covariance") -> None:
+        self.sum = torch.zeros(out_dim, in_dim, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self.name = name
+
+    def add(self, target: torch.Tensor, x: torch.Tensor) -> None:
+        target = target.reshape(-1, target.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.tokens += x.shape[0]
+        self.sum.addmm_(target.T, x)
+
+    def cross(self) -> torch.Tensor:
+        """``2 T^T X / n``, on the scale of :meth:`HessianAccumulator.hessian`."""
+        if self.tokens == 0:
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        check_finite(self.sum, self.name)
+        return self.sum * (2.0 / self.tokens)

@@ -24,7 +24,7 @@ from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
 from slimgpt_core.compact import compact_attention, compact_mlp
 from slimgpt_core.heads import prune_heads
-from slimgpt_core.hessian import HessianAccumulator
+from slimgpt_core.hessian import CrossAccumulator, HessianAccumulator
 from slimgpt_core.layer_io import (
     LayerContext,
     attention_block,
@@ -36,10 +36,16 @@ from slimgpt_core.layer_io import (
     micro_batches,
 )
 from slimgpt_core.modeling_slimgpt import resize_layer
-from slimgpt_core.obs import output_error
+from slimgpt_core.obs import damped_inverse, output_error
 from slimgpt_core.schedule import LayerPlan, ModelShape, PruningPlan, make_plan
 
 METHODS: tuple[str, ...] = ("slimgpt", "no_compensation", "magnitude")
+#: What the compensation reconstructs. ``layer`` (the paper): each projection's own output on
+#: the inputs the already-pruned layers produce. ``dense``: the *dense model's* residual stream
+#: after the block, so the kept columns also absorb the drift that earlier layers' pruning left
+#: behind (least squares onto ``h_dense - x_pruned``; needs a second activation buffer and one
+#: more dense layer forward per layer).
+TARGETS: tuple[str, ...] = ("layer", "dense")
 
 
 def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
@@ -51,6 +57,14 @@ def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
 def _apply_method(W0: torch.Tensor, W: torch.Tensor, pruned: torch.Tensor,
                   method: str) -> torch.Tensor:
     return W0.masked_fill(pruned[None, :], 0.0) if method == "no_compensation" else W
+
+
+_LATER_SETTINGS: dict[str, Any] = {"target": "layer", "local_search": 0,
+                                   "allocation": "schedule"}
+#: How per-layer widths are chosen: ``schedule`` (the named or explicit schedule, as planned)
+#: or ``sensitivity`` (the schedule's totals redistributed by measured loss-weighted error
+#: curves, :mod:`slimgpt_core.allocation`; same parameter count).
+ALLOCATIONS: tuple[str, ...] = ("schedule", "sensitivity")
 
 
 @dataclass
@@ -82,14 +96,28 @@ class PruneConfig:
     method: str = "slimgpt"
     #: Only head counts that divide hidden_size (what the `uniform` export profile needs).
     plain_heads: bool = False
+    #: See :data:`TARGETS`.
+    target: str = "layer"
+    #: After the greedy pass, up to this many improving swaps of a removed and a kept unit per
+    #: projection (heads on o_proj, channels on down_proj); 0 = greedy only (the paper).
+    local_search: int = 0
+    #: See :data:`ALLOCATIONS`.
+    allocation: str = "schedule"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; choose one of "
+                             f"{', '.join(ALLOCATIONS)}")
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         if self.batch_size < 1 or self.min_group < 1 or self.max_group < self.min_group:
             raise ValueError("batch_size and min_group must be >= 1 and max_group >= min_group")
         if self.percdamp <= 0:
             raise ValueError("percdamp must be positive")
+        if self.local_search < 0:
+            raise ValueError("local_search (swaps per projection) must be >= 0")
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the result (not device, batch size or paths)."""
@@ -97,6 +125,10 @@ class PruneConfig:
                 "percdamp", "min_group", "max_group", "compact", "seed", "method",
                 "plain_heads")
         out = {k: getattr(self, k) for k in keys}
+        # Later settings join only when not at their default, so checkpoints written before
+        # they existed still resume.
+        out.update({k: getattr(self, k) for k, default in _LATER_SETTINGS.items()
+                    if getattr(self, k) != default})
         if not isinstance(out["schedule"], str):
             out["schedule"] = list(out["schedule"])
         return out
@@ -146,6 +178,8 @@ class LayerReport:
     ffn_damping_retries: int = 0
     attn_percdamp: float = 0.0
     ffn_percdamp: float = 0.0
+    attn_swaps: int = 0  # improving swaps of the local search (PruneConfig.local_search)
+    ffn_swaps: int = 0
 
     def damping_raised(self) -> list[dict[str, Any]]:
         """One entry per projection whose damping had to be raised to invert its Hessian."""
@@ -169,6 +203,8 @@ class PruneResult:
     params_after: int
     seconds: dict[str, float]
     resumed_from: int = 0
+    #: The settings that shaped the result (:meth:`PruneConfig.fingerprint`).
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def damping_raised(self) -> list[dict[str, Any]]:
         """Every projection whose Hessian needed more damping than asked (empty when none):
@@ -184,6 +220,7 @@ class PruneResult:
             "seconds": self.seconds,
             "resumed_from": self.resumed_from,
             "damping_raised": self.damping_raised(),
+            "settings": self.settings,
         }
 
 
@@ -257,7 +294,11 @@ def _prune_layer(
     device: torch.device,
     clock: _Clock,
     emit: Callable[[str, str, dict[str, float]], None],
+    dense_acts: torch.Tensor | None = None,
 ) -> LayerReport:
+    """Prune one layer in place. With ``dense_acts`` (the dense model's residual stream
+    entering this layer; target ``dense``) the compensation reconstructs the dense stream, and
+    ``dense_acts`` is advanced to this dense layer's output."""
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
     n = acts.shape[0]
@@ -267,22 +308,46 @@ def _prune_layer(
     emit("attention", f"layer {lp.index}: attention Hessian", {})
     h_attn = HessianAccumulator(attn.o_proj.in_features, device,
                                 name=f"layer {lp.index} self_attn.o_proj")
-    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
+    dense = dense_acts is not None
+    seen: list[torch.Tensor] = []
+    recording = [True]  # off while the dense stream passes through the same module
+
+    def on_o_proj_input(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if recording[0]:
+            h_attn.add(args[0])
+            if dense:
+                seen.append(args[0])
+
+    x_attn = CrossAccumulator(attn.o_proj.out_features, attn.o_proj.in_features, device,
+                              name=f"layer {lp.index} self_attn.o_proj targets") if dense else None
+    hook = attn.o_proj.register_forward_pre_hook(on_o_proj_input)
     try:
         with _Phase(clock, seconds, "attn_pass", device):
             for sl in batches:
-                attention_block(layer, acts[sl].to(device), ctx)
+                x = acts[sl].to(device)
+                attention_block(layer, x, ctx)
+                if x_attn is not None and dense_acts is not None:
+                    # The dense block on the dense stream: its output is the target, and the
+                    # dense stream's next state.
+                    recording[0] = False
+                    h_dense = attention_block(layer, dense_acts[sl].to(device), ctx)
+                    recording[0] = True
+                    x_attn.add(_minus_bias(h_dense - x, attn.o_proj), seen.pop())
+                    dense_acts[sl] = h_dense.to(dense_acts.device)
     finally:
         hook.remove()
     with _Phase(clock, seconds, "hessian_finalize", device):
         H = h_attn.hessian()
     with _Phase(clock, seconds, "heads", device):
         W0 = attn.o_proj.weight.detach().float()
+        if x_attn is not None:
+            W0 = _least_squares_start(W0, x_attn.cross(), H, config.percdamp)
+            del x_attn
         W = W0.clone()
         heads = prune_heads(
             W, _selection_hessian(H, config.method), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
             head_dim=shape.head_dim, heads_to_remove=lp.heads_removed,
-            policy=config.gqa_policy, percdamp=config.percdamp,
+            policy=config.gqa_policy, percdamp=config.percdamp, swaps=config.local_search,
         )
         if len(heads.kept_kv_heads) != lp.kv_heads_kept:
             raise RuntimeError(f"layer {lp.index}: kept {len(heads.kept_kv_heads)} KV heads, "
@@ -306,19 +371,30 @@ def _prune_layer(
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
     h_ffn = HessianAccumulator(mlp.down_proj.in_features, device,
                                name=f"layer {lp.index} mlp.down_proj")
+    x_ffn = CrossAccumulator(mlp.down_proj.out_features, mlp.down_proj.in_features, device,
+                             name=f"layer {lp.index} mlp.down_proj targets") if dense else None
     with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
             h = attention_block(layer, acts[sl].to(device), ctx)
             residual[sl] = h.to(residual.device)
-            h_ffn.add(ffn_hidden(layer, h))
+            f = ffn_hidden(layer, h)
+            h_ffn.add(f)
+            if x_ffn is not None and dense_acts is not None:
+                # The FFN is still dense here, so this is the dense layer's output.
+                y_dense = ffn_block(layer, dense_acts[sl].to(device))
+                x_ffn.add(_minus_bias(y_dense - h, mlp.down_proj), f)
+                dense_acts[sl] = y_dense.to(dense_acts.device)
     with _Phase(clock, seconds, "hessian_finalize", device):
         H = h_ffn.hessian()
     with _Phase(clock, seconds, "ffn", device):
         W0 = mlp.down_proj.weight.detach().float()
+        if x_ffn is not None:
+            W0 = _least_squares_start(W0, x_ffn.cross(), H, config.percdamp)
+            del x_ffn
         W = W0.clone()
         channels = prune_channels(
             W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed, percdamp=config.percdamp,
-            min_group=config.min_group, max_group=config.max_group,
+            min_group=config.min_group, max_group=config.max_group, swaps=config.local_search,
         )
         kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
         kept[channels.kept_channels] = True
@@ -351,7 +427,25 @@ def _prune_layer(
         ffn_group_sizes=channels.group_sizes, seconds=seconds,
         attn_damping_retries=heads.retries, ffn_damping_retries=channels.retries,
         attn_percdamp=heads.percdamp, ffn_percdamp=channels.percdamp,
+        attn_swaps=heads.swaps, ffn_swaps=channels.swaps,
     )
+
+
+def _minus_bias(target: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+    bias = getattr(linear, "bias", None)
+    return target if bias is None else target - bias
+
+
+def _least_squares_start(W: torch.Tensor, cross: torch.Tensor, hessian: torch.Tensor,
+                         percdamp: float) -> torch.Tensor:
+    """``W + (C - W H) (H + damping)^-1``: the weights that best map the inputs onto the
+    targets, the damping pulling the *change* towards zero (no drift: ``W`` itself). Pruning
+    then starts from them: the least-squares residual splits into this fit's error plus the
+    usual OBS error of removing columns from it."""
+    inv = damped_inverse(hessian, percdamp)
+    out = W + (cross - W @ hessian) @ inv.hinv
+    out[:, inv.dead] = 0.0
+    return out
 
 
 def _damping_note(retries: int, percdamp: float) -> str:
@@ -365,9 +459,12 @@ def _damping_note(retries: int, percdamp: float) -> str:
 def _replay_layer(layer: nn.Module, acts: torch.Tensor, ctx: LayerContext, batch_size: int,
                   device: torch.device) -> None:
     """Recompute a finished layer's outputs exactly as :func:`_prune_layer` produced them."""
+    home = next(layer.parameters()).device
+    layer.to(device)
     for sl in micro_batches(acts.shape[0], batch_size):
         h = attention_block(layer, acts[sl].to(device), ctx)
         acts[sl] = ffn_block(layer, h).to(acts.device)
+    layer.to(home)
 
 
 def _restore_layer(layer: nn.Module, report: dict[str, Any], ckpt: LayerCheckpoints,
@@ -407,6 +504,25 @@ def prune_model(
         if progress is not None:
             progress(ProgressEvent(phase, layer, n_layers, message, clock.elapsed(), metrics))
 
+    emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
+    t0 = time.perf_counter()
+    acts, ctx = capture_layer_inputs(model, calibration, device, config.batch_size, store)
+    ctx = ctx.to(device)
+    clock.add("capture", time.perf_counter() - t0)
+
+    if config.allocation == "sensitivity":
+        if next(model.parameters()).device != device:
+            raise ValueError("allocation 'sensitivity' runs the whole model on the device: "
+                             "it needs the model resident there (resident=True)")
+        emit("calibrating", "measuring per-layer sensitivity for the allocation", {})
+        t0 = time.perf_counter()
+        from slimgpt_core.allocation import sensitivity_plan
+
+        plan = sensitivity_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
+                                config.min_group, config.max_group, config.batch_size, device,
+                                acts, ctx)
+        clock.add("allocation", time.perf_counter() - t0)
+
     ckpt: LayerCheckpoints | None = None
     done = 0
     reports: list[LayerReport] = []
@@ -421,26 +537,20 @@ def prune_model(
         }
         ckpt = LayerCheckpoints(config.checkpoint_dir, fingerprint)
         done = min(ckpt.finished_layers(), n_layers)
-        for i in range(done):
-            report = ckpt.load_report(i)
-            _restore_layer(layers[i], report, ckpt, config.compact)
-            reports.append(LayerReport(**report))
+        reports = [LayerReport(**ckpt.load_report(i)) for i in range(done)]
 
-    emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
-    t0 = time.perf_counter()
-    acts, ctx = capture_layer_inputs(model, calibration, device, config.batch_size, store)
-    ctx = ctx.to(device)
-    clock.add("capture", time.perf_counter() - t0)
     residual = torch.empty_like(acts)
+    dense_acts = acts.clone() if config.target == "dense" else None
 
     if done:
         emit("resumed", f"resuming after {done} finished layers", {}, done)
         t0 = time.perf_counter()
         for i in range(done):
-            home = next(layers[i].parameters()).device
-            layers[i].to(device)
+            if dense_acts is not None:  # the dense stream, through the layer still dense
+                _replay_layer(layers[i], dense_acts, ctx, config.batch_size, device)
+            assert ckpt is not None
+            _restore_layer(layers[i], asdict(reports[i]), ckpt, config.compact)
             _replay_layer(layers[i], acts, ctx, config.batch_size, device)
-            layers[i].to(home)
         clock.add("replay", time.perf_counter() - t0)
 
     for i in range(done, n_layers):
@@ -456,7 +566,7 @@ def prune_model(
             emit(phase, message, metrics, _i)
 
         report = _prune_layer(layer, plan.layers[i], shape, acts, residual, ctx, config, device,
-                              clock, layer_emit)
+                              clock, layer_emit, dense_acts)
         t0 = time.perf_counter()
         layer.to(home)
         clock.add("transfer", time.perf_counter() - t0)
@@ -475,9 +585,10 @@ def prune_model(
             "attn_percdamp": report.attn_percdamp, "ffn_percdamp": report.ffn_percdamp,
         }, i)
 
-    del acts, residual
+    del acts, residual, dense_acts
     clock.add("total", clock.elapsed())
     return PruneResult(
         model=model, plan=plan, layers=reports, params_before=params_before,
         params_after=count_parameters(model), seconds=dict(clock.totals), resumed_from=done,
+        settings={**config.fingerprint(), **{k: getattr(config, k) for k in _LATER_SETTINGS}},
     )

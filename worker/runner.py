@@ -29,6 +29,7 @@ job in the middle of a known layer. It is not a setting; production never sets i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -74,6 +75,8 @@ SUBLAYER_EVENT_INTERVAL_S = 10.0
 #: Evaluation windows of the perplexity before/after.
 EVAL_MAX_WINDOWS = 16
 EVAL_MAX_SEQ_LEN = 512
+#: Healing windows are drawn fresh from the calibration text, at most this many.
+HEAL_MAX_WINDOWS = 4096
 
 HubPublisherFactory = Callable[[str], Publisher]
 
@@ -322,7 +325,9 @@ class JobRunner:
             target_ratio=float(req["target_ratio"]),
             schedule=req.get("schedule", "log"),
             alpha=float(pruning.get("alpha", 0.25)),
-            gqa_policy=pruning.get("gqa_policy", "balanced"),
+            # Requests resolve the policy from the profile; this fallback covers older rows.
+            gqa_policy=pruning.get("gqa_policy") or (
+                "balanced" if export.get("profile") == "uniform" else "free"),
             head_ratio=pruning.get("heads"),
             ffn_ratio=pruning.get("ffn"),
             percdamp=float(pruning.get("percdamp", 0.01)) * state.percdamp_boost,
@@ -334,6 +339,9 @@ class JobRunner:
             plain_heads=export.get("profile") == "uniform",
         )
         progress = _PruneProgress(self, job_id, num_layers, ctl)
+        heal_spec = req.get("heal")
+        # The dense model, kept as the teacher of the optional healing step.
+        teacher = copy.deepcopy(model) if heal_spec else None
         with phase("pruning", f"pruning {num_layers} layers to target ratio "
                    f"{config.target_ratio}"):
             try:
@@ -346,6 +354,17 @@ class JobRunner:
         state.metrics.update(params_before=result.params_before, params_after=result.params_after,
                              resumed_from=result.resumed_from,
                              damping_raised=result.damping_raised())
+        if heal_spec and teacher is not None:
+            # Part of the pruning phase (the API's phases stay as they are), timed on its own.
+            ctl.check()
+            self.event(job_id, "pruning", "healing: distilling the dense model into the pruned "
+                       f"one ({int(heal_spec['tokens']):,} tokens, "
+                       f"{heal_spec.get('mode', 'lora')})", percent=PRUNING_SPAN[1])
+            t0 = time.perf_counter()
+            state.metrics["heal"] = self._heal(job_id, model, teacher, heal_spec, calib_source,
+                                               tokenizer, seq_len, seed, token, ctl)
+            state.seconds["healing"] = round(time.perf_counter() - t0, 3)
+            del teacher
 
         # verifying (export into staging, proven to load in a fresh process) -------------
         stage = staging_dir(self.settings, job_id)
@@ -416,6 +435,44 @@ class JobRunner:
         if done is None:
             raise LeaseLost()
         logger.info("job %s succeeded", job_id)
+
+    def _heal(self, job_id: str, model: Any, teacher: Any, spec: dict[str, Any],
+              calib_source: Any, tokenizer: Any, seq_len: int, seed: int, token: str | None,
+              ctl: Any) -> dict[str, Any]:
+        """Distil ``teacher`` into ``model`` on fresh windows of the calibration text."""
+        import torch
+
+        from slimgpt_core.calibration import sample_windows
+        from slimgpt_core.heal import HealConfig, heal
+
+        tokens = int(spec["tokens"])
+        count = max(1, min(HEAL_MAX_WINDOWS, tokens // seq_len))
+        windows = self._calibration().windows(
+            calib_source, tokenizer, num_samples=count, seq_len=seq_len, seed=seed + 1,
+            make_windows=sample_windows, token=token).input_ids
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        teacher.to(device)
+        last = [0.0]
+
+        def progress(step: int, steps: int, loss: float) -> None:
+            now = time.perf_counter()
+            if step == steps or now - last[0] >= SUBLAYER_EVENT_INTERVAL_S:
+                last[0] = now
+                self.event(job_id, "pruning", f"healing: step {step}/{steps}, KL {loss:.4f}",
+                           percent=PRUNING_SPAN[1],
+                           metrics={"kind": "heal", "step": step, "steps": steps, "kl": loss})
+
+        report = heal(model, teacher, windows, HealConfig(tokens=tokens,
+                                                          mode=spec.get("mode", "lora"),
+                                                          seed=seed),
+                      device=device, progress=progress,
+                      should_cancel=lambda: ctl.should_stop())
+        ctl.raise_reason(throttle=False)
+        teacher.to("cpu")
+        return {"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
+                "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
+                "kl_last": round(report.loss_last, 5)}
 
     # components -------------------------------------------------------------------------------
     def _resolve_model(self, source: str, model_id: str, local_path: str | None,

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from app.crud import jobs as crud
 from app.db.models import Job
+from tests.api.conftest import JOB
 
 
 def test_submit_answers_202_with_a_queued_job(client, tenant, job_body):
@@ -23,10 +24,21 @@ def test_submit_fills_request_defaults(submit):
     req = job["request"]
     assert req["revision"] == "main" and req["schedule"] == "log"
     assert req["calibration"] == {"source": "c4", "num_samples": 128, "seq_len": 2048, "seed": 0}
-    assert req["pruning"]["gqa_policy"] == "balanced" and req["pruning"]["percdamp"] == 0.01
+    assert req["pruning"]["gqa_policy"] == "free" and req["pruning"]["percdamp"] == 0.01
     assert req["export"] == {"profile": "hetero"}
     assert req["destination"] == {"hub_repo_id": None, "private": True, "create_pr": False}
     assert req["evaluate"]["perplexity"] is True
+    assert req["heal"] is None
+
+
+def test_uniform_profile_defaults_to_balanced_heads(submit):
+    req = submit({**JOB, "export": {"profile": "uniform"}})["request"]
+    assert req["pruning"]["gqa_policy"] == "balanced" and req["schedule"] == "uniform"
+
+
+def test_heal_request_is_kept_with_its_defaults(submit):
+    req = submit({**JOB, "heal": {"tokens": 50_000}})["request"]
+    assert req["heal"] == {"tokens": 50_000, "mode": "lora"}
 
 
 def test_the_dispatcher_sends_a_submitted_job_once_to_the_configured_queue(submit, outbox,

@@ -43,6 +43,9 @@ def _post(client, tenant, body, **kw):
         ({"destination": {"hub_repo_id": "no slash"}}, "destination.hub_repo_id"),
         ({"evaluate": {"eval_source": "pile"}}, "evaluate.eval_source"),
         ({"evaluate": {"perplexity": "maybe"}}, "evaluate.perplexity"),
+        ({"heal": {"tokens": 10}}, "heal.tokens"),
+        ({"heal": {"mode": "qlora"}}, "heal.mode"),
+        ({"export": {"profile": "uniform"}, "pruning": {"gqa_policy": "free"}}, "gqa_policy"),
     ],
 )
 def test_invalid_field_is_422_naming_the_field(client, tenant, patch, needle):

@@ -72,3 +72,25 @@ def test_existing_non_empty_output_is_refused(model_dir: Path, tmp_path: Path) -
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(_args(model_dir, tmp_path)) == 2
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_heal_flag_distils_and_reports_it(model_dir: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--heal", "--heal-tokens", "256", "--no-verify",
+                      "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["heal"]["mode"] == "lora" and summary["heal"]["steps"] == 256 // (4 * 32)
+
+
+def test_default_gqa_policy_follows_the_profile(model_dir: Path, tmp_path: Path) -> None:
+    assert main(_args(model_dir, tmp_path, "--no-verify")) == 0
+    pruning = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    assert pruning["gqa_policy"] == "free"
+
+
+def test_past_paper_options_reach_the_pruner(model_dir: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--target", "dense", "--local-search", "2",
+                      "--no-verify")) == 0
+    settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
+    assert settings["target"] == "dense" and settings["local_search"] == 2

@@ -144,3 +144,77 @@ def test_prune_channels_follows_the_rule_from_the_cap_down_to_the_floor() -> Non
     assert sizes[:5] == [64, 42, 21, 10, 8]
     assert sum(sizes) == 660 and len(result.kept_channels) == 40
     assert all(s == 8 for s in sizes[4:-1]) and 1 <= sizes[-1] <= 8
+
+
+# -- local search -----------------------------------------------------------------------------
+def _latent_problem(inp: int, seed: int, out: int = 5, n: int = 400):
+    """Inputs driven by a few shared latent factors: greedy choices can then be improved."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    Z = torch.randn(inp // 2, n, generator=g, dtype=torch.float64)
+    A = torch.randn(inp, inp // 2, generator=g, dtype=torch.float64)
+    X = A @ Z + 0.3 * torch.randn(inp, n, generator=g, dtype=torch.float64)
+    return W, X, 2 * X @ X.T / n
+
+
+def _best_single_swap(W, X, removed: list[int], units: list[list[int]],
+                      valid=lambda removed_units: True) -> float:
+    """Least error over every removed/kept unit swap (brute force), and the current error."""
+    removed_units = [u for u in range(len(units)) if set(units[u]) <= set(removed)]
+    kept_units = [u for u in range(len(units)) if u not in removed_units]
+    best = float("inf")
+    for k in removed_units:
+        for r in kept_units:
+            trial = [u for u in removed_units if u != k] + [r]
+            if valid(trial):
+                best = min(best, _residual(W, X, [c for u in trial for c in units[u]]))
+    return best
+
+
+@pytest.mark.parametrize("seed", [2, 3, 7])  # seeds where greedy is not a local optimum
+def test_channel_swaps_end_in_a_local_optimum_better_than_greedy(seed: int) -> None:
+    W, X, H = _latent_problem(16, seed)
+    greedy = prune_channels(W.clone(), H, channels_to_remove=6, percdamp=TINY_DAMP,
+                            min_group=2, max_group=4)
+    Ws = W.clone()
+    searched = prune_channels(Ws, H, channels_to_remove=6, percdamp=TINY_DAMP, min_group=2,
+                              max_group=4, swaps=50)
+    removed = sorted(set(range(16)) - set(searched.kept_channels))
+    err = _residual(W, X, removed)
+    assert len(removed) == 6 and searched.swaps > 0
+    assert err < _residual(W, X, sorted(set(range(16)) - set(greedy.kept_channels)))
+    assert err <= _best_single_swap(W, X, removed, [[c] for c in range(16)]) * (1 + 1e-3)
+    # The weights are the exact refit of the final set, and the error is reported exactly.
+    keep = searched.kept_channels
+    fit = torch.linalg.lstsq(X[keep].T, (W @ X).T).solution.T
+    torch.testing.assert_close(Ws[:, keep], fit, rtol=1e-6, atol=1e-8)
+    assert searched.error == pytest.approx(2 / X.shape[1] * err, rel=1e-6)
+
+
+@pytest.mark.parametrize(("policy", "total", "seed"), [
+    ("free", 3, 4), ("free", 3, 5), ("free", 3, 8),  # greedy is improvable here
+    ("free", 2, 0), ("balanced", 2, 1),  # and here it is already a local optimum
+])
+def test_head_swaps_end_in_a_local_optimum_within_the_policy(policy: str, total: int,
+                                                             seed: int) -> None:
+    W, X, H = _latent_problem(HEADS * HEAD_DIM, seed)
+    Ws = W.clone()
+    result = prune_heads(Ws, H, num_heads=HEADS, num_kv_heads=KV, head_dim=HEAD_DIM,
+                         heads_to_remove=total, policy=policy, percdamp=TINY_DAMP, swaps=10)
+    removed = sorted(set(range(HEADS)) - set(result.kept_heads))
+    group = HEADS // KV
+
+    def valid(units: list[int]) -> bool:
+        per = [sum(1 for h in units if h // group == g) for g in range(KV)]
+        return policy == "free" or per == [total // KV] * KV
+
+    assert valid(removed)
+    err = _residual(W, X, _cols(removed))
+    greedy_err = _residual(W, X, _cols(_brute_force_heads(W, X, policy, total)))
+    if seed in (4, 5, 8):
+        assert result.swaps > 0 and err < greedy_err
+    else:
+        assert result.swaps == 0 and err == pytest.approx(greedy_err)
+    units = [_cols([h]) for h in range(HEADS)]
+    assert err <= _best_single_swap(W, X, _cols(removed), units, valid) * (1 + 1e-3)
+    assert result.error == pytest.approx(2 / X.shape[1] * err, rel=1e-6)

@@ -115,3 +115,30 @@ def test_runner_embedded_nan_in_a_layer_fails_once_naming_the_layer(
     assert job["state"] == "failed"
     assert job["error"].startswith("non_finite_hessian: layer 2 self_attn.o_proj:")
     assert job["attempts"] == 1  # more damping cannot help: no retry
+
+
+def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
+        tiny_models: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
+                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
+                        auth_disabled=True)
+    with TestClient(create_app(settings)) as client:
+        body = job_body("tiny4", upload_calibration(client), heal={"tokens": 1_000})
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+
+        def finished() -> dict | None:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = wait_until(finished, 200, "the job to finish")
+        rows = client.get(f"/v1/jobs/{job_id}/events",
+                          headers={"accept": "application/json"}).json()
+    assert job["state"] == "succeeded", job["error"]
+    heal = job["metrics"]["heal"]
+    assert heal["mode"] == "lora" and heal["steps"] == 1_000 // (4 * 32) and heal["tokens"] > 0
+    assert "healing" in job["metrics"]["seconds"]
+    heal_events = [e for e in rows if (e["metrics"] or {}).get("kind") == "heal"]
+    assert heal_events and heal_events[-1]["metrics"]["step"] == heal["steps"]
+    # Healing happens after the last layer and before the export is verified.
+    phases = [e["phase"] for e in rows]
+    assert phases.index("verifying") > rows.index(heal_events[-1])

@@ -1,0 +1,330 @@
+"""Per-layer widths from measured sensitivity instead of a fixed log shape
+(``PruneConfig.allocation = "sensitivity"``).
+
+1. **Loss weights.** One forward/backward pass of the dense model on calibration windows gives,
+   for the residual stream after each attention block and each FFN block, the mean squared
+   gradient of the summed next-token loss per hidden dimension ``f`` (the diagonal of the
+   empirical Fisher). A small perturbation ``delta`` there costs about ``1/2 sum_j f_j delta_j^2``
+   of loss.
+2. **Error curves.** On the dense model's own activations, every layer's heads and FFN channels
+   are removed greedily (the same OBS steps as the pruning itself) far past the plan, and after
+   each step the *loss-weighted* error ``sum_j f_j (dW H dW^T)_jj`` of the compensated weights is
+   recorded: what removing ``u`` heads or ``c`` channels of that layer would cost, in loss units.
+3. **Allocation.** The number of heads and of channels the base plan removes in total (its log
+   shape) is kept, so the parameter count -- and the dry-run estimate's total -- is exact;
+   the counts are distributed over layers by taking the cheapest increments first along each
+   curve's convex minorant. Heads and channels may also be traded in exactly parameter-equal
+   packets (3 query heads = ``2 * head_dim`` channels when nothing has a bias), and the split
+   with the least total cost wins.
+
+The curves use dense inputs, not the already-pruned ones the pruning will see: they rank
+layers, the pruning itself stays sequential.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from slimgpt_core.channels import group_size
+from slimgpt_core.heads import _head_columns
+from slimgpt_core.layer_io import (
+    LayerContext,
+    attention_block,
+    decoder_layers,
+    ffn_block,
+    ffn_hidden,
+    micro_batches,
+)
+from slimgpt_core.obs import damped_inverse, group_errors, remove_group
+from slimgpt_core.schedule import (
+    CHANNEL_MULTIPLE,
+    MAX_LAYER_RATIO,
+    ModelShape,
+    PlanError,
+    PruningPlan,
+)
+
+
+@dataclass(frozen=True)
+class LayerCurves:
+    """Loss-weighted cost of removing ``u`` heads (``heads[u]``) and ``c`` channels
+    (``channels``: (count, cost) points from 0 up, interpolated in between)."""
+
+    heads: list[float]
+    channels: list[tuple[int, float]]
+
+
+# -- 1. loss weights -----------------------------------------------------------------------
+def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                       batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: mean squared loss gradient per hidden dim after attention and after FFN."""
+    layers = decoder_layers(model)
+    sums = [[torch.zeros(0), torch.zeros(0)] for _ in layers]
+    tokens = [0]
+
+    def grab(i: int, slot: int) -> Callable[..., None]:
+        def hook(_m: nn.Module, _gin: object, gout: tuple[torch.Tensor, ...]) -> None:
+            g = gout[0].detach().float().reshape(-1, gout[0].shape[-1])
+            acc = g.pow(2).sum(0)
+            sums[i][slot] = acc if sums[i][slot].numel() == 0 else sums[i][slot] + acc
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.o_proj.register_full_backward_hook(grab(i, 0)))
+        handles.append(layer.mlp.down_proj.register_full_backward_hook(grab(i, 1)))
+    embed = model.get_input_embeddings()
+    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for sl in micro_batches(windows.shape[0], batch_size):
+                ids = windows[sl].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    ids[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+                tokens[0] += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+    return [(a / tokens[0], f / tokens[0]) for a, f in sums]
+
+
+# -- 2. error curves -----------------------------------------------------------------------
+def _weighted_error(W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor,
+                    weight: torch.Tensor) -> float:
+    delta = W0 - W
+    return float((((delta @ H) * delta).sum(1) * weight.to(delta.device)).sum())
+
+
+def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_heads: int,
+               num_kv_heads: int, head_dim: int, max_units: int, policy: str,
+               percdamp: float) -> list[float]:
+    """Cost after removing 0..max_units units: single query heads (``free``, never emptying a
+    KV group) or one query head per KV group (``balanced``)."""
+    from slimgpt_core.heads import prune_heads
+
+    W = W.float()
+    if policy == "balanced":
+        out = [0.0]
+        for u in range(1, max_units + 1):
+            Wu = W.clone()
+            prune_heads(Wu, H, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, heads_to_remove=u * num_kv_heads, policy="balanced",
+                        percdamp=percdamp)
+            out.append(_weighted_error(W, Wu, H, weight))
+        return out
+    inv = damped_inverse(H, percdamp)
+    hinv = inv.hinv
+    W0 = W.clone()
+    W0[:, inv.dead] = 0.0
+    Wc = W0.clone()
+    group = num_heads // num_kv_heads
+    cols = _head_columns(torch.arange(num_heads, device=W.device), head_dim)
+    alive = torch.ones(num_heads, dtype=torch.bool, device=W.device)
+    per_group = torch.zeros(num_kv_heads, dtype=torch.long, device=W.device)
+    out = [0.0]
+    for _ in range(max_units):
+        ok = alive & (per_group[torch.arange(num_heads, device=W.device) // group] < group - 1)
+        candidates = ok.nonzero().squeeze(1)
+        if candidates.numel() == 0:
+            break
+        best = candidates[int(torch.argmin(group_errors(Wc, hinv, cols[candidates])))]
+        remove_group(Wc, hinv, cols[best])
+        alive[best] = False
+        per_group[int(best) // group] += 1
+        out.append(_weighted_error(W0, Wc, H, weight))
+    return out
+
+
+def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max_channels: int,
+                  percdamp: float, min_group: int, max_group: int) -> list[tuple[int, float]]:
+    """Cost after each greedy group, removing up to ``max_channels`` channels."""
+    inv = damped_inverse(H, percdamp)
+    hinv = inv.hinv
+    W0 = W.float().clone()
+    W0[:, inv.dead] = 0.0
+    Wc = W0.clone()
+    alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    points = [(0, 0.0)]
+    removed = 0
+    while removed < max_channels:
+        # Finer steps than the pruning's own rule: the curve needs resolution everywhere.
+        g = min(max_channels - removed, max(min_group, group_size(max_channels - removed,
+                                                                  min_group, max_group) // 4))
+        scores = (Wc.pow(2).sum(0) / torch.diagonal(hinv)).masked_fill(~alive, float("inf"))
+        chosen = torch.argsort(scores, stable=True)[:g]
+        remove_group(Wc, hinv, chosen)
+        alive[chosen] = False
+        removed += g
+        points.append((removed, _weighted_error(W0, Wc, H, weight)))
+    return points
+
+
+@torch.no_grad()
+def measure_curves(model: nn.Module, acts: torch.Tensor, ctx: LayerContext,
+                   sensitivity: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelShape,
+                   policy: str, max_ratio: float, percdamp: float, min_group: int,
+                   max_group: int, batch_size: int, device: torch.device) -> list[LayerCurves]:
+    """Curves of every layer on the dense model's activations (``acts`` is advanced through
+    the dense layers and consumed)."""
+    from slimgpt_core.hessian import HessianAccumulator
+
+    gs, kv = shape.group_size, shape.num_kv_heads
+    max_units = (gs - 1) if policy == "balanced" else (shape.num_heads - kv)
+    max_channels = min(math.floor(shape.intermediate_size * MAX_LAYER_RATIO),
+                       math.ceil(shape.intermediate_size * max_ratio))
+    curves = []
+    for i, layer in enumerate(decoder_layers(model)):
+        home = next(layer.parameters()).device
+        layer.to(device)
+        attn, mlp = layer.self_attn, layer.mlp
+        h_attn = HessianAccumulator(attn.o_proj.in_features, device, f"layer {i} self_attn.o_proj")
+        h_ffn = HessianAccumulator(mlp.down_proj.in_features, device, f"layer {i} mlp.down_proj")
+        hook = attn.o_proj.register_forward_pre_hook(
+            lambda _m, a, acc=h_attn: acc.add(a[0]))
+        try:
+            for sl in micro_batches(acts.shape[0], batch_size):
+                h = attention_block(layer, acts[sl].to(device), ctx)
+                h_ffn.add(ffn_hidden(layer, h))
+                acts[sl] = ffn_block(layer, h).to(acts.device)
+        finally:
+            hook.remove()
+        w_attn, w_ffn = sensitivity[i]
+        heads = head_curve(attn.o_proj.weight.detach(), h_attn.hessian(), w_attn,
+                           num_heads=shape.num_heads, num_kv_heads=kv, head_dim=shape.head_dim,
+                           max_units=max_units, policy=policy, percdamp=percdamp)
+        channels = channel_curve(mlp.down_proj.weight.detach(), h_ffn.hessian(), w_ffn,
+                                 max_channels=max_channels, percdamp=percdamp,
+                                 min_group=min_group, max_group=max_group)
+        curves.append(LayerCurves(heads, channels))
+        layer.to(home)
+    return curves
+
+
+# -- 3. allocation (plain arithmetic) --------------------------------------------------------
+def _interpolate(points: Sequence[tuple[int, float]], count: int) -> float:
+    for (c0, e0), (c1, e1) in pairwise(points):
+        if c0 <= count <= c1:
+            return e0 + (e1 - e0) * (count - c0) / max(1, c1 - c0)
+    return math.inf
+
+
+def _hull(costs: Sequence[float]) -> list[int]:
+    """Indices of the lower convex hull of (i, costs[i]), from 0 to the last finite point."""
+    pts = [i for i, c in enumerate(costs) if math.isfinite(c)]
+    hull: list[int] = []
+    for i in pts:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (costs[b] - costs[a]) * (i - a) >= (costs[i] - costs[a]) * (b - a):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def _distribute(costs: list[list[float]], total: int) -> tuple[list[int], float] | None:
+    """Counts per layer (indices into each cost list) summing to ``total`` with least cost,
+    taking the cheapest increments along each list's convex minorant."""
+    capacity = sum(len(c) - 1 for c in costs)
+    if total > capacity:
+        return None
+    segments = []  # (slope, layer, from, to)
+    for layer, c in enumerate(costs):
+        hull = _hull(c)
+        for a, b in pairwise(hull):
+            segments.append(((c[b] - c[a]) / (b - a), layer, a, b))
+    segments.sort()
+    counts = [0] * len(costs)
+    left = total
+    for _slope, layer, a, b in segments:
+        if left <= 0:
+            break
+        take = min(b - a, left)
+        counts[layer] = a + take
+        left -= take
+    if left > 0:
+        return None
+    return counts, sum(c[n] for c, n in zip(costs, counts))
+
+
+def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> PruningPlan:
+    """Redistribute ``base``'s removed heads and channels over layers by the curves."""
+    shape = base.shape
+    if policy not in ("free", "balanced") or shape.group_size == 1 and policy != "free":
+        raise PlanError("sensitivity allocation needs gqa_policy 'free' or 'balanced'")
+    if any(lp.kv_heads_removed for lp in base.layers):
+        raise PlanError("sensitivity allocation keeps every KV head; lower the ratio")
+    unit = shape.num_kv_heads if policy == "balanced" else 1  # query heads per head unit
+    mult = CHANNEL_MULTIPLE if shape.intermediate_size % CHANNEL_MULTIPLE == 0 else 1
+    head_units = sum(lp.heads_removed for lp in base.layers) // unit
+    channel_steps = sum(lp.channels_removed for lp in base.layers) // mult
+    head_costs = [list(c.heads) for c in curves]
+    max_steps = [c.channels[-1][0] // mult for c in curves]
+    chan_costs = [[_interpolate(c.channels, k * mult) for k in range(m + 1)]
+                  for c, m in zip(curves, max_steps)]
+    # Exact trades: `th` head units weigh as much as `tc` channel steps.
+    p_unit = unit * shape.params_per_q_head
+    p_step = mult * shape.params_per_channel
+    g = math.gcd(p_unit, p_step)
+    th, tc = p_step // g, p_unit // g
+    best: tuple[float, list[int], list[int]] | None = None
+    for k in range(-8, 9):
+        if k and th > 16:  # no small parameter-equal packet (biases): keep the base split
+            continue
+        hu, cs = head_units + k * th, channel_steps - k * tc
+        if hu < 0 or cs < 0:
+            continue
+        heads = _distribute(head_costs, hu)
+        chans = _distribute(chan_costs, cs)
+        if heads is None or chans is None:
+            continue
+        cost = heads[1] + chans[1]
+        if best is None or cost < best[0]:
+            best = (cost, heads[0], chans[0])
+    if best is None:
+        raise PlanError("sensitivity allocation found no feasible split; lower the ratio")
+    _, units, steps = best
+    layers = []
+    for lp, u, s in zip(base.layers, units, steps):
+        heads_removed, channels_removed = u * unit, s * mult
+        kept_h = shape.num_heads - heads_removed
+        kept_c = shape.intermediate_size - channels_removed
+        after = shape.layer_params(kept_h, shape.num_kv_heads, kept_c)
+        layers.append(replace(lp, ratio=1 - (after - shape.layer_fixed_params)
+                              / (lp.params_before - shape.layer_fixed_params),
+                              heads_removed=heads_removed, channels_removed=channels_removed,
+                              heads_kept=kept_h, channels_kept=kept_c, params_after=after))
+    plan = PruningPlan(shape, base.target_ratio, "sensitivity", base.gqa_policy,
+                       tuple(lp.ratio for lp in layers), tuple(layers), layers[0].ratio,
+                       layers[-1].ratio, base.notes)
+    if plan.decoder_params_after != base.decoder_params_after:
+        raise AssertionError("allocation changed the parameter count")  # a bug, not input
+    return plan
+
+
+def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningPlan,
+                     policy: str, percdamp: float, min_group: int, max_group: int,
+                     batch_size: int, device: torch.device, acts: torch.Tensor,
+                     ctx: LayerContext, sensitivity_windows: int = 16) -> PruningPlan:
+    """Measure and allocate (``acts``: the captured layer-0 inputs, left untouched)."""
+    sens = output_sensitivity(model, calibration[:sensitivity_windows], device)
+    max_ratio = min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
+    curves = measure_curves(model, acts.clone(), ctx, sens, base.shape, policy, max_ratio,
+                            percdamp, min_group, max_group, batch_size, device)
+    return allocate(base, curves, policy)
+
