@@ -72,7 +72,9 @@ class PruneConfig:
     target_ratio: float = 0.2
     schedule: str | Sequence[float] = "log"
     alpha: float = 0.25
-    gqa_policy: str = "balanced"
+    #: None: ``free`` (the better model at equal size; needs the ``hetero`` artifact), or
+    #: ``balanced`` with ``plain_heads`` (a plain config needs equal head groups).
+    gqa_policy: str | None = None
     head_ratio: float | None = None
     ffn_ratio: float | None = None
     percdamp: float = 0.01
@@ -105,6 +107,8 @@ class PruneConfig:
     allocation: str = "schedule"
 
     def __post_init__(self) -> None:
+        if self.gqa_policy is None:
+            self.gqa_policy = "balanced" if self.plain_heads else "free"
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.allocation not in ALLOCATIONS:
