@@ -85,6 +85,7 @@ class Settings(BaseSettings):
         3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
     job_lease_s: int = Field(300, gt=0)
     runner: str = "worker.runner:run_job"
+    speed_benchmark: bool = True
 
     log_json: bool = False
     log_level: str = "INFO"
