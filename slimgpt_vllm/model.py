@@ -6,7 +6,7 @@ the widths of its pruned layer through a per-layer view of the config. So the KV
 per layer with that layer's KV heads, the model compiles and captures CUDA graphs like vLLM's
 Llama, and tensor parallelism splits each layer like any Llama layer. Layers whose widths do not
 fit vLLM's grouped layout or the tensor-parallel split are served through the exact padded layout
-of :mod:`slimgpt_vllm.layout` (zero heads, KV copies, zero channels), rewritten while loading.
+of :mod:`slimgpt_core.served_layout` (zero heads, KV copies, zero channels), rewritten while loading.
 
 Families: ``slimgpt_llama``, ``slimgpt_mistral`` and ``slimgpt_qwen2`` (Qwen2's q/k/v biases via
 the Llama layer's ``qkv_bias`` switch; a sliding window becomes the layers' ``layer_types``).
@@ -24,7 +24,7 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
-from slimgpt_vllm.layout import (
+from slimgpt_core.served_layout import (
     LayerLayout,
     LayoutError,
     base_model_type,
@@ -33,7 +33,7 @@ from slimgpt_vllm.layout import (
     plan_model,
     summarize,
 )
-from slimgpt_vllm.weights import rewrite_weights
+from slimgpt_core.served_weights import rewrite_weights
 
 # A child of vLLM's logger, so the line shows in vLLM's log with its format and level.
 logger = logging.getLogger("vllm.slimgpt")

@@ -1,4 +1,4 @@
-"""The served layout (slimgpt_vllm.layout): what vLLM's grouped-query layers are given for each
+"""The served layout (slimgpt_core.served_layout): what vLLM's grouped-query layers are given for each
 pruned layer, checked on the widths alone (no torch, no vLLM)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from slimgpt_vllm.layout import (
+from slimgpt_core.served_layout import (
     LayerWidths,
     LayoutError,
     layer_widths_from_config,

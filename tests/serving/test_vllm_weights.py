@@ -1,4 +1,4 @@
-"""The weight rewrite (slimgpt_vllm.weights) is exact: a transformers model built with the served
+"""The weight rewrite (slimgpt_core.served_weights) is exact: a transformers model built with the served
 widths and the rewritten tensors computes the pruned model's logits. Runs without vLLM."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from _export_helpers import make_pruned, window
 
 from slimgpt_core.export import export_config
 from slimgpt_core.modeling_slimgpt import HETERO_CLASSES
-from slimgpt_vllm.layout import plan_model
-from slimgpt_vllm.weights import rewrite_weights
+from slimgpt_core.served_layout import plan_model
+from slimgpt_core.served_weights import rewrite_weights
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Rewrite a pruned checkpoint's tensors into the served layout of :mod:`slimgpt_vllm.layout`.
+"""Rewrite a pruned checkpoint's tensors into the served layout of :mod:`slimgpt_core.served_layout`.
 
 Each tensor is rewritten on its own (no layer has to be complete first), so this works on the
 stream of (name, tensor) pairs that vLLM's loaders produce shard by shard. Names are those of the
@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from slimgpt_vllm.layout import LayerLayout
+from slimgpt_core.served_layout import LayerLayout
 
 __all__ = ["rewrite_tensor", "rewrite_weights"]
 

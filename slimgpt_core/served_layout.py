@@ -21,7 +21,7 @@ its share of the KV cache at every cached token, so it counts twice; on ties the
 (the smaller KV cache). A layer that is already regular (``balanced``/``group`` policies,
 ``uniform`` profile) keeps its layout unchanged at tensor-parallel size 1.
 
-Pure Python, no torch and no vLLM: the planner is shared by the vLLM model and the tests.
+Pure Python, no torch and no vLLM: shared by the vLLM plugin, the GGUF export and the tests.
 """
 
 from __future__ import annotations
