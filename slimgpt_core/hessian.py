@@ -34,3 +34,12 @@ class HessianAccumulator:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
         return self.sum * (2.0 / self.tokens)
+
+    def finalize(self) -> torch.Tensor:
+        """The Hessian, scaled in place: no second full-size matrix. The accumulator is
+        finished afterwards (it no longer holds the sum)."""
+        if self.tokens == 0:
+            raise ValueError("no calibration tokens reached this layer")
+        H = self.sum.mul_(2.0 / self.tokens)
+        del self.sum
+        return H
