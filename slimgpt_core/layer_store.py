@@ -134,7 +134,10 @@ class LayerStore:
         self.source = source if source is not None else ModuleSource(layers)
         self.prefetch_enabled = prefetch and mode != "resident"
         self.cuda = device.type == "cuda"
-        self.side = torch.cuda.Stream(device) if self.cuda else None
+        # One side stream per direction, so a layer coming in and one going out use both
+        # directions of the bus at once.
+        self.side_in = torch.cuda.Stream(device) if self.cuda else None
+        self.side_out = torch.cuda.Stream(device) if self.cuda else None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="slimgpt-read")
         self._writes: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._write_error: Exception | None = None
@@ -154,11 +157,11 @@ class LayerStore:
         if not self.cuda:
             out = {k: self._cast(v) for k, v in host.items()}
             return out, None
-        assert self.side is not None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.side):
+        assert self.side_in is not None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.side_in):
             dev = {k: self._cast(v.to(self.device, non_blocking=True)) for k, v in host.items()}
             event = torch.cuda.Event()
-            event.record(self.side)
+            event.record(self.side_in)
         # The host buffers must outlive the asynchronous copies: wait here, in this thread.
         event.synchronize()
         return dev, event
@@ -246,16 +249,16 @@ class LayerStore:
     def _to_host(self, tensors: dict[str, torch.Tensor], event: Any) -> dict[str, torch.Tensor]:
         if event is None:
             return {k: v.detach() for k, v in tensors.items()}
-        assert self.side is not None
-        with torch.cuda.device(self.device), torch.cuda.stream(self.side):
-            self.side.wait_event(event)
+        assert self.side_out is not None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.side_out):
+            self.side_out.wait_event(event)
             pinned = {}
             for k, v in tensors.items():
                 buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
                 buf.copy_(v, non_blocking=True)
                 pinned[k] = buf
             done = torch.cuda.Event()
-            done.record(self.side)
+            done.record(self.side_out)
         done.synchronize()
         tensors.clear()  # the device copies may be reused from here on
         if self.mode == "host":

@@ -14,6 +14,7 @@ several GPUs share one job is :mod:`slimgpt_core.collective`'s.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -91,6 +92,8 @@ class PruneConfig:
     method: str = "slimgpt"
     #: Only head counts that divide hidden_size (what the `uniform` export profile needs).
     plain_heads: bool = False
+    #: Prune only the first N layers (the rest stay dense): partial runs for benchmarks.
+    stop_after: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -122,6 +125,8 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+#: ``on_layer(index, tensors, report=...)``: a pruned layer's host tensors and its report.
+LayerSink = Callable[..., None]
 
 
 class PruningCancelled(Exception):
@@ -443,6 +448,7 @@ def prune_model(
     source: LayerSource | None = None,
     comm: Collective | None = None,
     probes: dict[str, Probe] | None = None,
+    on_layer: LayerSink | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with SlimGPT on ``calibration`` windows (N x seqlen token ids).
 
@@ -452,14 +458,16 @@ def prune_model(
     (required) and the skeleton keeps only its new widths. ``comm``: this process's place in
     a multi-GPU job (every rank calls this with the same arguments; the leader's result is
     the one to keep). ``probes``: windows whose final hidden states are returned.
+    ``on_layer(index, tensors, report)``: receives each pruned layer's tensors in host memory
+    (on a writer thread, leader only) instead of the checkpoint directory.
     """
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise ValueError("calibration must be a non-empty (num_windows, seqlen) tensor of ids")
     comm = comm or Collective()
     streamed = source is not None
-    if streamed and config.checkpoint_dir is None:
-        raise ValueError("pruning a streamed model needs checkpoint_dir: pruned layers are "
-                         "written there as they finish")
+    if streamed and config.checkpoint_dir is None and on_layer is None:
+        raise ValueError("pruning a streamed model needs checkpoint_dir (or on_layer): pruned "
+                         "layers are written there as they finish")
     model.eval()
     check_uniform_attention(model)
     shape = model_shape(model)
@@ -519,6 +527,7 @@ def prune_model(
         return resume_source if i < done else None
 
     layer_files: list[Path] = []
+    last = n_layers if config.stop_after is None else min(n_layers, config.stop_after)
     probe_states: dict[str, _ProbeState] = {}
     try:
         store.prefetch(0, source_for(0))
@@ -546,11 +555,12 @@ def prune_model(
                 store.release(i, layer, changed=False)
             clock.add("replay", time.perf_counter() - t0)
 
-        for i in range(done, n_layers):
+        for i in range(done, last):
             cancel = bool(should_cancel()) if (leader and should_cancel is not None) else False
             if comm.broadcast_object(cancel if leader else None):
                 raise PruningCancelled(i)
-            store.prefetch(i + 1, source_for(i + 1))
+            if i + 1 < last:
+                store.prefetch(i + 1, source_for(i + 1))
             layer = store.acquire(i, source_for(i))
 
             def layer_emit(phase: str, message: str, metrics: dict[str, float],
@@ -569,7 +579,9 @@ def prune_model(
                         _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
             reports.append(report)
             on_host = None
-            if ckpt is not None and leader:
+            if on_layer is not None and leader:
+                on_host = functools.partial(on_layer, i, report=asdict(report))
+            elif ckpt is not None and leader:
                 on_host = _checkpoint_writer(ckpt, i, f"{prefix}{i}.", asdict(report))
             store.release(i, layer, changed=True, on_host=on_host)
             emit("layer_done", f"layer {i + 1}/{n_layers} done", {
@@ -582,7 +594,7 @@ def prune_model(
     finally:
         store.close()
     if ckpt is not None and streamed:
-        layer_files = [ckpt.layer_file(i) for i in range(n_layers)]
+        layer_files = [ckpt.layer_file(i) for i in range(last)]
     clock.add("transfer_wait", store.stats.wait_s)
     clock.add("total", clock.elapsed())
     return PruneResult(

@@ -1,9 +1,11 @@
 """Reading a checkpoint's safetensors shards one tensor at a time, and writing new shards.
 
-A model too large for host memory is never loaded whole: each shard is memory-mapped and a
-tensor is copied out of the mapping straight into the buffer that will carry it to the GPU
-(a pinned one when there is a GPU), so host memory holds the tensors of a layer or two, not
-the model. The format is simple (an 8-byte header length, a JSON header of dtype / shape /
+A model too large for host memory is never loaded whole: a tensor is read with positioned
+reads straight into the buffer that will carry it to the GPU (a pinned one when there is a
+GPU), so host memory holds the tensors of a layer or two, not the model. (Reading through a
+memory map would do the same work, but every page touched stays mapped into the process and
+its resident size grows to the whole checkpoint, which is what a memory limit looks at.)
+The format is simple (an 8-byte header length, a JSON header of dtype / shape /
 byte range per tensor, then the bytes), so the reader parses it itself: that is what lets a
 tensor land in a caller's buffer with one copy.
 """
@@ -11,14 +13,12 @@ tensor land in a caller's buffer with one copy.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -96,7 +96,7 @@ class ShardedCheckpoint:
 
     def _open(self, paths: list[Path]) -> None:
         self.tensors: dict[str, TensorInfo] = {}
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         for path in paths:
             if not path.is_file():
                 raise ShardError(f"{self.folder}: weights file {path.name} is missing")
@@ -112,13 +112,12 @@ class ShardedCheckpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def _map(self, path: Path) -> mmap.mmap:
-        m = self._maps.get(path)
-        if m is None:
-            with path.open("rb") as fh:
-                m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps[path] = m
-        return m
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
         """Copy tensor ``key`` into ``out`` (a contiguous CPU tensor of its dtype and shape)."""
@@ -126,10 +125,13 @@ class ShardedCheckpoint:
         if out.dtype != info.dtype or tuple(out.shape) != info.shape or not out.is_contiguous():
             raise ShardError(f"{key}: buffer {tuple(out.shape)} {out.dtype} does not fit "
                              f"{info.shape} {info.dtype}")
-        if info.nbytes:
-            src = np.frombuffer(self._map(info.file), dtype=np.uint8, count=info.nbytes,
-                                offset=info.start)
-            out.view(-1).view(torch.uint8).numpy()[:] = src
+        dest = memoryview(out.view(-1).view(torch.uint8).numpy())
+        fd, done = self._fd(info.file), 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [dest[done:]], info.start + done)
+            if n <= 0:
+                raise ShardError(f"{info.file} ends inside tensor {key}")
+            done += n
         return out
 
     def read(self, key: str, *, pin: bool = False) -> torch.Tensor:
@@ -138,9 +140,12 @@ class ShardedCheckpoint:
         return self.read_into(key, out)
 
     def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        self.__dict__.get("_fds", {}).clear()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def shard_name(index: int, total: int) -> str:

@@ -236,7 +236,8 @@ def verify_export(
         env.pop("PYTHONPATH", None)
         try:
             loader = _STREAMED_LOADER if streamed else _LOADER
-            proc = subprocess.run([sys.executable, "-c", loader, json.dumps(args)], env=env,
+            proc = subprocess.run([sys.executable, "-c", loader, json.dumps(args)], check=False,
+                                  env=env,
                                   cwd=tmp, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise ExportVerificationError(
