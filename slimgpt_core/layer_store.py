@@ -83,6 +83,11 @@ class ShardSource:
         return out
 
 
+def _nbytes(tensors: Any) -> int:
+    """Bytes of ``tensors`` carved from a slab (each start aligned)."""
+    return sum(t.numel() * t.element_size() + PinnedSlab.ALIGN for t in tensors)
+
+
 def _layer_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
     out = {name: p.detach() for name, p in layer.named_parameters()}
     out.update({name: b for name, b in layer.named_buffers()})
@@ -105,6 +110,45 @@ def assign_tensors(layer: nn.Module, tensors: dict[str, torch.Tensor], *, strict
         expected.discard(name)
     if expected:
         raise KeyError(f"missing tensors for {type(layer).__name__}: {sorted(expected)[:8]}")
+
+
+class PinnedSlab:
+    """One reusable pinned buffer that a whole layer's tensors are carved from.
+
+    Pinned (page-locked) memory is what lets host<->device copies run asynchronously at full
+    bus speed, but allocating it is slow and takes a driver lock that stalls the compute
+    thread; allocating per tensor and per layer (the widths change after pruning) did that
+    every layer. One slab per direction, grown to the largest layer, is allocated once.
+    Only one layer at a time may use a slab: its user must be done with the previous layer's
+    tensors (the reader and writer threads each handle one layer after the other).
+    """
+
+    ALIGN = 512
+
+    def __init__(self, pin: bool = True) -> None:
+        self.pin = pin
+        self.buffer: torch.Tensor | None = None
+        self.offset = 0
+
+    def reset(self, reserve: int = 0) -> None:
+        """Start a new layer; make sure ``reserve`` bytes fit without growing."""
+        self.offset = 0
+        if reserve and (self.buffer is None or self.buffer.numel() < reserve):
+            self.buffer = torch.empty(reserve, dtype=torch.uint8, pin_memory=self.pin)
+
+    def alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        start = -(-self.offset // self.ALIGN) * self.ALIGN
+        if self.buffer is None or start + nbytes > self.buffer.numel():
+            # Tensors already carved from the old buffer keep it alive until they are done.
+            size = max(start + nbytes, 2 * (self.buffer.numel() if self.buffer is not None else 0))
+            self.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            start = 0
+        self.offset = start + nbytes
+        return self.buffer[start:start + nbytes].view(dtype).view(shape)
 
 
 @dataclass
@@ -144,19 +188,23 @@ class LayerStore:
         self._writer = threading.Thread(target=self._write_loop, name="slimgpt-write",
                                         daemon=True)
         self._writer.start()
+        self._slab_in, self._slab_out = PinnedSlab(), PinnedSlab()
         self._fetched: dict[int, _Fetched] = {}
         self._host_state: dict[int, dict[str, torch.Tensor]] = {}
         self.stats = TransferStats()
 
     # -- reading ---------------------------------------------------------------------------
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+        return torch.empty(shape, dtype=dtype)
 
     def _read(self, index: int, source: LayerSource) -> tuple[dict[str, torch.Tensor], Any]:
-        host = source.read_layer(index, self._alloc)
         if not self.cuda:
+            # Without a device the host tensors become the layer's own: fresh memory each time.
+            host = source.read_layer(index, self._alloc)
             out = {k: self._cast(v) for k, v in host.items()}
             return out, None
+        self._slab_in.reset(_nbytes(_layer_tensors(self.layers[index]).values()))
+        host = source.read_layer(index, self._slab_in.alloc)
         assert self.side_in is not None
         with torch.cuda.device(self.device), torch.cuda.stream(self.side_in):
             dev = {k: self._cast(v.to(self.device, non_blocking=True)) for k, v in host.items()}
@@ -253,8 +301,9 @@ class LayerStore:
         with torch.cuda.device(self.device), torch.cuda.stream(self.side_out):
             self.side_out.wait_event(event)
             pinned = {}
+            self._slab_out.reset(_nbytes(tensors.values()))
             for k, v in tensors.items():
-                buf = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                buf = self._slab_out.alloc(tuple(v.shape), v.dtype)
                 buf.copy_(v, non_blocking=True)
                 pinned[k] = buf
             done = torch.cuda.Event()
@@ -264,6 +313,7 @@ class LayerStore:
         if self.mode == "host":
             # Pageable copies: a model-sized amount of pinned memory would starve the system.
             return {k: torch.empty_like(v, pin_memory=False).copy_(v) for k, v in pinned.items()}
+        # Views of the slab: valid until the next layer is copied out, i.e. for on_host.
         return pinned
 
     def _write_loop(self) -> None:

@@ -47,7 +47,7 @@ def _stream(folder: Path, ckpt: Path, **kw):
 
 
 def test_streamed_pruning_equals_in_memory_pruning(folder: Path, in_memory, tmp_path: Path) -> None:
-    streamed, result = _stream(folder, tmp_path)
+    _, result = _stream(folder, tmp_path)
     assert result.placement == "stream"
     assert [(r.heads_kept, r.channels_kept) for r in result.layers] == \
         [(r.heads_kept, r.channels_kept) for r in in_memory.layers]
@@ -58,7 +58,7 @@ def test_streamed_pruning_equals_in_memory_pruning(folder: Path, in_memory, tmp_
 
 
 def test_streamed_skeleton_keeps_no_layer_in_memory(folder: Path, tmp_path: Path) -> None:
-    streamed, result = _stream(folder, tmp_path)
+    _, result = _stream(folder, tmp_path)
     layer_params = [p for layer in result.model.model.layers for p in layer.parameters()]
     assert layer_params and all(p.is_meta for p in layer_params)
     # ...but knows the pruned widths, which is all the export's config needs.
@@ -107,7 +107,7 @@ def test_streamed_export_is_verified_in_a_fresh_process_and_equals_the_in_memory
     export_pruned(in_memory, tmp_path / "memory", **common)
     a, b = ShardedCheckpoint(tmp_path / "streamed"), ShardedCheckpoint(tmp_path / "memory")
     assert set(a.keys()) == set(b.keys())
-    for key in a.keys():
+    for key in a.tensors:
         assert torch.equal(a.read(key), b.read(key)), key
 
 
