@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ class RankJob:
     calibration_file: str  # safetensors with "input_ids"
     config: dict[str, Any]  # PruneConfig fields
     dtype: str | None = None
-    env: dict[str, str] = field(default_factory=dict)
+    #: Each helper touches ``{ready_dir}/rank{r}.ready`` once it has everything it needs and
+    #: is about to join the group, so the leader never waits on a rank that already failed.
+    ready_dir: str | None = None
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -92,6 +94,38 @@ def leader_group(world_size: int, port: int,
                 os.environ[k] = v
 
 
+class HelperFailed(RuntimeError):
+    """A helper rank exited with an error (its log is named in the message)."""
+
+
+def wait_ready(procs: list[subprocess.Popen[bytes]], ready_dir: Path, log_dir: Path | None,
+               timeout_s: float = 600.0) -> None:
+    """Wait until every helper is ready to join the group; raise as soon as one has died."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        waiting = [r for r in range(1, len(procs) + 1)
+                   if not (ready_dir / f"rank{r}.ready").exists()]
+        if not waiting:
+            return
+        for r in waiting:
+            code = procs[r - 1].poll()
+            if code is not None:
+                raise HelperFailed(_failure(r, code, log_dir))
+        if time.monotonic() > deadline:
+            raise HelperFailed(f"helper ranks {waiting} were not ready after {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def _failure(rank: int, code: int, log_dir: Path | None) -> str:
+    tail = ""
+    if log_dir is not None and (log_dir / f"rank{rank}.log").exists():
+        lines = (log_dir / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
+        tail = ": " + " | ".join(lines[-3:])
+    return f"helper rank {rank} exited with code {code}{tail}"
+
+
 def stop_helpers(procs: list[subprocess.Popen[bytes]], timeout_s: float = 60.0) -> list[int]:
     """Wait for the helper ranks to exit (killing stragglers); their exit codes."""
     codes = []
@@ -112,18 +146,20 @@ def run_helper(job: RankJob) -> None:
     from slimgpt_core.pruner import PruneConfig, prune_model
     from slimgpt_core.streaming import open_streamed
 
+    streamed = open_streamed(job.model_dir, job.dtype)
+    ids = load_file(job.calibration_file)["input_ids"]
+    config = PruneConfig(**job.config)
+    if config.device is None or config.device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if job.ready_dir:
+        (Path(job.ready_dir) / f"rank{os.environ.get('RANK', '?')}.ready").touch()
     comm = init_from_env(COLLECTIVE_TIMEOUT_S)
     if comm is None:
         raise SystemExit("slimgpt_core.multi_gpu: WORLD_SIZE must be > 1")
     try:
-        streamed = open_streamed(job.model_dir, job.dtype)
-        ids = load_file(job.calibration_file)["input_ids"]
-        config = PruneConfig(**job.config)
-        if config.device is None or config.device.startswith("cuda"):
-            import torch
-
-            if torch.cuda.is_available():
-                config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         prune_model(streamed.model, ids, config, source=streamed.source, comm=comm)
     finally:
         shutdown()
@@ -176,13 +212,16 @@ def prune_streamed(
     work.mkdir(parents=True, exist_ok=True)
     calib_file = work / "calibration.safetensors"
     save_file({"input_ids": calibration.contiguous()}, str(calib_file))
+    for old in work.glob("rank*.ready"):
+        old.unlink()
     job = RankJob(model_dir=str(streamed.folder), calibration_file=str(calib_file),
-                  config=config_fields(config), dtype=dtype)
+                  config=config_fields(config), dtype=dtype, ready_dir=str(work))
     job_path = job.save(work / "rank_job.json")
     port = free_port()
     procs = start_helpers(job_path, gpus, port, log_dir=work)
     ok = False
     try:
+        wait_ready(procs, work, work)
         with leader_group(gpus, port) as comm:
             result = prune_model(streamed.model, calibration, config, progress, should_cancel,
                                  source=streamed.source, comm=comm, probes=probes)
@@ -191,6 +230,5 @@ def prune_streamed(
         codes = stop_helpers(procs, timeout_s=120.0 if ok else 5.0)
     bad = [(r + 1, c) for r, c in enumerate(codes) if c != 0]
     if bad:
-        logs = "; ".join(f"rank {r}: exit {c}, log {work / f'rank{r}.log'}" for r, c in bad)
-        raise RuntimeError(f"helper ranks failed ({logs})")
+        raise HelperFailed("; ".join(_failure(r, c, work) for r, c in bad))
     return result
