@@ -30,6 +30,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
                 "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
                 "rope_theta": 500000.0},
+    "cpu-medium": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 8,
+                   "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000},
     "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                  "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 32000},
     "tiny-gqa": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6,

@@ -19,7 +19,8 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--ratio", type=float, required=True,
                    help="share of decoder-layer parameters to remove, in (0, 0.9]")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument("--out", default=None,
+                   help="output folder (must not exist or be empty); not needed with --dry-run")
     p.add_argument("--calib", default=None,
                    help="calibration text (.txt or .jsonl with a 'text' field); "
                    "default: the bundled excerpt of the Python docs")
@@ -53,6 +54,17 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true",
                    help="skip reloading the folder in a fresh process to compare logits")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.add_argument("--stream", action="store_true",
+                   help="stream the model layer by layer from its safetensors shards and write "
+                   "the output shards as it goes (default: only when the model does not fit "
+                   "in host memory)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="GPUs of this host to prune on (one job; implies --stream)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan and the resources it needs per GPU type and count "
+                   "(peak GPU/host memory, disk, time), load no weights, and exit")
+    p.add_argument("--host-memory-gb", type=float, default=None,
+                   help="host memory to plan with (default: what this machine has available)")
     p.set_defaults(handler=_run)
     return p
 

@@ -27,6 +27,13 @@ from slimgpt_core.layer_io import decoder_layers, layers_prefix
 from slimgpt_core.layer_store import ShardSource, assign_tensors
 from slimgpt_core.shards import ShardedCheckpoint, ShardError
 
+#: What a streamed job needs from a Hub repo (no pickled weights).
+SNAPSHOT_PATTERNS: list[str] = [
+    "*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "README.md",
+]
+
 #: A model is streamed from disk when its weights take more than this share of the host
 #: memory available to the process: the rest is for activations, pinned buffers, the export
 #: and everything else on the machine.
