@@ -191,10 +191,12 @@ def host_peak_bytes(shape: ModelShape, work: Workload, *, placement: str = "host
 
 def choose_placement(model_bytes: float, gpu_bytes: float, host_bytes: float | None) -> str:
     """What the pruner and the worker pick: the model on the GPU when it takes less than half
-    of it, in host memory when it fits the host share, else streamed from disk."""
+    of it, in host memory when it fits the host share, else streamed from disk. With the host
+    memory unknown, ``stream``: its (small) host peak is what the job needs at least, and it
+    takes the same time as holding the model in host memory (both overlap the transfers)."""
     if model_bytes < gpu_bytes / 2:
         return "resident"
-    if host_bytes is None or model_bytes <= STREAM_HOST_SHARE * host_bytes:
+    if host_bytes is not None and model_bytes <= STREAM_HOST_SHARE * host_bytes:
         return "host"
     return "stream"
 

@@ -25,6 +25,9 @@
 | SLIMGPT_UNACKED_RESTORE_INTERVAL_S | 60                            | worker: how often messages of dead workers are swept |
 | SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed (alias SLIMGPT_MAX_ATTEMPTS) |
 | SLIMGPT_JOB_LEASE_S             | 300                              | worker lease length (renewed while running)   |
+| SLIMGPT_GPU_POOLS               | unset = one pool: the queue, SLIMGPT_WORKER_GPUS GPUs | worker pools `queue=COUNTxTYPE[@GB]`, comma-separated; jobs are routed by `resources` |
+| SLIMGPT_WORKER_GPUS             | 1                                | GPUs a worker may use for one job             |
+| SLIMGPT_STREAM_MODELS           | auto                             | worker: `auto` streams models larger than host memory from disk; `always`, `never` |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
 | SLIMGPT_LOG_LEVEL               | INFO                             |                                              |
@@ -43,6 +46,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +89,9 @@ class Settings(BaseSettings):
         3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
     job_lease_s: int = Field(300, gt=0)
     runner: str = "worker.runner:run_job"
+    gpu_pools: str = ""
+    worker_gpus: int = Field(1, ge=1, le=64)
+    stream_models: Literal["auto", "always", "never"] = "auto"
 
     log_json: bool = False
     log_level: str = "INFO"
