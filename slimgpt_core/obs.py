@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slimgpt_core.hessian import check_finite
+
 #: How many times a failed Cholesky is retried, each time with ten times more damping.
 MAX_DAMPING_RETRIES = 6
 
@@ -35,6 +37,9 @@ class InverseHessian:
     damping: float
     retries: int
     dead: torch.Tensor  # bool mask of input channels that never fired
+    #: ``damping / mean(diag H)``: the requested percdamp, or what the retries raised it to.
+    #: Past ~1 the inverse is close to a scaled identity: OBS has become magnitude pruning.
+    percdamp: float = 0.0
 
 
 #: Columns of ``H^-1`` computed per triangular solve: bounds the temporaries of the inverse to
@@ -47,11 +52,14 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float) -> InverseHessian:
 
     Input channels that never fired (zero diagonal) get a unit diagonal: their columns cannot
     influence the output on the calibration data, so any finite value keeps the algebra sound.
+    A non-finite ``hessian`` raises :class:`~slimgpt_core.errors.NonFiniteHessianError` at once:
+    no damping can repair it.
 
     Memory: besides ``hessian`` (left untouched), at most two full-size matrices live at once,
     the Cholesky factor and the inverse being built from it panel by panel, and only the
     inverse remains (at FFN width 28672 in fp32 each is 3.3 GB, so this matters).
     """
+    check_finite(hessian, "Hessian")
     diag = torch.diagonal(hessian)
     dead = diag == 0
     base_diag = torch.where(dead, torch.ones_like(diag), diag)
@@ -64,7 +72,7 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float) -> InverseHessian:
         del work
         if int(info) == 0:
             hinv = _inverse_from_cholesky(chol)
-            return InverseHessian(hinv, damping, retries, dead)
+            return InverseHessian(hinv, damping, retries, dead, damping / mean_diag)
         del chol
         damping = max(damping, 1e-8 * mean_diag) * 10.0
     raise torch.linalg.LinAlgError(

@@ -97,3 +97,13 @@ def test_estimate_reports_resources_per_gpu_type_and_count_and_the_route(client,
     assert h200[2]["predicted_s"] < h200[1]["predicted_s"]
     assert res["route"] == {"queue": "two", "pool": "two: 2 x h200 (141 GB)", "fits": True}
     assert res["model"]["time_error_leave_one_shape_out"] > 0
+
+
+def test_dispatch_sends_a_job_to_the_queue_of_its_pool(settings, monkeypatch):
+    from app.db.models import Job
+    from app.dispatch import queue_for_job
+
+    monkeypatch.setattr(settings, "gpu_pools", "one=1xh200,two=2xh200")
+    job = Job(model_id="a/b", request={"target_ratio": 0.2, "resources": {"gpus": 2}})
+    assert queue_for_job(job, settings) == "two"
+    assert queue_for_job(Job(model_id="a/b", request={"target_ratio": 0.2}), settings) == "one"

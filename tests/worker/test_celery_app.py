@@ -29,6 +29,9 @@ def test_config_is_fit_for_hour_long_gpu_jobs() -> None:
     assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
     assert conf["result_backend"] is None and conf["task_ignore_result"] is True
     assert conf["task_default_queue"] == "gpu-80g"
+    # A broker blip must not cancel a running GPU job (the lease stops a second copy).
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
+    assert conf["worker_send_task_events"] is True and conf["task_send_sent_event"] is True
     argv = worker_argv(settings, hostname="w1@host")
     assert argv[:3] == ["worker", "--queues", "gpu-80g"]
     assert "--concurrency" in argv and argv[argv.index("--concurrency") + 1] == "1"
@@ -56,6 +59,7 @@ def test_broker_message_carries_only_the_job_id(redis_ns: RedisNamespace) -> Non
     app = make_celery(settings)
     job_id = "0b7f6a0c-5d1e-4c1e-9a53-1f1c2d3e4f50"
     task_id = enqueue_job(app, job_id)
+    assert task_id == job_id  # Flower and `celery inspect` show jobs by their id
 
     client = redis.Redis.from_url(redis_ns.url)
     raw = client.lrange(f"{redis_ns.prefix}{redis_ns.queue}", 0, -1)
