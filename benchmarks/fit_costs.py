@@ -17,19 +17,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic import SHAPES  # noqa: E402
+from synthetic import SHAPES
 
-from slimgpt_core.costs import (  # noqa: E402
+from slimgpt_core.costs import (
     COEFFICIENTS,
-    GiB,
     Coefficients,
+    GiB,
     Workload,
     gpu_peak_bytes,
     host_peak_bytes,
     layer_work,
     predict_seconds,
 )
-from slimgpt_core.schedule import ModelShape, make_plan  # noqa: E402
+from slimgpt_core.schedule import ModelShape, make_plan
 
 FOLDERS = {"m7": "7b", "m8": "8b", "m13": "13b"}
 PLACEMENT = {"resident": "resident", "host": "host", "disk": "stream", "generated": "stream"}
