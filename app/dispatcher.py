@@ -29,7 +29,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -223,6 +222,3 @@ class Dispatcher:
             if retry_in > 0:
                 wait = max(wait, retry_in)
         return max(0.01, wait)
-
-    def describe(self) -> dict[str, Any]:
-        return {"leader": self.is_leader, **self.counts}

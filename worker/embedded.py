@@ -54,6 +54,8 @@ class EmbeddedWorker:
         self.settings = settings
         self.session_factory = get_session_factory(settings)
         self._stop = threading.Event()
+        #: Set when the worker stops; the runner hands its job back at the next layer.
+        self.stop_event = self._stop
         self.runner = runner or _default_runner(settings, self._stop)
         self.poll_s = poll_s
         self._wake = notify.subscribe()

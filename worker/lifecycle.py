@@ -26,9 +26,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import OperationalError
 
 from app.crud import jobs as crud
 from app.db.session import session_scope
@@ -41,6 +43,25 @@ CANCEL_POLL_S = 1.0
 
 #: Set by SIGTERM in a worker process while a job runs: hand the job back at the next boundary.
 STOP = threading.Event()
+
+
+T = TypeVar("T")
+
+
+def retry_db(fn: Callable[[], T], *, budget_s: float, what: str) -> T:
+    """``fn()``, retried while the database is unreachable for up to ``budget_s`` (a Postgres
+    restart or failover), so that a short outage does not cost a running job its attempt."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.2
+    while True:
+        try:
+            return fn()
+        except OperationalError:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning("database unreachable while %s; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 class LeaseLost(Exception):
@@ -130,8 +151,12 @@ class JobControl:
         now = time.monotonic()
         if not throttle or now - self._last_cancel_check >= CANCEL_POLL_S:
             self._last_cancel_check = now
-            with session_scope(self.settings) as s:
-                self._cancel = crud.is_cancel_requested(s, self.job_id)
+            try:
+                with session_scope(self.settings) as s:
+                    self._cancel = crud.is_cancel_requested(s, self.job_id)
+            except OperationalError:
+                # Unreachable database: keep going; the lease decides whether we may finish.
+                logger.warning("could not read the cancel flag of job %s", self.job_id)
         return self._cancel
 
     def should_stop(self) -> bool:

@@ -56,6 +56,7 @@ from worker.lifecycle import (
     LeaseKeeper,
     LeaseLost,
     new_worker_id,
+    retry_db,
 )
 from worker.publish import HubDestination, HubPublisher, LocalPublisher, Publisher
 from worker.redact import install_redaction, register_secret, unregister_secret
@@ -155,8 +156,12 @@ class JobRunner:
             yield s
 
     def event(self, job_id: str, phase: str, message: str, **kw: Any) -> None:
-        with self.db() as s:
-            crud.add_event(s, job_id, phase=phase, message=message, **kw)
+        def write() -> None:
+            with self.db() as s:
+                crud.add_event(s, job_id, phase=phase, message=message, **kw)
+
+        # Progress is written many times per job: ride out a short database outage here.
+        retry_db(write, budget_s=self.settings.job_lease_s / 2, what="writing progress")
 
     # entry ------------------------------------------------------------------------------------
     def run(self, job_id: str) -> None:
@@ -526,7 +531,10 @@ class _PruneProgress:
                               layer=i, num_layers=self.n, percent=self.percent(done), eta_s=eta,
                               metrics={"kind": "layer_done", **dict(ev.metrics)})
             self.done_layers.add(i)
-            self.ctl.lease.renew()
+            try:
+                self.ctl.lease.renew()
+            except OperationalError:
+                pass  # the lease keeper keeps trying on its own
             return
         if self.delay and ev.phase == "attention" and ev.layer not in self.delayed:
             self.delayed.add(ev.layer)

@@ -160,6 +160,8 @@ def test_runner_celery_kill9_mid_layer_resumes_on_another_worker_with_identical_
     settings = s.settings
     assert resumed_after <= (settings.job_lease_s + settings.sweep_interval_s
                              + settings.retry_backoff_max_s + 5)
+    print(f"\nFIGURE sigkill_worker_real_pipeline resumed_from_layer={k} "
+          f"resumed_after_s={resumed_after:.2f} weights_identical=True")
     resumed = [e for e in rows if (e["metrics"] or {}).get("kind") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["layer"] == k
     assert _layer_events(rows) == list(range(6))  # every layer once: no duplicates, no gaps

@@ -86,3 +86,16 @@ def test_enqueue_routes_by_queue(redis_ns: RedisNamespace) -> None:
     client = redis.Redis.from_url(redis_ns.url)
     assert client.llen(f"{redis_ns.prefix}{redis_ns.queue}-80g") == 1
     assert client.llen(f"{redis_ns.prefix}{redis_ns.queue}") == 0
+
+
+def test_the_worker_parent_preloads_the_pipeline_without_torch() -> None:
+    # The parent imports worker.runner once so that each fresh pool child does not; it must
+    # stay free of torch/CUDA (a forked child must not inherit a CUDA context).
+    import subprocess
+    import sys
+
+    code = ("import sys, worker.celery_app as c; c._preload_runner(); "
+            "assert 'worker.runner' in sys.modules; assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
