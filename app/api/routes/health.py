@@ -42,7 +42,14 @@ async def readyz(request: Request) -> Any:
             checks["broker"] = "ok" if await run_in_threadpool(ping) else "unreachable"
         except Exception as err:  # noqa: BLE001
             checks["broker"] = f"unreachable: {type(err).__name__}"
-    ready = checks["database"] == "ok" and not checks["broker"].startswith("unreachable")
+    problem = getattr(state, "cannot_run_jobs", None)
+    if problem:
+        checks["worker"] = f"unavailable: {problem}"
+    elif state.settings.embedded:
+        checks["worker"] = "embedded" if state.embedded_worker is not None else \
+            "none in this process (SLIMGPT_EMBEDDED_WORKER is empty)"
+    ready = checks["database"] == "ok" and not checks["broker"].startswith("unreachable") \
+        and not problem
     return JSONResponse(status_code=200 if ready else 503,
                         content={"status": "ready" if ready else "not ready", "checks": checks})
 

@@ -119,6 +119,9 @@ def create_job(
         alias="Idempotency-Key", min_length=1, max_length=255,
         description="same key + same body = same job; same key + other body = 409")] = None,
 ) -> Any:
+    problem = request.app.state.cannot_run_jobs
+    if problem:
+        raise HTTPException(503, detail=problem)
     source, local_path = resolve_model(settings, body.model_id)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
