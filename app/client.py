@@ -11,7 +11,8 @@
 
 Every method returns the API's JSON as plain dicts. Non-2xx answers raise :class:`ApiError`
 (``status``, ``detail``); a server that cannot be reached raises :class:`ConnectionFailed`
-(``status`` 0). Reads are retried on connection errors; ``submit_job`` always sends an
+(``status`` 0). Reads are retried on connection errors and on 429/502/503/504 (after the
+server's ``Retry-After``, when it asks for at most a minute); ``submit_job`` always sends an
 ``Idempotency-Key`` (generated unless given), so its retries never create a second job.
 """
 
@@ -32,7 +33,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential,
 )
@@ -107,24 +108,34 @@ class _RetryableStatus(Exception):
         self.response = response
 
 
-#: Statuses worth another try: the server (or its proxy) is briefly unable to answer.
-RETRY_STATUS = frozenset({502, 503, 504})
-#: A Retry-After longer than this is not waited for inside one call.
-MAX_RETRY_AFTER_S = 30.0
+#: Answers worth retrying: rate limited, or the server or a dependency briefly unavailable.
+RETRY_STATUSES = (429, 502, 503, 504)
+#: A ``Retry-After`` longer than this (a daily upload limit, say) is an error, not a wait.
+MAX_RETRY_AFTER_S = 60.0
 
 
-def _wait_retry_after(fallback: Any) -> Any:
-    """tenacity wait: the server's ``Retry-After`` (seconds) when it sent one, else backoff."""
+def _retry_after_s(exc: BaseException | None) -> float | None:
+    """The server's ``Retry-After`` in seconds (this API sends seconds), if any."""
+    if not isinstance(exc, _RetryableStatus):
+        return None
+    value = exc.response.headers.get("retry-after", "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    after = _retry_after_s(exc)
+    return isinstance(exc, _RetryableStatus) and (after is None or after <= MAX_RETRY_AFTER_S)
+
+
+def _wait_retry_after(backoff: Any) -> Any:
+    """tenacity wait: exponential backoff, or the server's ``Retry-After`` when it is longer
+    (429 limits, 503 outages)."""
 
     def wait(state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, _RetryableStatus):
-            value = exc.response.headers.get("retry-after", "")
-            try:
-                return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
-            except ValueError:
-                pass
-        return float(fallback(state))
+        return max(float(backoff(state)), _retry_after_s(exc) or 0.0)
 
     return wait
 
@@ -132,8 +143,10 @@ def _wait_retry_after(fallback: Any) -> Any:
 class SlimGPTClient:
     """Client of the ``/v1`` API. ``api_key`` is sent as ``Authorization: Bearer``.
 
-    ``retries`` extra attempts are made on connection errors and 502/503/504 (honouring
-    ``Retry-After``), with exponential backoff from ``backoff_s``."""
+    ``retries`` extra attempts are made on connection errors and 429/502/503/504, with
+    exponential backoff from ``backoff_s`` or the server's ``Retry-After`` when longer; a
+    ``Retry-After`` over :data:`MAX_RETRY_AFTER_S` is raised at once (a daily limit is no
+    wait)."""
 
     def __init__(
         self,
@@ -168,14 +181,14 @@ class SlimGPTClient:
         return Retrying(
             stop=stop_after_attempt(attempts),
             wait=_wait_retry_after(wait_exponential(multiplier=self.backoff_s, max=30.0)),
-            retry=retry_if_exception_type((httpx.TransportError, _RetryableStatus)),
+            retry=retry_if_exception(_worth_retrying),
             reraise=True,
         )
 
     def _request(self, method: str, path: str, *, retry: bool = True, **kw: Any) -> httpx.Response:
         def once() -> httpx.Response:
             response = self._http.request(method, path, **kw)
-            if retry and response.status_code in RETRY_STATUS:
+            if retry and response.status_code in RETRY_STATUSES:
                 raise _RetryableStatus(response)
             return response
 
