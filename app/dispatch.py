@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import queue
@@ -86,9 +87,13 @@ class InProcessDispatcher:
         self,
         runner: Callable[[str], None] | None = None,
         session_factory: Callable[[], Any] | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.runner = runner or _default_runner
         self.session_factory = session_factory
+        #: With settings, the worker shows up in the fleet table (heartbeat, current job).
+        self.settings = settings
+        self.heartbeat: Any | None = None
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -97,6 +102,10 @@ class InProcessDispatcher:
 
     def start(self) -> None:
         with self._lock:
+            if self.settings is not None and self.heartbeat is None:
+                from worker.fleet import Heartbeat  # torch-free; lazy like the runner
+
+                self.heartbeat = Heartbeat(self.settings, kind="embedded").start()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="slimgpt-inprocess-worker",
                                                 daemon=True)
@@ -117,6 +126,9 @@ class InProcessDispatcher:
         if thread is not None and thread.is_alive():
             self._queue.put(None)
             thread.join(timeout)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every enqueued job has been run (tests, `slimgpt demo`)."""
@@ -128,7 +140,7 @@ class InProcessDispatcher:
             if job_id is None:
                 return
             try:
-                with job_context(job_id):  # every log line of the job carries its id
+                with job_context(job_id), self._tracked(job_id):  # log lines carry the job id
                     self.runner(job_id)
             except Exception as err:
                 log.exception("in-process runner raised", extra={"job_id": job_id})
@@ -137,6 +149,12 @@ class InProcessDispatcher:
                 if self._queue.empty():
                     self.idle.set()
 
+    def _tracked(self, job_id: str) -> Any:
+        if self.heartbeat is None or self.settings is None:
+            return contextlib.nullcontext()
+        from worker.fleet import running
+
+        return running(self.settings, self.heartbeat.worker_id, job_id)
 
     def _fail(self, job_id: str, err: Exception) -> None:
         """A runner that raised leaves no job behind in `running`."""
@@ -159,5 +177,5 @@ def make_dispatcher(
 ) -> Dispatcher:
     if settings.embedded:
         return InProcessDispatcher(runner or functools.partial(_default_runner, settings=settings),
-                                   session_factory)
+                                   session_factory, settings)
     return CeleryDispatcher(settings)

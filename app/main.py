@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import __version__
+from app import __version__, ui
 from app.api import errors
 from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from app.api.routes import estimate, files, health, hub_token, jobs
+from app.api.routes import estimate, events, files, health, hub_token, jobs
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.models import Job
@@ -59,12 +59,7 @@ def create_app(
     if dispatcher is None:
         dispatcher = make_dispatcher(settings, runner, session_factory)
     metrics = Metrics()
-
-    def job_counts() -> dict[str, int]:
-        with session_factory() as s:
-            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())  # type: ignore[arg-type]
-
-    metrics.watch_job_states(job_counts)
+    metrics.watch_fleet(session_factory, settings.worker_heartbeat_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,8 +91,10 @@ def create_app(
     app.state.dispatcher = dispatcher
     app.state.metrics = metrics
     errors.install(app)
-    for router in (jobs.router, files.router, hub_token.router, estimate.router, health.router):
+    for router in (jobs.router, files.router, hub_token.router, estimate.router, health.router,
+                   events.router):
         app.include_router(router)
+    ui.install(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,  # type: ignore[arg-type]
                        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]

@@ -44,6 +44,7 @@ from app.core.config import Settings
 from app.crud import jobs as crud
 from app.db.models import JobEvent
 from app.db.session import session_scope
+from worker import fleet
 from worker.errors import JobCancelled, describe_exception
 from worker.publish import HubDestination, HubPublisher, LocalPublisher, Publisher
 from worker.redact import install_redaction, register_secret, unregister_secret
@@ -209,6 +210,7 @@ class JobRunner:
 
         state = _State()
         token: str | None = None
+        fleet.reset_gpu_peak()
         try:
             with self.db() as s:
                 token = crud.get_hub_token_for_job(s, job_id, self.settings)
@@ -239,7 +241,8 @@ class JobRunner:
                          exc_info=desc.code == "internal_error")
             with self.db() as s:
                 crud.finish_job(s, job_id, "failed", error=f"{desc.code}: {desc.message}",
-                                metrics={"seconds": state.seconds, "error_code": desc.code})
+                                metrics={"seconds": state.seconds, "error_code": desc.code,
+                                         **fleet.gpu_figures()})
             remove_partial_files(self.settings, job_id)
         finally:
             unregister_secret(token)
@@ -279,7 +282,8 @@ class JobRunner:
 
     def _finish_cancelled(self, job_id: str, state: _State) -> None:
         with self.db() as s:
-            crud.finish_job(s, job_id, "cancelled", metrics={"seconds": state.seconds},
+            crud.finish_job(s, job_id, "cancelled",
+                            metrics={"seconds": state.seconds, **fleet.gpu_figures()},
                             message="job cancelled; partial files removed")
         remove_partial_files(self.settings, job_id)
         logger.info("job %s cancelled", job_id)
@@ -448,7 +452,8 @@ class JobRunner:
         shutil.rmtree(stage, ignore_errors=True)
         with self.db() as s:
             crud.finish_job(s, job_id, "succeeded", result=result_doc,
-                            metrics={**state.metrics, "seconds": state.seconds},
+                            metrics={**state.metrics, "seconds": state.seconds,
+                                     **fleet.gpu_figures()},
                             message="job succeeded")
         logger.info("job %s succeeded", job_id)
 

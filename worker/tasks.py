@@ -14,6 +14,7 @@ from typing import Any
 from celery import Celery, Task
 
 from app.core.logging import job_context
+from worker import fleet
 from worker.ids import is_valid_job_id
 
 RUN_JOB_TASK = "slimgpt.run_job"
@@ -47,9 +48,14 @@ def register_tasks(app: Celery) -> Task:
         # torch/CUDA (forked children must not inherit a CUDA context) and the lead's runner
         # can be swapped by setting.
         runner = load_runner(str(app.conf.get(RUNNER_CONF_KEY) or "worker.runner:run_job"))
+        settings = getattr(app, "slimgpt_settings", None)
         with job_context(job_id):  # every log line of the job carries its id
             logger.info("running job %s", job_id)
-            runner(job_id)
+            if settings is None:
+                runner(job_id)
+                return
+            with fleet.running(settings, fleet.process_worker_id(), job_id):
+                runner(job_id)
 
     return run_job  # type: ignore[no-any-return]
 

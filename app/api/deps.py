@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.security import parse_api_key
 from app.crud.tenants import authenticate, get_or_create_tenant
 from app.db.models import Tenant
 
@@ -43,6 +44,7 @@ def _presented_key(request: Request) -> str | None:
 
 
 def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+    key: str | None = None
     if settings.auth_disabled:
         tenant = get_or_create_tenant(session, LOCAL_TENANT)
     else:
@@ -57,6 +59,7 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
     session.expunge(tenant)  # keep its loaded fields: the rollback below would expire them
     session.rollback()  # end the read transaction before the route's work
     request.state.tenant_id = tenant.id
+    request.state.api_key_id = parse_api_key(key) if key else None  # the job's "submitted by"
     return tenant
 
 

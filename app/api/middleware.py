@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -76,7 +77,22 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def route_template(scope: Scope) -> str:
+    """The matched route's path template (``/v1/jobs/{job_id}``), never the raw path, so label
+    values stay few; ``unmatched`` only for paths no route serves."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if not path:
+        return "unmatched"
+    if isinstance(route, Mount):  # static files: one series for the whole folder
+        return f"{path.rstrip('/')}/{{path}}"
+    return str(path)
+
+
 class MetricsMiddleware:
+    """Counts every request by route template; observes latency except for event streams,
+    which are tracked as open streams instead."""
+
     def __init__(self, app: ASGIApp, metrics: Any) -> None:
         self.app = app
         self.metrics = metrics
@@ -86,17 +102,22 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
+        state: dict[str, Any] = {"code": 500, "stream": None}
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["code"] = message["status"]
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if content_type.startswith(b"text/event-stream"):
+                    state["stream"] = route_template(scope)
+                    self.metrics.streams.labels(state["stream"]).inc()
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(scope.get("method", "GET"), template, status["code"],
-                                         time.perf_counter() - start)
+            if state["stream"] is not None:
+                self.metrics.streams.labels(state["stream"]).dec()
+            self.metrics.observe_request(scope.get("method", "GET"), route_template(scope),
+                                         state["code"], time.perf_counter() - start,
+                                         stream=state["stream"] is not None)

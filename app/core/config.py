@@ -32,6 +32,9 @@
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+| SLIMGPT_WORKER_HEARTBEAT_S      | 15                               | worker: fleet-table heartbeat; lost after 3 missed |
+| SLIMGPT_UI_SESSION_TTL_S        | 43200 (12 h)                     | dashboard sign-in lifetime                    |
+| SLIMGPT_UI_COOKIE_SECURE        | unset = only over https          | `Secure` flag on the dashboard session cookie |
 
 The API and the workers read this one class (``worker.settings.WorkerSettings`` derives from it
 and only adds checks), so every variable means the same thing in both processes.
@@ -92,6 +95,9 @@ class Settings(BaseSettings):
     auto_migrate: bool | None = None
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_poll_s: float = Field(0.5, gt=0)
+    worker_heartbeat_s: float = Field(15.0, gt=0)
+    ui_session_ttl_s: int = Field(12 * 3600, gt=0)
+    ui_cookie_secure: bool | None = None
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
