@@ -116,12 +116,15 @@ async def sse(
     heartbeat_s: float,
     is_disconnected: Callable[[], Awaitable[bool]],
     still_allowed: Callable[[], bool] | None = None,
-    recheck_s: float = 30.0,
+    recheck_s: float | None = None,
     job_id: str | None = None,
 ) -> AsyncIterator[str]:
     """The stream's text. Runs until the client leaves or ``still_allowed`` says no (a revoked
-    key or an expired session), checked every ``recheck_s``."""
+    key or an expired session), checked every ``recheck_s`` (default: two heartbeats, at most
+    30 s)."""
     cursor = EventCursor(after)
+    if recheck_s is None:
+        recheck_s = min(30.0, max(poll_s, 2 * heartbeat_s))
 
     def poll() -> list[dict[str, Any]]:
         with session_factory() as s:

@@ -81,6 +81,10 @@ def route_template(scope: Scope) -> str:
     """The matched route's path template (``/v1/jobs/{job_id}``), never the raw path, so label
     values stay few; ``unmatched`` only for paths no route serves."""
     route = scope.get("route")
+    if route is None:  # some FastAPI versions do not record mounts in the scope
+        request_path = scope.get("path", "")
+        route = next((r for r in getattr(scope.get("app"), "routes", ())
+                      if isinstance(r, Mount) and request_path.startswith(r.path + "/")), None)
     path = getattr(route, "path", None)
     if not path:
         return "unmatched"

@@ -7,6 +7,7 @@ test if an API key appears in any of them or if a page script raised."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,7 +119,7 @@ def test_the_per_layer_charts_have_one_point_per_layer(visit: Visit, live_server
     assert page.locator("#event-log tbody tr").count() >= LAYERS + 5
     with page.expect_download() as download:
         page.click("text=model/config.json")
-    assert b'"num_hidden_layers": 8' in open(download.value.path(), "rb").read()
+    assert b'"num_hidden_layers": 8' in Path(download.value.path()).read_bytes()
     page.screenshot(path=str(shots_dir / "job-laptop.png"), full_page=True)
 
 
