@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import queue
@@ -140,7 +139,8 @@ class InProcessDispatcher:
             if job_id is None:
                 return
             try:
-                with job_context(job_id), self._tracked(job_id):  # log lines carry the job id
+                with job_context(job_id):  # every log line of the job carries its id
+                    self._starting(job_id)
                     self.runner(job_id)
             except Exception as err:
                 log.exception("in-process runner raised", extra={"job_id": job_id})
@@ -149,12 +149,11 @@ class InProcessDispatcher:
                 if self._queue.empty():
                     self.idle.set()
 
-    def _tracked(self, job_id: str) -> Any:
-        if self.heartbeat is None or self.settings is None:
-            return contextlib.nullcontext()
-        from worker.fleet import running
+    def _starting(self, job_id: str) -> None:
+        if self.heartbeat is not None and self.settings is not None:
+            from worker.fleet import starting
 
-        return running(self.settings, self.heartbeat.worker_id, job_id)
+            starting(self.settings, self.heartbeat.worker_id, job_id)
 
     def _fail(self, job_id: str, err: Exception) -> None:
         """A runner that raised leaves no job behind in `running`."""

@@ -73,11 +73,17 @@ class _Histogram:
         self.bounds = tuple(float(b) for b in buckets)
         self.counts = [0] * len(self.bounds)
         self.total = 0
-        self.sum = 0.0
+        # In millionths, as an integer: exact, so the sum does not depend on the order in
+        # which rows were read and every replica reports the same digits.
+        self._sum_micro = 0
+
+    @property
+    def sum(self) -> float:
+        return self._sum_micro / 1e6
 
     def observe(self, value: float) -> None:
         self.total += 1
-        self.sum += value
+        self._sum_micro += round(value * 1e6)
         for i, bound in enumerate(self.bounds):
             if value <= bound:
                 self.counts[i] += 1
@@ -226,8 +232,9 @@ class FleetCollector(Collector):
         now = self.clock()
         counts = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         oldest = s.scalar(select(func.min(Job.created_at)).where(Job.state == "queued"))
-        workers = list(s.scalars(select(Worker).where(
-            Worker.last_heartbeat_at >= now - FORGET_AFTER)))
+        workers = list(s.execute(
+            select(Worker, Job.state).outerjoin(Job, Job.id == Worker.current_job_id)
+            .where(Worker.last_heartbeat_at >= now - FORGET_AFTER)).tuples())
         self._read_started(s, now)
         self._read_finished(s, now)
         self._read_layers(s)
@@ -273,7 +280,8 @@ class FleetCollector(Collector):
             family.add_metric(list(label_values), h.buckets(), h.sum)
         return family
 
-    def _worker_families(self, workers: list[Worker], now: datetime) -> list[Metric]:
+    def _worker_families(self, workers: list[tuple[Worker, str | None]],
+                         now: datetime) -> list[Metric]:
         labels = ["worker", "host", "kind"]
         up = GaugeMetricFamily("slimgpt_worker_up",
                                "1 while the worker's heartbeat is fresh", labels=labels)
@@ -288,9 +296,9 @@ class FleetCollector(Collector):
         build = InfoMetricFamily("slimgpt_worker_build", "Versions a worker runs",
                                  labels=labels)
         by_status: dict[str, int] = {k: 0 for k in ("busy", "idle", "lost", "stopped")}
-        for w in workers:
+        for w, job_state in workers:
             key = [w.id, w.host, w.kind]
-            status = worker_status(w, self.heartbeat_s, now)
+            status = worker_status(w, self.heartbeat_s, now, job_state)
             by_status[status] += 1
             up.add_metric(key, 1 if status in ("busy", "idle") else 0)
             busy.add_metric(key, 1 if status == "busy" else 0)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import __version__, ui
 from app.api import errors
-from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RouteTemplates
 from app.api.routes import estimate, events, files, health, hub_token, jobs
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
@@ -91,13 +91,18 @@ def create_app(
     app.state.dispatcher = dispatcher
     app.state.metrics = metrics
     errors.install(app)
-    for router in (jobs.router, files.router, hub_token.router, estimate.router, health.router,
-                   events.router):
+    routers = (jobs.router, files.router, hub_token.router, estimate.router, health.router,
+               events.router, ui.router)
+    for router in routers[:-1]:
         app.include_router(router)
     ui.install(app)
+    templates = RouteTemplates(
+        [r for router in routers for r in router.routes], mounts=[ui.STATIC_PATH],
+        paths=[app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,  # type: ignore[arg-type]
                        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(MetricsMiddleware, metrics=metrics,  # type: ignore[arg-type]
+                       templates=templates)
     return app
 
 

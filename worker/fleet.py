@@ -20,8 +20,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
@@ -186,21 +184,13 @@ class Heartbeat:
             log.warning("could not mark %s stopped", self.worker_id, exc_info=True)
 
 
-@contextmanager
-def running(settings: Settings, worker_id: str | None, job_id: str) -> Iterator[None]:
-    """Show ``job_id`` as the worker's current job while the block runs. Never raises because
-    of the fleet table: the job matters more than the dashboard."""
+def starting(settings: Settings, worker_id: str | None, job_id: str) -> None:
+    """Record ``job_id`` as the worker's current job. Nothing is written when the job ends:
+    the heartbeat lets go of a job whose row is terminal, so the job process finishes (and
+    Celery acknowledges its message) right after the job's own final write. Never raises
+    because of the fleet table: the job matters more than the dashboard."""
     if worker_id is None:
-        yield
         return
-    _set_current(settings, worker_id, job_id)
-    try:
-        yield
-    finally:
-        _set_current(settings, worker_id, None)
-
-
-def _set_current(settings: Settings, worker_id: str, job_id: str | None) -> None:
     try:
         with _sessions(settings)() as s:
             crud.set_current_job(s, worker_id, job_id)

@@ -51,11 +51,9 @@ def register_tasks(app: Celery) -> Task:
         settings = getattr(app, "slimgpt_settings", None)
         with job_context(job_id):  # every log line of the job carries its id
             logger.info("running job %s", job_id)
-            if settings is None:
-                runner(job_id)
-                return
-            with fleet.running(settings, fleet.process_worker_id(), job_id):
-                runner(job_id)
+            if settings is not None:  # the fleet page shows which worker runs what
+                fleet.starting(settings, fleet.process_worker_id(), job_id)
+            runner(job_id)
 
     return run_job  # type: ignore[no-any-return]
 

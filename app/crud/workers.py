@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.db.base import utcnow
-from app.db.models import Worker
+from app.db.models import TERMINAL_STATES, Job, Worker
 
 #: A worker whose last heartbeat is older than this many heartbeat intervals is shown as lost.
 LOST_AFTER_BEATS = 3
@@ -62,26 +62,31 @@ def register_worker(session: Session, info: WorkerInfo) -> Worker:
 
 
 def heartbeat(session: Session, worker_id: str) -> bool:
-    """Mark the worker alive now; False when its row is gone (then it registers again)."""
+    """Mark the worker alive now, and let go of its current job once that job has ended (the
+    job process itself never writes after the job's final row, so the broker message is
+    acknowledged right after it). False when the row is gone (then it registers again)."""
     result = session.execute(update(Worker).where(Worker.id == worker_id)
                              .values(last_heartbeat_at=utcnow(), stopped_at=None))
+    ended = select(Job.id).where(Job.id == Worker.current_job_id,
+                                 Job.state.in_(TERMINAL_STATES)).exists()
+    session.execute(update(Worker).where(Worker.id == worker_id, ended)
+                    .values(current_job_id=None, current_job_since=None,
+                            jobs_done=Worker.jobs_done + 1))
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
-def set_current_job(session: Session, worker_id: str, job_id: str | None) -> None:
-    """The job the worker runs now (None: it finished one and is idle again)."""
+def set_current_job(session: Session, worker_id: str, job_id: str) -> None:
+    """The worker starts ``job_id`` (one job at a time: a previous job it still names has
+    ended, and is counted)."""
     now = utcnow()
     row = session.get(Worker, worker_id)
     if row is None:
         session.rollback()
         return
-    if job_id is None:
-        if row.current_job_id is not None:
-            row.jobs_done = (row.jobs_done or 0) + 1
-        row.current_job_id, row.current_job_since = None, None
-    else:
-        row.current_job_id, row.current_job_since = job_id, now
+    if row.current_job_id is not None and row.current_job_id != job_id:
+        row.jobs_done = (row.jobs_done or 0) + 1
+    row.current_job_id, row.current_job_since = job_id, now
     row.last_heartbeat_at = now
     session.commit()
 
@@ -100,15 +105,23 @@ def forget_old_workers(session: Session, now: datetime | None = None) -> int:
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-def list_workers(session: Session) -> list[Worker]:
-    return list(session.scalars(select(Worker).order_by(Worker.host, Worker.id)))
-
-
-def worker_status(row: Worker, heartbeat_s: float, now: datetime | None = None) -> str:
-    """``busy``, ``idle``, ``stopped`` or ``lost`` (no heartbeat for LOST_AFTER_BEATS beats)."""
+def worker_status(row: Worker, heartbeat_s: float, now: datetime | None = None,
+                  job_state: str | None = None) -> str:
+    """``busy``, ``idle``, ``stopped`` or ``lost`` (no heartbeat for LOST_AFTER_BEATS beats).
+    ``job_state``: the state of the row's current job; an ended job means idle (the heartbeat
+    clears it within one beat)."""
     now = now or utcnow()
     if row.stopped_at is not None:
         return "stopped"
     if (now - row.last_heartbeat_at).total_seconds() > LOST_AFTER_BEATS * heartbeat_s:
         return "lost"
-    return "busy" if row.current_job_id else "idle"
+    if row.current_job_id is None or job_state in TERMINAL_STATES:
+        return "idle"
+    return "busy"
+
+
+def list_workers_with_jobs(session: Session) -> list[tuple[Worker, Job | None]]:
+    """Every worker row with the job it names (outer join), by host."""
+    return [(w, j) for w, j in session.execute(
+        select(Worker, Job).outerjoin(Job, Job.id == Worker.current_job_id)
+        .order_by(Worker.host, Worker.id))]

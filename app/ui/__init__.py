@@ -15,6 +15,10 @@ from app.ui.auth import LoginRequired
 from app.ui.render import STATIC_DIR, render
 from app.ui.routes import router
 
+#: Where the package's static files are served.
+STATIC_PATH = "/ui/static"
+__all__ = ["STATIC_PATH", "install", "router"]
+
 
 async def _login_required(request: Request, exc: LoginRequired) -> Response:
     return RedirectResponse(f"/ui/login?next={quote(exc.next_path, safe='/')}", status_code=303)
@@ -36,6 +40,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
 def install(app: FastAPI) -> None:
     """Add the dashboard to the API app (after :func:`app.api.errors.install`)."""
     app.include_router(router)
-    app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
+    app.mount(STATIC_PATH, StaticFiles(directory=STATIC_DIR), name="ui-static")
     app.add_exception_handler(LoginRequired, _login_required)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.crud.workers import list_workers, worker_status
+from app.crud.workers import list_workers_with_jobs, worker_status
 from app.db.base import utcnow
 from app.db.models import JOB_STATES, ApiKey, Artifact, Job, JobEvent, Worker
 from app.fleet_metrics import error_code
@@ -263,11 +263,12 @@ def fleet_view(s: Session, tenant_id: str, heartbeat_s: float,
         select(Job.created_at, Job.started_at).where(
             Job.tenant_id == tenant_id, Job.started_at >= now - timedelta(days=1)))]
     workers = []
-    for w in list_workers(s):
-        job = s.get(Job, w.current_job_id) if w.current_job_id else None
+    for w, job in list_workers_with_jobs(s):
+        status = worker_status(w, heartbeat_s, now, job.state if job is not None else None)
+        if status != "busy":
+            job = None  # an ended job the heartbeat has not let go of yet
         own = job is not None and job.tenant_id == tenant_id
-        workers.append(WorkerRow(worker=w, status=worker_status(w, heartbeat_s, now),
-                                 job=job if own else None,
+        workers.append(WorkerRow(worker=w, status=status, job=job if own else None,
                                  busy_elsewhere=job is not None and not own))
     failed = s.execute(select(Job.id, Job.error, Job.metrics["error_code"], Job.finished_at)
                        .where(Job.tenant_id == tenant_id, Job.state == "failed",

@@ -123,27 +123,57 @@ def test_error_codes_come_from_metrics_or_the_message_prefix():
     assert error_code(None) == "unknown"
 
 
-def test_replicas_report_identical_fleet_figures(app, client, settings, dispatcher, submit, db):
-    job = submit()
-    with db() as s:
-        crud.claim_job(s, job["id"], "w", 60)
-    _layer_events(db, job["id"], 2)
-    with db() as s:
-        crud.finish_job(s, job["id"], "failed", error="oom: out of memory",
-                        metrics={"seconds": {"pruning": 3.0}})
-    scrape(client, "fleet")  # the long-running replica has read everything incrementally
+def test_replicas_report_identical_fleet_figures(empty_database_url, tmp_path):
+    """A replica that has scraped all along (incrementally) and one started now (reading the
+    whole table) agree: the fleet scope is a function of the database alone. A private
+    database, so no other test's rows change between the two scrapes."""
+    from cryptography.fernet import Fernet
     from fastapi.testclient import TestClient
 
-    fresh = TestClient(create_app(settings, dispatcher=dispatcher))  # starts from the table
+    from app.core.config import Settings
+    from app.crud.tenants import create_api_key
+    from app.db.migrate import upgrade
+    from app.db.session import session_scope
+    from tests.api.conftest import RecordingDispatcher
+
+    upgrade(empty_database_url)
+    private = Settings(data_dir=tmp_path, database_url=empty_database_url, auto_migrate=False,
+                       secret_key=Fernet.generate_key().decode())
+    with session_scope(private) as s:
+        _, key = create_api_key(s, "replicas")
+    headers = {"Authorization": f"Bearer {key}"}
+    old = TestClient(create_app(private, dispatcher=RecordingDispatcher()))
+    ids = []
+    for outcome in ("succeeded", "failed", "cancelled", None):
+        r = old.post("/v1/jobs", json={"model_id": "a/b", "target_ratio": 0.2}, headers=headers)
+        ids.append(r.json()["id"])
+        with session_scope(private) as s:
+            crud.claim_job(s, ids[-1], "w", 60)
+        scrape(old, "fleet")
+        _layer_events(lambda: session_scope(private), ids[-1], 2)
+        if outcome:
+            with session_scope(private) as s:
+                crud.finish_job(s, ids[-1], outcome, error="oom: x" if outcome == "failed"
+                                else None, metrics={"seconds": {"pruning": 3.0}})
+        scrape(old, "fleet")
+    fresh = TestClient(create_app(private, dispatcher=RecordingDispatcher()))
 
     def comparable(c) -> dict:
         m = scrape(c, "fleet")
         m.pop("slimgpt_queue_oldest_job_age_seconds", None)  # depends on the clock
-        m.pop("slimgpt_worker_up", None)
-        m.pop("slimgpt_workers", None)
         return m
 
-    assert comparable(client) == comparable(fresh)
+    a, b = comparable(old), comparable(fresh)
+    assert a == b, {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert value(a, "slimgpt_layers_pruned_total") == 8
+    assert value(a, "slimgpt_job_failures_total", code="oom") == 1
+    for c in (old, fresh):
+        c.close()
+    from app.db import session as db_session
+
+    engine = db_session._engines.pop(empty_database_url, None)
+    if engine is not None:
+        engine.dispose()
 
 
 def test_a_job_finishing_with_an_older_timestamp_is_still_counted(client, submit, db):
@@ -213,24 +243,35 @@ def test_http_metrics_use_route_templates(app, client, tenant, submit):
     ui.get(f"/ui/jobs/{job['id']}")
     ui.get("/ui/static/app.css")
     client.get("/no/such/page")
+    too_big = client.post("/v1/jobs", content=b"x" * 100_000, headers=tenant.headers)
+    assert too_big.status_code == 413  # refused before routing, still labelled by its route
     requests = scrape(client, "process")["slimgpt_http_requests_total"]
     routes = {dict(k)["route"] for k in requests}
     assert {"/v1/jobs/{job_id}", "/ui/jobs/{job_id}", "/ui/static/{path}", "/ui/login",
             "unmatched"} <= routes
     assert not [r for r in routes if job["id"] in r]
-    unmatched = {dict(k)["status"] for k in requests if dict(k)["route"] == "unmatched"}
-    assert unmatched == {"404"}
+    labels = {(dict(k)["route"], dict(k)["status"]) for k in requests}
+    assert ("/v1/jobs", "413") in labels
+    assert {status for route, status in labels if route == "unmatched"} == {"404"}
 
 
 def test_event_streams_stay_out_of_the_latency_histogram(client, tenant, submit, db):
     job = submit()
     with db() as s:
         crud.finish_job(s, job["id"], "cancelled")
+    route = "/v1/jobs/{job_id}/events"
+    labels = {"method": "GET", "route": route}
+    before = scrape(client, "process")
     r = client.get(f"/v1/jobs/{job['id']}/events", headers=tenant.headers)
     assert r.headers["content-type"].startswith("text/event-stream")
     m = scrape(client, "process")
-    route = "/v1/jobs/{job_id}/events"
-    assert value(m, "slimgpt_http_requests_total", method="GET", route=route, status="200") >= 1
-    assert value(m, "slimgpt_http_request_duration_seconds_count", method="GET",
-                 route=route) == 0
+    assert value(m, "slimgpt_http_requests_total", **labels, status="200") == \
+        value(before, "slimgpt_http_requests_total", **labels, status="200") + 1
+    assert value(m, "slimgpt_http_request_duration_seconds_count", **labels) == \
+        value(before, "slimgpt_http_request_duration_seconds_count", **labels)
     assert value(m, "slimgpt_http_streams_open", route=route) == 0  # it ended
+    # The same route answering JSON is a normal request, timed as usual.
+    client.get(f"/v1/jobs/{job['id']}/events",
+               headers={**tenant.headers, "Accept": "application/json"})
+    assert value(scrape(client, "process"), "slimgpt_http_request_duration_seconds_count",
+                 **labels) == value(m, "slimgpt_http_request_duration_seconds_count", **labels) + 1

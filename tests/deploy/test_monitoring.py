@@ -34,7 +34,7 @@ def test_prometheus_and_grafana_run_only_with_the_monitoring_profile(services):
 
 def test_the_config_files_the_services_mount_exist(services):
     for name in ("prometheus", "grafana"):
-        for target, source in _mounts(services[name]).items():
+        for source in _mounts(services[name]).values():
             if source.startswith("./"):
                 assert (ROOT / source).exists(), (name, source)
     grafana = _mounts(services["grafana"])

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
 from app.core.config import Settings
+from app.crud import jobs as crud
+from app.crud.workers import register_worker
 from app.db.migrate import upgrade
 from app.db.models import Job, Tenant, Worker
 from app.db.session import session_scope
@@ -35,7 +38,7 @@ def _row(settings: Settings, worker_id: str) -> Worker | None:
 
 def _job(settings: Settings) -> str:
     with session_scope(settings) as s:
-        tenant = Tenant(name="t")
+        tenant = Tenant(name=f"t-{uuid.uuid4().hex[:8]}")
         s.add(tenant)
         s.flush()
         job = Job(tenant_id=tenant.id, model_id="a/b", request={"target_ratio": 0.2})
@@ -75,25 +78,38 @@ def test_a_worker_whose_row_vanished_registers_again(settings):
         hb.stop()
 
 
-def test_running_shows_the_current_job_and_counts_it_when_done(settings):
+def test_the_current_job_is_shown_until_the_heartbeat_sees_it_ended(settings):
     job_id = _job(settings)
     hb = fleet.Heartbeat(settings, kind="embedded").start()
     try:
-        with fleet.running(settings, hb.worker_id, job_id):
-            row = _row(settings, hb.worker_id)
-            assert row.current_job_id == job_id and row.current_job_since is not None
+        fleet.starting(settings, hb.worker_id, job_id)
         row = _row(settings, hb.worker_id)
-        assert row.current_job_id is None and row.jobs_done == 1
+        assert row.current_job_id == job_id and row.current_job_since is not None
+        with session_scope(settings) as s:
+            crud.claim_job(s, job_id, "w", 60)
+        time.sleep(0.2)  # several beats while the job runs: still its job
+        assert _row(settings, hb.worker_id).current_job_id == job_id
+        with session_scope(settings) as s:
+            crud.finish_job(s, job_id, "succeeded")
+        _wait(lambda: _row(settings, hb.worker_id).current_job_id is None)
+        assert _row(settings, hb.worker_id).jobs_done == 1
     finally:
         hb.stop()
 
 
+def test_starting_a_new_job_counts_the_previous_one(settings):
+    first, second = _job(settings), _job(settings)
+    with session_scope(settings) as s:
+        register_worker(s, fleet.worker_info("w@h", "celery", None))
+    fleet.starting(settings, "w@h", first)
+    fleet.starting(settings, "w@h", second)
+    row = _row(settings, "w@h")
+    assert row.current_job_id == second and row.jobs_done == 1
+
+
 def test_the_job_runs_even_when_the_fleet_table_is_unreachable(tmp_path):
     broken = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:1/x")
-    ran = []
-    with fleet.running(broken, "w", "job"):
-        ran.append(True)
-    assert ran == [True]
+    fleet.starting(broken, "w", "job")  # logs, never raises
     hb = fleet.Heartbeat(broken, kind="embedded").start()  # logs, keeps trying, never raises
     hb.stop()
 
@@ -102,10 +118,10 @@ def test_a_deleted_job_frees_the_worker_row(settings):
     job_id = _job(settings)
     hb = fleet.Heartbeat(settings, kind="embedded").start()
     try:
-        with fleet.running(settings, hb.worker_id, job_id):
-            with session_scope(settings) as s:
-                s.delete(s.get(Job, job_id))
-            assert _row(settings, hb.worker_id).current_job_id is None  # ON DELETE SET NULL
+        fleet.starting(settings, hb.worker_id, job_id)
+        with session_scope(settings) as s:
+            s.delete(s.get(Job, job_id))
+        assert _row(settings, hb.worker_id).current_job_id is None  # ON DELETE SET NULL
     finally:
         hb.stop()
 
