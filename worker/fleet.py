@@ -163,7 +163,8 @@ class Heartbeat:
 
     def beat(self) -> None:
         with _sessions(self.settings)() as s:
-            if not crud.heartbeat(s, self.worker_id):
+            if not crud.heartbeat(s, self.worker_id,
+                                  grace_s=max(30.0, 2 * self.settings.worker_heartbeat_s)):
                 self._register()
 
     def _loop(self) -> None:

@@ -61,31 +61,42 @@ def register_worker(session: Session, info: WorkerInfo) -> Worker:
     return row
 
 
-def heartbeat(session: Session, worker_id: str) -> bool:
-    """Mark the worker alive now, and let go of its current job once that job has ended (the
-    job process itself never writes after the job's final row, so the broker message is
-    acknowledged right after it). False when the row is gone (then it registers again)."""
+def heartbeat(session: Session, worker_id: str, *, grace_s: float = 30.0) -> bool:
+    """Mark the worker alive now, and let go of its current job once that job has ended
+    (counted as done) or has sat in the queue for ``grace_s`` (handed back, or declined). The
+    job process itself never writes after the job's final row, so its broker message is
+    acknowledged right after it. False when the row is gone (then it registers again)."""
+    now = utcnow()
     result = session.execute(update(Worker).where(Worker.id == worker_id)
-                             .values(last_heartbeat_at=utcnow(), stopped_at=None))
+                             .values(last_heartbeat_at=now, stopped_at=None))
     ended = select(Job.id).where(Job.id == Worker.current_job_id,
                                  Job.state.in_(TERMINAL_STATES)).exists()
     session.execute(update(Worker).where(Worker.id == worker_id, ended)
                     .values(current_job_id=None, current_job_since=None,
                             jobs_done=Worker.jobs_done + 1))
+    waiting = select(Job.id).where(Job.id == Worker.current_job_id,
+                                   Job.state == "queued").exists()
+    session.execute(update(Worker).where(Worker.id == worker_id, waiting,
+                                         Worker.current_job_since < now - timedelta(
+                                             seconds=grace_s))
+                    .values(current_job_id=None, current_job_since=None))
     session.commit()
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def set_current_job(session: Session, worker_id: str, job_id: str) -> None:
     """The worker starts ``job_id`` (one job at a time: a previous job it still names has
-    ended, and is counted)."""
+    ended, and is counted if it finished)."""
     now = utcnow()
     row = session.get(Worker, worker_id)
     if row is None:
         session.rollback()
         return
-    if row.current_job_id is not None and row.current_job_id != job_id:
-        row.jobs_done = (row.jobs_done or 0) + 1
+    previous = row.current_job_id
+    if previous is not None and previous != job_id:
+        state = session.scalar(select(Job.state).where(Job.id == previous))
+        if state in TERMINAL_STATES:
+            row.jobs_done = (row.jobs_done or 0) + 1
     row.current_job_id, row.current_job_since = job_id, now
     row.last_heartbeat_at = now
     session.commit()
@@ -108,16 +119,14 @@ def forget_old_workers(session: Session, now: datetime | None = None) -> int:
 def worker_status(row: Worker, heartbeat_s: float, now: datetime | None = None,
                   job_state: str | None = None) -> str:
     """``busy``, ``idle``, ``stopped`` or ``lost`` (no heartbeat for LOST_AFTER_BEATS beats).
-    ``job_state``: the state of the row's current job; an ended job means idle (the heartbeat
-    clears it within one beat)."""
+    ``job_state``: the state of the row's current job; busy only while it runs (the heartbeat
+    lets go of an ended job within one beat)."""
     now = now or utcnow()
     if row.stopped_at is not None:
         return "stopped"
     if (now - row.last_heartbeat_at).total_seconds() > LOST_AFTER_BEATS * heartbeat_s:
         return "lost"
-    if row.current_job_id is None or job_state in TERMINAL_STATES:
-        return "idle"
-    return "busy"
+    return "busy" if row.current_job_id is not None and job_state == "running" else "idle"
 
 
 def list_workers_with_jobs(session: Session) -> list[tuple[Worker, Job | None]]:

@@ -134,15 +134,15 @@ def test_replicas_report_identical_fleet_figures(empty_database_url, tmp_path):
     from app.crud.tenants import create_api_key
     from app.db.migrate import upgrade
     from app.db.session import session_scope
-    from tests.api.conftest import RecordingDispatcher
 
     upgrade(empty_database_url)
     private = Settings(data_dir=tmp_path, database_url=empty_database_url, auto_migrate=False,
-                       secret_key=Fernet.generate_key().decode())
+                       secret_key=Fernet.generate_key().decode(), dispatcher_enabled=False,
+                       embedded_worker="")
     with session_scope(private) as s:
         _, key = create_api_key(s, "replicas")
     headers = {"Authorization": f"Bearer {key}"}
-    old = TestClient(create_app(private, dispatcher=RecordingDispatcher()))
+    old = TestClient(create_app(private))
     ids = []
     for outcome in ("succeeded", "failed", "cancelled", None):
         r = old.post("/v1/jobs", json={"model_id": "a/b", "target_ratio": 0.2}, headers=headers)
@@ -156,7 +156,7 @@ def test_replicas_report_identical_fleet_figures(empty_database_url, tmp_path):
                 crud.finish_job(s, ids[-1], outcome, error="oom: x" if outcome == "failed"
                                 else None, metrics={"seconds": {"pruning": 3.0}})
         scrape(old, "fleet")
-    fresh = TestClient(create_app(private, dispatcher=RecordingDispatcher()))
+    fresh = TestClient(create_app(private))
 
     def comparable(c) -> dict:
         m = scrape(c, "fleet")

@@ -159,10 +159,10 @@ def test_a_key_in_the_query_string_is_not_a_sign_in(app, tenant):
     assert r.status_code == 200 and "set-cookie" not in r.headers
 
 
-def test_sessions_are_shared_by_replicas_with_the_same_secret(app, tenant, settings, dispatcher):
+def test_sessions_are_shared_by_replicas_with_the_same_secret(app, tenant, settings):
     from app.main import create_app
 
-    replica = create_app(settings, dispatcher=dispatcher)
+    replica = create_app(settings)
     c = sign_in(app, tenant)
     other = browser_client(replica)
     use_cookie(other, c.cookies[ui_session.COOKIE_NAME])

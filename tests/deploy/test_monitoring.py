@@ -69,12 +69,9 @@ def _exported_series(tmp_path: Path) -> set[str]:
     from app.core.config import Settings
     from app.main import create_app
 
-    settings = Settings(data_dir=tmp_path, secret_key=Fernet.generate_key().decode())
-
-    class NoQueue:
-        def enqueue(self, job_id: str) -> None: ...
-
-    with TestClient(create_app(settings, dispatcher=NoQueue())) as c:
+    settings = Settings(data_dir=tmp_path, secret_key=Fernet.generate_key().decode(),
+                        dispatcher_enabled=False, embedded_worker="")
+    with TestClient(create_app(settings)) as c:
         c.get("/healthz")
         text = c.get("/metrics").text
     names: set[str] = set()

@@ -4,8 +4,6 @@ fleet page read the same rows."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,8 @@ from app.db.models import Worker
 from app.db.session import make_engine
 from app.main import create_app
 
-from .celery_stack import Stack, job_state
+from tests.stack import Stack
+
 from .conftest import TempPostgres, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,9 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture
 def stack(pg_admin: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
     db = TempPostgres(pg_admin, prefix="slimgpt_fleet")
-    models = tmp_path / "models"
-    models.mkdir()
-    s = Stack(db.url, tmp_path, models)
+    s = Stack(db.url, tmp_path, worker_heartbeat_s=0.5)
     engine = make_engine(db.url, null_pool=True)
     try:
         upgrade(db.url)
@@ -61,9 +58,8 @@ def test_a_celery_worker_reports_itself_and_its_job(stack):
     s: Stack = stack["stack"]
     name = "fleet0"
     proc = s.start_worker(name, SLIMGPT_RUNNER="tests.ui.progress_runner:run_job",
-                          SLIMGPT_WORKER_HEARTBEAT_S="0.5", SLIMGPT_TEST_FAKE_LAYERS="6",
-                          SLIMGPT_TEST_FAKE_DELAY_S="0.4")
-    node = f"{name}@{s.prefix}"
+                          SLIMGPT_TEST_FAKE_LAYERS="6", SLIMGPT_TEST_FAKE_DELAY_S="0.4")
+    node = f"{name}@{s.tag}"
     row = wait_until(lambda: _row(stack, node), 60, "the worker's row", s.logs)
     assert row.kind == "celery" and row.host == socket.gethostname() and row.pid == proc.pid
     assert row.queue == s.settings.celery_queue and row.build["celery"]
@@ -80,11 +76,11 @@ def test_a_celery_worker_reports_itself_and_its_job(stack):
                s.logs)
     metrics = client.get("/metrics?scope=fleet").text
     assert f'slimgpt_worker_busy{{host="{row.host}",kind="celery",worker="{node}"}} 1.0' in metrics
-    wait_until(lambda: job_state(client, headers, job_id)["state"] == "succeeded", 60,
-               "the job to succeed", s.logs)
+    wait_until(lambda: client.get(f"/v1/jobs/{job_id}", headers=headers).json()["state"]
+               == "succeeded", 60, "the job to succeed", s.logs)
     wait_until(lambda: _row(stack, node).current_job_id is None, 10, "the worker to be idle")
     assert _row(stack, node).jobs_done == 1
 
-    os.killpg(proc.pid, signal.SIGTERM)  # a clean shutdown says goodbye
+    s.term(name)  # a clean shutdown (docker stop) says goodbye
     proc.wait(timeout=30)
     assert _row(stack, node).stopped_at is not None

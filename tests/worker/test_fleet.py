@@ -102,6 +102,8 @@ def test_starting_a_new_job_counts_the_previous_one(settings):
     with session_scope(settings) as s:
         register_worker(s, fleet.worker_info("w@h", "celery", None))
     fleet.starting(settings, "w@h", first)
+    with session_scope(settings) as s:
+        crud.finish_job(s, first, "succeeded")
     fleet.starting(settings, "w@h", second)
     row = _row(settings, "w@h")
     assert row.current_job_id == second and row.jobs_done == 1
