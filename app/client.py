@@ -11,7 +11,8 @@
 
 Every method returns the API's JSON as plain dicts. Non-2xx answers raise :class:`ApiError`
 (``status``, ``detail``); a server that cannot be reached raises :class:`ConnectionFailed`
-(``status`` 0). Reads are retried on connection errors; ``submit_job`` always sends an
+(``status`` 0). Reads are retried on connection errors and on 429/502/503/504 (after the
+server's ``Retry-After``, when it asks for at most a minute); ``submit_job`` always sends an
 ``Idempotency-Key`` (generated unless given), so its retries never create a second job.
 """
 
@@ -105,6 +106,12 @@ def _detail(response: httpx.Response) -> Any:
     return body
 
 
+#: Answers worth retrying: rate limited, or the server or a dependency briefly unavailable.
+RETRY_STATUSES = (429, 502, 503, 504)
+#: A ``Retry-After`` longer than this (a daily upload limit, say) is an error, not a wait.
+MAX_RETRY_AFTER_S = 60.0
+
+
 class SlimGPTClient:
     """Client of the ``/v1`` API. ``api_key`` is sent as ``Authorization: Bearer``."""
 
@@ -148,13 +155,26 @@ class SlimGPTClient:
                                            url=self.base_url) from err
                 time.sleep(self.backoff_s * 2**attempt)
                 continue
-            if response.status_code in (502, 503, 504) and retry and attempt + 1 < attempts:
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
+            if response.status_code in RETRY_STATUSES and retry and attempt + 1 < attempts:
+                delay = self._retry_delay(response, attempt)
+                if delay is not None:
+                    time.sleep(delay)
+                    continue
             if response.status_code >= 400:
                 raise ApiError(response.status_code, _detail(response), method=method, url=path)
             return response
         raise AssertionError("unreachable")
+
+    def _retry_delay(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying: the server's ``Retry-After`` when it sends one (429
+        limits, 503 outages), else exponential backoff; None (give up now) when the server
+        asks for more than :data:`MAX_RETRY_AFTER_S`."""
+        backoff = self.backoff_s * 2**attempt
+        value = response.headers.get("retry-after", "").strip()
+        if not value.isdigit():  # absent, or an HTTP date (this API sends seconds)
+            return backoff
+        seconds = float(value)
+        return None if seconds > MAX_RETRY_AFTER_S else max(seconds, backoff)
 
     def _stream_timeout(self) -> httpx.Timeout:
         # The server sends a heartbeat comment every SLIMGPT_SSE_HEARTBEAT_S (15 s): a read that

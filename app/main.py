@@ -58,7 +58,7 @@ def create_app(
     """
     settings = settings or get_settings()
     settings.validate_for_serving()
-    engine = get_engine(settings)
+    engine = get_engine(settings, requests=True)  # bounded waits: a dead database is a 503
     session_factory = sessionmaker(bind=engine, expire_on_commit=False)
     if dispatcher is None and settings.dispatcher_enabled:
         dispatcher = Dispatcher(settings, session_factory)

@@ -70,6 +70,12 @@ def authenticate(session: Session, full_key: str) -> Tenant | None:
     return record.tenant
 
 
+def api_key_active(session: Session, key_id: str) -> bool:
+    """The key exists and is not revoked (re-checked during long requests)."""
+    record = session.get(ApiKey, key_id)
+    return record is not None and record.revoked_at is None
+
+
 def count_api_keys(session: Session) -> int:
     return len(list(session.scalars(select(ApiKey.id).where(ApiKey.revoked_at.is_(None)))))
 

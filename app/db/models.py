@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Double,
     Float,
     ForeignKey,
     Index,
@@ -191,6 +192,19 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class RateLimit(Base):
+    """A tenant's request-rate state (GCRA): ``tat`` is the theoretical arrival time of its next
+    request, in Unix seconds. One row per tenant and limit, updated by one atomic upsert per
+    request, so every API replica shares the limit (app.api.limits)."""
+
+    __tablename__ = "rate_limits"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tat: Mapped[float] = mapped_column(Double)
 
 
 class Worker(Base):
