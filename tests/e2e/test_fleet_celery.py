@@ -17,7 +17,6 @@ from app.db.migrate import upgrade
 from app.db.models import Worker
 from app.db.session import make_engine
 from app.main import create_app
-
 from tests.stack import Stack
 
 from .conftest import TempPostgres, wait_until
