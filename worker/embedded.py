@@ -25,6 +25,7 @@ from app.db import notify
 from app.db.base import utcnow
 from app.db.models import Job
 from app.db.session import get_session_factory
+from worker import fleet
 
 log = logging.getLogger("slimgpt.embedded")
 
@@ -68,6 +69,8 @@ class EmbeddedWorker:
         # Jobs a runner returned without taking (a runner may decline) -> when to offer them
         # again, so that the loop never spins on them.
         self._declined: dict[str, float] = {}
+        #: The worker's row in the fleet table (dashboard, metrics), while it runs.
+        self.heartbeat: fleet.Heartbeat | None = None
 
     def unavailable_reason(self) -> str | None:
         """Why this worker could not run a job, or None: the job pipeline needs the `worker`
@@ -84,6 +87,8 @@ class EmbeddedWorker:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        if self.heartbeat is None:
+            self.heartbeat = fleet.Heartbeat(self.settings, kind="embedded").start()
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="slimgpt-embedded-worker",
@@ -103,6 +108,9 @@ class EmbeddedWorker:
                 log.warning("the embedded worker did not stop within %s s; its job's lease will "
                             "expire and the job will be resumed on the next start", timeout)
         notify.unsubscribe(self._wake)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -148,6 +156,8 @@ class EmbeddedWorker:
         self._running = job_id
         try:
             with job_context(job_id):  # every log line of the job carries its id
+                if self.heartbeat is not None:  # the fleet page shows which worker runs what
+                    fleet.starting(self.settings, self.heartbeat.worker_id, job_id)
                 self.runner(job_id)
         except Exception as err:
             log.exception("the runner raised", extra={"job_id": job_id})

@@ -48,6 +48,7 @@ from app.core.config import Settings
 from app.crud import jobs as crud
 from app.db.models import JobEvent
 from app.db.session import session_scope
+from worker import fleet
 from worker.errors import JobCancelled, describe_exception
 from worker.lifecycle import (
     STOP,
@@ -175,6 +176,7 @@ class JobRunner:
         max_attempts = self.settings.job_max_attempts
         state = _State()
         token: str | None = None
+        fleet.reset_gpu_peak()
         try:
             with self.db() as s:
                 token = crud.get_hub_token_for_job(s, job_id, self.settings)
@@ -217,7 +219,8 @@ class JobRunner:
                 failed = crud.finish_job(s, job_id, "failed",
                                          error=f"{desc.code}: {desc.message}",
                                          metrics={"seconds": state.seconds,
-                                                  "error_code": desc.code},
+                                                  "error_code": desc.code,
+                                                  **fleet.gpu_figures()},
                                          worker_id=self.worker_id)
             if failed is not None:
                 remove_partial_files(self.settings, job_id)
@@ -248,7 +251,8 @@ class JobRunner:
 
     def _finish_cancelled(self, job_id: str, state: _State) -> None:
         with self.db() as s:
-            done = crud.finish_job(s, job_id, "cancelled", metrics={"seconds": state.seconds},
+            done = crud.finish_job(s, job_id, "cancelled",
+                                   metrics={"seconds": state.seconds, **fleet.gpu_figures()},
                                    message="job cancelled; partial files removed",
                                    worker_id=self.worker_id)
         if done is not None:
@@ -421,7 +425,8 @@ class JobRunner:
         shutil.rmtree(stage, ignore_errors=True)
         with self.db() as s:
             done = crud.finish_job(s, job_id, "succeeded", result=result_doc,
-                                   metrics={**state.metrics, "seconds": state.seconds},
+                                   metrics={**state.metrics, "seconds": state.seconds,
+                                            **fleet.gpu_figures()},
                                    message="job succeeded", worker_id=self.worker_id)
         if done is None:
             raise LeaseLost()

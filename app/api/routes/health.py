@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.api.probes import Probe
@@ -59,6 +59,10 @@ async def readyz(request: Request) -> Any:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+def metrics(
+    request: Request,
+    scope: Annotated[Literal["process", "fleet"] | None, Query(
+        description="`process`: this replica's HTTP metrics; `fleet`: jobs, queue and workers "
+        "from the database (the same on every replica); absent: both")] = None,
+) -> Response:
+    return Response(request.app.state.metrics.exposition(scope), media_type=CONTENT_TYPE_LATEST)

@@ -167,6 +167,7 @@ def create_job(
         request=normalized,
         idempotency_key=idempotency_key,
         body_hash=body_hash,
+        submitted_by=getattr(request.state, "api_key_id", None),
         phase="queued",
         percent=0.0,
         created_at=now,
