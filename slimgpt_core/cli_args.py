@@ -86,6 +86,9 @@ SeqlenOpt = Annotated[int | None, typer.Option(
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="sampling seed (default 0)",
                                                 rich_help_panel=DATA)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
+GpusOpt = Annotated[int | None, typer.Option(
+    "--gpus", min=1, help="GPUs of one host the job runs on, one job (default 1; locally it "
+    "implies --stream)", rich_help_panel="Scale")]
 
 
 def prune(
@@ -125,9 +128,7 @@ def prune(
         "--stream", help="stream the model layer by layer from its safetensors shards and "
         "write the output shards as it goes (default: only when the model does not fit in "
         "host memory)", rich_help_panel=SCALE)] = False,
-    gpus: Annotated[int, typer.Option(
-        "--gpus", min=1, help="GPUs of this host to prune on, one job (implies --stream)",
-        rich_help_panel=SCALE)] = 1,
+    gpus: GpusOpt = 1,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="print the plan and what it needs per GPU type and count (peak "
         "GPU/host memory, disk, time); load no weights", rich_help_panel=SCALE)] = False,
@@ -148,7 +149,7 @@ def prune(
         min_group=min_group, batch_size=batch_size, device=device,
         dtype=dtype.value if dtype else None, offload_activations=offload_activations,
         profile=(profile or Profile.hetero).value, checkpoint_dir=checkpoint_dir,
-        no_verify=no_verify, json=json, stream=stream, gpus=gpus, dry_run=dry_run,
+        no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
         host_memory_gb=host_memory_gb)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]
 
