@@ -247,5 +247,9 @@ def test_a_busy_database_pauses_the_stream_instead_of_breaking_it(monkeypatch, s
                 return chunk
         return ""
 
-    chunk = asyncio.run(asyncio.wait_for(first_event(), 10))
+    # A thread of its own: another test's Playwright may own this thread's event loop.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        chunk = pool.submit(asyncio.run, asyncio.wait_for(first_event(), 10)).result()
     assert calls["n"] == 3 and job["id"] in chunk
