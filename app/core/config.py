@@ -39,6 +39,9 @@
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+| SLIMGPT_WORKER_HEARTBEAT_S      | 15                               | worker: fleet-table heartbeat; lost after 3 missed |
+| SLIMGPT_UI_SESSION_TTL_S        | 43200 (12 h)                     | dashboard sign-in lifetime                    |
+| SLIMGPT_UI_COOKIE_SECURE        | unset = only over https          | `Secure` flag on the dashboard session cookie |
 | SLIMGPT_DB_TIMEOUT_S            | 2                                | api: longest wait for the database: connecting, a pooled connection, a lock |
 | SLIMGPT_DB_STATEMENT_TIMEOUT_S  | 10                               | api: Postgres statement_timeout               |
 | SLIMGPT_HEALTH_TIMEOUT_S        | 1.5                              | /readyz: longest wait for each dependency     |
@@ -118,6 +121,9 @@ class Settings(BaseSettings):
     auto_migrate: bool | None = None
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_poll_s: float = Field(0.5, gt=0)
+    worker_heartbeat_s: float = Field(15.0, gt=0)
+    ui_session_ttl_s: int = Field(12 * 3600, gt=0)
+    ui_cookie_secure: bool | None = None
 
     # Bounded waits (docs/RELIABILITY.md, "Request path"): a request gives up on a dead or hung
     # dependency and answers 503, instead of holding a thread.

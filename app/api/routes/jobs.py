@@ -123,6 +123,9 @@ def create_job(
         alias="Idempotency-Key", min_length=1, max_length=255,
         description="same key + same body = same job; same key + other body = 409")] = None,
 ) -> Any:
+    problem = request.app.state.cannot_run_jobs
+    if problem:
+        raise HTTPException(503, detail=problem)
     source, local_path = resolve_model(settings, body.model_id)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
@@ -164,6 +167,7 @@ def create_job(
         request=normalized,
         idempotency_key=idempotency_key,
         body_hash=body_hash,
+        submitted_by=getattr(request.state, "api_key_id", None),
         phase="queued",
         percent=0.0,
         created_at=now,
