@@ -127,6 +127,7 @@ def create_job(
     if problem:
         raise HTTPException(503, detail=problem)
     source, local_path = resolve_model(settings, body.model_id)
+    _check_resources(body, settings, local_path)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
         f = get_file(session, tenant.id, body.calibration.source)
@@ -198,6 +199,18 @@ def create_job(
     request.app.state.metrics.jobs_submitted.inc()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
+
+
+def _check_resources(body: JobCreate, settings: Any, local_path: Path | None) -> None:
+    """Refuse (422) a job that no worker pool can run, with the estimates that say why."""
+    from app.routing import NoWorkerPool, local_config, pools_from_settings, route
+
+    try:
+        route(body.model_dump(mode="json"), pools_from_settings(settings),
+              local_config(local_path))
+    except NoWorkerPool as err:
+        raise HTTPException(422, detail={"msg": f"resources: {err}",
+                                         "estimates": err.estimates}) from None
 
 
 def _encode_cursor(job: Job) -> str:
