@@ -62,8 +62,20 @@ def create_app(
     session_factory = sessionmaker(bind=engine, expire_on_commit=False)
     if dispatcher is None and settings.dispatcher_enabled:
         dispatcher = Dispatcher(settings, session_factory)
+    cannot_run_jobs: str | None = None
     if embedded_worker is None and settings.embedded and settings.embedded_worker:
-        embedded_worker = load_object(settings.embedded_worker)(settings, runner=runner)
+        try:
+            embedded_worker = load_object(settings.embedded_worker)(settings, runner=runner)
+        except ImportError as err:
+            cannot_run_jobs = (f"this server cannot run jobs: its embedded worker "
+                               f"{settings.embedded_worker} cannot be imported ({err}); install "
+                               "the `worker` extra: pip install 'slimgpt-service[worker]'")
+    if embedded_worker is not None:
+        reason = getattr(embedded_worker, "unavailable_reason", None)
+        cannot_run_jobs = reason() if callable(reason) else None
+        if cannot_run_jobs is not None:
+            log.error("%s", cannot_run_jobs)
+            embedded_worker = None  # it would only fail every job it took
     broker = None
     if not settings.embedded:
         broker = dispatcher.publisher if dispatcher is not None else CeleryPublisher(settings)
@@ -102,6 +114,8 @@ def create_app(
     app.state.session_factory = session_factory
     app.state.dispatcher = dispatcher
     app.state.embedded_worker = embedded_worker
+    #: Why submissions are refused (503) and /readyz is not ready; None when jobs can run.
+    app.state.cannot_run_jobs = cannot_run_jobs
     app.state.broker = broker
     app.state.metrics = metrics
     errors.install(app)

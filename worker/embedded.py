@@ -11,6 +11,7 @@ and resumed from its checkpoints when the service starts again.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -28,6 +29,8 @@ from worker import fleet
 
 log = logging.getLogger("slimgpt.embedded")
 
+#: What the job pipeline imports beyond the API's own dependencies (the `worker` extra).
+WORKER_MODULES = ("torch", "transformers", "safetensors", "huggingface_hub")
 #: Longest sleep between looks at the database when nothing woke the worker.
 POLL_S = 2.0
 #: A job the runner returned without taking is not offered again for this long.
@@ -57,6 +60,7 @@ class EmbeddedWorker:
         self._stop = threading.Event()
         #: Set when the worker stops; the runner hands its job back at the next layer.
         self.stop_event = self._stop
+        self._default_runner = runner is None
         self.runner = runner or _default_runner(settings, self._stop)
         self.poll_s = poll_s
         self._wake = notify.subscribe()
@@ -67,6 +71,19 @@ class EmbeddedWorker:
         self._declined: dict[str, float] = {}
         #: The worker's row in the fleet table (dashboard, metrics), while it runs.
         self.heartbeat: fleet.Heartbeat | None = None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this worker could not run a job, or None: the job pipeline needs the `worker`
+        extra (torch, transformers, ...), which an API-only install lacks. Checked without
+        importing anything (the API process stays torch-free)."""
+        if not self._default_runner:
+            return None
+        missing = [m for m in WORKER_MODULES if importlib.util.find_spec(m) is None]
+        if not missing:
+            return None
+        return ("this server cannot run jobs: its embedded worker needs the `worker` extra "
+                f"(missing {', '.join(missing)}); pip install 'slimgpt-service[worker]', or "
+                "run Celery workers (SLIMGPT_BROKER_URL)")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:

@@ -47,7 +47,13 @@ async def readyz(request: Request) -> Any:
     checks = dict(zip(probes, results))
     if "broker" not in checks:
         checks["broker"] = "embedded (in-process worker)" if state.settings.embedded else "ok"
-    ready = all(not c.startswith("unreachable") for c in checks.values())
+    problem = getattr(state, "cannot_run_jobs", None)
+    if problem:
+        checks["worker"] = f"unavailable: {problem}"
+    elif state.settings.embedded:
+        checks["worker"] = "embedded" if state.embedded_worker is not None else \
+            "none in this process (SLIMGPT_EMBEDDED_WORKER is empty)"
+    ready = all(not c.startswith(("unreachable", "unavailable")) for c in checks.values())
     return JSONResponse(status_code=200 if ready else 503,
                         content={"status": "ready" if ready else "not ready", "checks": checks})
 
