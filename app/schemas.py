@@ -98,10 +98,18 @@ class DestinationSpec(Strict):
 
 
 class EvaluateSpec(Strict):
-    perplexity: bool = True
+    perplexity: bool = Field(True, description="measure perplexity before and after pruning")
     eval_source: str | None = Field(
-        None, description="`wikitext2`, `c4` or an uploaded file id; default wikitext2"
+        None, description="`wikitext2` (default: the test split of Salesforce/wikitext, "
+        "wikitext-2-raw-v1), `c4` (the validation shard 0 of allenai/c4) or the id of a file "
+        "uploaded with POST /v1/files; fetched and cached like calibration data",
+        examples=["wikitext2"],
     )
+    num_windows: int = Field(16, ge=1, le=4096,
+                             description="evaluation windows (consecutive, non-overlapping)")
+    seq_len: int = Field(512, ge=16, le=32768,
+                         description="tokens per evaluation window (capped at the model's "
+                         "context length)")
 
     @field_validator("eval_source")
     @classmethod
@@ -111,6 +119,14 @@ class EvaluateSpec(Strict):
         raise ValueError(
             f"must be one of {', '.join(BUILTIN_DATASETS)} or an uploaded file id (a UUID)"
         )
+
+
+class ResourcesSpec(Strict):
+    gpus: int = Field(1, ge=1, le=8, description="GPUs of one host the job runs on (one job, "
+                      "calibration windows split across them)")
+    min_gpu_memory_gb: float | None = Field(
+        None, gt=0, le=1024, description="only run on workers whose GPUs have at least this "
+        "much memory")
 
 
 ScheduleSpec = (
@@ -184,6 +200,10 @@ class JobCreate(Strict):
     heal: HealSpec | None = Field(
         None, description="distil the dense model into the pruned one after pruning; absent = "
         "no healing")
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="what the job needs; it is routed to a worker pool that has it, or refused "
+        "at submission with the estimate that says why")
 
     @field_validator("revision")
     @classmethod
@@ -227,6 +247,9 @@ class EstimateRequest(Strict):
     schedule: ScheduleSpec = "log"
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    resources: ResourcesSpec | None = Field(
+        None, description="also say which worker pool would run a job with these resources")
 
     @model_validator(mode="after")
     def _one_source(self) -> EstimateRequest:
@@ -303,6 +326,10 @@ class FileOut(BaseModel):
     size: int
     sha256: str
     created_at: datetime
+
+
+class FileList(BaseModel):
+    items: list[FileOut]
 
 
 class HubTokenIn(Strict):

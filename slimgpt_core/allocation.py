@@ -319,12 +319,14 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
 
 def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningPlan,
                      policy: str, percdamp: float, min_group: int, max_group: int,
-                     batch_size: int, device: torch.device, acts: torch.Tensor,
-                     ctx: LayerContext, sensitivity_windows: int = 16) -> PruningPlan:
-    """Measure and allocate (``acts``: the captured layer-0 inputs, left untouched)."""
+                     batch_size: int, device: torch.device,
+                     sensitivity_windows: int = 16) -> PruningPlan:
+    """Measure and allocate: ``base``'s totals over the layers by loss-weighted curves."""
+    from slimgpt_core.layer_io import capture_layer_inputs
+
     sens = output_sensitivity(model, calibration[:sensitivity_windows], device)
+    acts, ctx = capture_layer_inputs(model, calibration, device, batch_size, device)
     max_ratio = min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
-    curves = measure_curves(model, acts.clone(), ctx, sens, base.shape, policy, max_ratio,
+    curves = measure_curves(model, acts, ctx.to(device), sens, base.shape, policy, max_ratio,
                             percdamp, min_group, max_group, batch_size, device)
     return allocate(base, curves, policy)
-

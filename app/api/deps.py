@@ -45,6 +45,7 @@ def _presented_key(request: Request) -> str | None:
 
 
 def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+    key: str | None = None
     if settings.auth_disabled:
         tenant = get_or_create_tenant(session, LOCAL_TENANT)
     else:

@@ -31,6 +31,9 @@
 | SLIMGPT_RETRY_BACKOFF_BASE_S    | 10                               | delay before the retry of a lost job (doubles, jittered) |
 | SLIMGPT_RETRY_BACKOFF_MAX_S     | 600                              | longest delay before a retry                  |
 | SLIMGPT_EMBEDDED_WORKER         | worker.embedded:EmbeddedWorker   | embedded mode: the in-process worker (empty = none) |
+| SLIMGPT_GPU_POOLS               | unset = one pool: the queue, SLIMGPT_WORKER_GPUS GPUs | worker pools `queue=COUNTxTYPE[@GB]`, comma-separated; jobs are routed by `resources` |
+| SLIMGPT_WORKER_GPUS             | 1                                | GPUs a worker may use for one job             |
+| SLIMGPT_STREAM_MODELS           | auto                             | worker: `auto` streams models larger than host memory from disk; `always`, `never` |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_WORKER_MAX_TASKS_PER_CHILD | 1                             | worker: jobs per pool process (0 = no limit)  |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
@@ -39,6 +42,9 @@
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+| SLIMGPT_WORKER_HEARTBEAT_S      | 15                               | worker: fleet-table heartbeat; lost after 3 missed |
+| SLIMGPT_UI_SESSION_TTL_S        | 43200 (12 h)                     | dashboard sign-in lifetime                    |
+| SLIMGPT_UI_COOKIE_SECURE        | unset = only over https          | `Secure` flag on the dashboard session cookie |
 | SLIMGPT_DB_TIMEOUT_S            | 2                                | api: longest wait for the database: connecting, a pooled connection, a lock |
 | SLIMGPT_DB_STATEMENT_TIMEOUT_S  | 10                               | api: Postgres statement_timeout               |
 | SLIMGPT_HEALTH_TIMEOUT_S        | 1.5                              | /readyz: longest wait for each dependency     |
@@ -57,6 +63,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +106,7 @@ class Settings(BaseSettings):
         3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
     job_lease_s: float = Field(120, gt=0)
     runner: str = "worker.runner:run_job"
+    speed_benchmark: bool = True
     # A fresh process per job returns all GPU memory; CPU-only fleets (and tests) may reuse.
     worker_max_tasks_per_child: int = Field(1, ge=0)
 
@@ -111,6 +119,9 @@ class Settings(BaseSettings):
     # Embedded mode only: the in-process worker the API starts ("module:attr"; "" = none).
     # A setting rather than an import so that `app` does not depend on `worker`.
     embedded_worker: str = "worker.embedded:EmbeddedWorker"
+    gpu_pools: str = ""
+    worker_gpus: int = Field(1, ge=1, le=64)
+    stream_models: Literal["auto", "always", "never"] = "auto"
 
     log_json: bool = False
     log_level: str = "INFO"
@@ -118,6 +129,9 @@ class Settings(BaseSettings):
     auto_migrate: bool | None = None
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_poll_s: float = Field(0.5, gt=0)
+    worker_heartbeat_s: float = Field(15.0, gt=0)
+    ui_session_ttl_s: int = Field(12 * 3600, gt=0)
+    ui_cookie_secure: bool | None = None
 
     # Bounded waits (docs/RELIABILITY.md, "Request path"): a request gives up on a dead or hung
     # dependency and answers 503, instead of holding a thread.

@@ -7,18 +7,10 @@ import hashlib
 import httpx
 import pytest
 
-from app.client import ApiError, ConnectionFailed, SlimGPTClient, parse_sse
+from app.client import ApiError, ConnectionFailed, SlimGPTClient
 from app.schemas import JobCreate
 
 from .conftest import ARTIFACTS, free_port
-
-
-def test_parse_sse_handles_ids_events_comments_and_multiline_data():
-    text = "retry: 3000\n\n: heartbeat\n\nid: 1\nevent: progress\ndata: {\"a\":\ndata: 1}\n\n" \
-           "event: end\ndata: {\"state\": \"succeeded\"}\n\n"
-    events = list(parse_sse(iter(text.split("\n"))))
-    assert [(e.id, e.event, e.data) for e in events] == [
-        (1, "progress", {"a": 1}), (None, "end", {"state": "succeeded"})]
 
 
 def test_submit_wait_events_and_download(live_server, api_key, tmp_path):

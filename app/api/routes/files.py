@@ -19,9 +19,9 @@ from starlette.datastructures import UploadFile
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.limits import UploadAllowance, check_upload_total, upload_allowance
 from app.api.middleware import BodyTooLarge
-from app.crud.files import get_file
+from app.crud.files import get_file, list_files
 from app.db.models import UploadedFile, new_id
-from app.schemas import UUID_RE, ErrorOut, FileOut
+from app.schemas import UUID_RE, ErrorOut, FileList, FileOut
 
 log = logging.getLogger("slimgpt.api.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -73,7 +73,7 @@ class _Checker:
             return
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise HTTPException(422, detail=f"file: line {self.line_no} is not valid JSON") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise HTTPException(
@@ -190,6 +190,18 @@ async def upload_file(
 def _file_out(f: UploadedFile) -> FileOut:
     return FileOut(id=f.id, filename=f.filename, format=f.format,  # type: ignore[arg-type]
                    size=f.size, sha256=f.sha256, created_at=f.created_at)
+
+
+@router.get("", response_model=FileList, summary="The tenant's uploaded files, newest first")
+def files_list(
+    tenant: TenantDep,
+    session: SessionDep,
+    sha256: Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$",
+                                        description="only files with this content hash")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> FileList:
+    return FileList(items=[_file_out(f) for f in list_files(session, tenant.id, sha256=sha256,
+                                                             limit=limit)])
 
 
 @router.get("/{file_id}", response_model=FileOut, responses={404: {"model": ErrorOut}},

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.api.probes import Probe
@@ -47,12 +47,22 @@ async def readyz(request: Request) -> Any:
     checks = dict(zip(probes, results))
     if "broker" not in checks:
         checks["broker"] = "embedded (in-process worker)" if state.settings.embedded else "ok"
-    ready = all(not c.startswith("unreachable") for c in checks.values())
+    problem = getattr(state, "cannot_run_jobs", None)
+    if problem:
+        checks["worker"] = f"unavailable: {problem}"
+    elif state.settings.embedded:
+        checks["worker"] = "embedded" if state.embedded_worker is not None else \
+            "none in this process (SLIMGPT_EMBEDDED_WORKER is empty)"
+    ready = all(not c.startswith(("unreachable", "unavailable")) for c in checks.values())
     return JSONResponse(status_code=200 if ready else 503,
                         content={"status": "ready" if ready else "not ready", "checks": checks})
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry),
-                    media_type=CONTENT_TYPE_LATEST)
+def metrics(
+    request: Request,
+    scope: Annotated[Literal["process", "fleet"] | None, Query(
+        description="`process`: this replica's HTTP metrics; `fleet`: jobs, queue and workers "
+        "from the database (the same on every replica); absent: both")] = None,
+) -> Response:
+    return Response(request.app.state.metrics.exposition(scope), media_type=CONTENT_TYPE_LATEST)
