@@ -82,3 +82,4 @@ class CrossAccumulator:
             raise ValueError(f"{self.name}: no calibration tokens reached this layer")
         check_finite(self.sum, self.name)
 
+        return self.sum * (2.0 / self.tokens)
