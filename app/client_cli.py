@@ -35,6 +35,9 @@ from slimgpt_core.cli_args import (
     GpusOpt,
     GqaPolicyOpt,
     HeadRatioOpt,
+    HealModeOpt,
+    HealOpt,
+    HealTokensOpt,
     MinGroupOpt,
     NsamplesOpt,
     PercdampOpt,
@@ -508,6 +511,9 @@ def submit(
     min_gpu_memory_gb: Annotated[float | None, typer.Option(
         "--min-gpu-memory-gb", help="only workers whose GPUs have at least this much memory",
         rich_help_panel="Scale")] = None,
+    heal: HealOpt = False,
+    heal_tokens: HealTokensOpt = None,
+    heal_mode: HealModeOpt = None,
     body_file: BodyOpt = None,
     sets: SetOpt = None,
     idempotency_key: Annotated[str | None, typer.Option(
@@ -546,6 +552,9 @@ def submit(
             "destination": {"hub_repo_id": hub_repo, "private": private,
                             "create_pr": create_pr},
             "resources": {"gpus": gpus, "min_gpu_memory_gb": min_gpu_memory_gb},
+            # `mode` always set, so that a bare --heal survives the dropping of unset options.
+            "heal": ({"tokens": heal_tokens, "mode": heal_mode.value if heal_mode else "lora"}
+                     if heal or heal_tokens or heal_mode else None),
         })
         body = apply_sets(deep_merge(read_body(body_file), flags), sets)
         for field, flag in (("model_id", "--model"), ("target_ratio", "--ratio")):

@@ -107,6 +107,17 @@ GpusOpt = Annotated[int | None, typer.Option(
     "implies --stream)", rich_help_panel="Scale")]
 
 
+HealOpt = Annotated[bool, typer.Option(
+    "--heal", help="after pruning, distil the dense model into the pruned one on calibration "
+    "text", rich_help_panel=HEAL)]
+HealTokensOpt = Annotated[int | None, typer.Option(
+    "--heal-tokens", min=1, help="healing budget in training tokens (default 1,000,000)",
+    rich_help_panel=HEAL)]
+HealModeOpt = Annotated[HealMode | None, typer.Option(
+    "--heal-mode", help="lora (adapters merged afterwards; default) or full (the layer "
+    "weights)", rich_help_panel=HEAL)]
+
+
 def prune(
     model: ModelOpt,
     ratio: RatioOpt,
@@ -162,15 +173,9 @@ def prune(
         "--allocation", help="per-layer widths from the schedule, or redistributed by "
         "measured sensitivity (same size); default: the library's",
         rich_help_panel=PRUNING)] = None,
-    heal: Annotated[bool, typer.Option(
-        "--heal", help="after pruning, distil the dense model into the pruned one on "
-        "calibration text", rich_help_panel=HEAL)] = False,
-    heal_tokens: Annotated[int, typer.Option(
-        "--heal-tokens", min=1, help="healing budget in training tokens",
-        rich_help_panel=HEAL)] = 1_000_000,
-    heal_mode: Annotated[HealMode, typer.Option(
-        "--heal-mode", help="lora (adapters merged afterwards) or full (the layer weights)",
-        rich_help_panel=HEAL)] = HealMode.lora,
+    heal: HealOpt = False,
+    heal_tokens: HealTokensOpt = 1_000_000,
+    heal_mode: HealModeOpt = HealMode.lora,
 ) -> None:
     """Prune a model locally (no service) and write a folder that standard tools load."""
     try:
@@ -188,7 +193,8 @@ def prune(
         no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
         host_memory_gb=host_memory_gb, target=target.value if target else None,
         local_search=local_search, allocation=allocation.value if allocation else None,
-        heal=heal, heal_tokens=heal_tokens, heal_mode=heal_mode.value)
+        heal=heal, heal_tokens=heal_tokens or 1_000_000,
+        heal_mode=(heal_mode or HealMode.lora).value)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]
 
 

@@ -283,7 +283,9 @@ def test_submit_shares_flag_names_with_prune():
     prune = {o for p in commands["prune"].params for o in p.opts}
     submit = {o for p in commands["submit"].params for o in p.opts}
     local_only = {"--out", "--batch-size", "--device", "--dtype", "--offload-activations",
-                  "--checkpoint-dir", "--no-verify", "--stream", "--dry-run", "--host-memory-gb"}
+                  "--checkpoint-dir", "--no-verify", "--stream", "--dry-run", "--host-memory-gb",
+                  # algorithm options the service picks itself (its defaults are the measured best)
+                  "--target", "--local-search", "--allocation"}
     assert prune - local_only <= submit, sorted(prune - local_only - submit)
 
 
@@ -399,3 +401,13 @@ def test_submit_asking_for_more_gpus_than_any_worker_has_says_why(cli):
     code, _out, err = cli("submit", "--model", "test/ok", "--ratio", "0.2", "--gpus", "2")
     assert code != EXIT_OK
     assert "fewer than 2 GPUs" in err
+
+
+def test_submit_heal_flags_become_the_jobs_heal(cli):
+    code, out, err = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.2", "--heal")
+    assert code == EXIT_OK, err
+    assert json.loads(out)["request"]["heal"] == {"tokens": 1_000_000, "mode": "lora"}
+    code, out, err = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.2",
+                         "--heal-tokens", "50000", "--heal-mode", "full")
+    assert code == EXIT_OK, err
+    assert json.loads(out)["request"]["heal"] == {"tokens": 50_000, "mode": "full"}
