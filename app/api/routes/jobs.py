@@ -9,16 +9,18 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.errors import DATABASE_UNAVAILABLE
@@ -47,6 +49,8 @@ log = logging.getLogger("slimgpt.api.jobs")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such job for this API key"}}
+#: How long an SSE client waits before reconnecting (the stream's `retry:` field).
+SSE_RETRY_MS = 3000
 #: Event sequence numbers are 32-bit integers in the database.
 MAX_EVENT_SEQ = 2**31 - 1
 
@@ -279,6 +283,11 @@ def _event_dict(ev: JobEvent) -> dict[str, Any]:
     return EventOut.model_validate(ev, from_attributes=True).model_dump(mode="json")
 
 
+def _sse(data: Any = None, **fields: Any) -> ServerSentEvent:
+    # LF line ends (sse-starlette defaults to CRLF): the framing every earlier client saw.
+    return ServerSentEvent(data, sep="\n", **fields)
+
+
 def _last_event_id(request: Request, query_value: int | None) -> int:
     header = request.headers.get("last-event-id")
     if header is not None and header.strip():
@@ -326,12 +335,14 @@ def job_events(
             revoked = check_key and key_id is not None and not api_key_active(s, key_id)
             return state, events, revoked
 
-    async def stream() -> Any:
+    async def stream() -> AsyncIterator[ServerSentEvent]:
         # The state is read before the events: finish_job commits the final event together with
         # the terminal state, so once a terminal state is seen the events query has them all.
+        # Heartbeats (comments) come from sse-starlette's ping; it also ends this generator when
+        # the client disconnects.
         last = after
-        yield "retry: 3000\n\n"
-        beat = key_checked = time.monotonic()
+        yield _sse(retry=SSE_RETRY_MS)
+        key_checked = time.monotonic()
         while True:
             # The key is checked again once per heartbeat period: a revoked key ends the stream.
             check_key = time.monotonic() - key_checked >= settings.sse_heartbeat_s
@@ -341,31 +352,28 @@ def job_events(
                 # Ends without `end`: the client reconnects with Last-Event-ID (503 until the
                 # database is back) and misses nothing.
                 log.warning("event stream of job %s ended: database unavailable", job_id)
-                yield ": database unavailable\n\n"
+                yield _sse(comment="database unavailable")
                 return
             if check_key:
                 key_checked = time.monotonic()
             if revoked:
                 # Ends without `end` as well: the client's reconnect gets its 401.
-                yield ": API key revoked\n\n"
+                yield _sse(comment="API key revoked")
                 return
             for ev in events:
                 last = ev["seq"]
-                yield f"id: {ev['seq']}\nevent: {'state' if ev['state'] in TERMINAL_STATES else 'progress'}\ndata: {json.dumps(ev)}\n\n"
-            if events:
-                beat = time.monotonic()
+                yield _sse(
+                    json.dumps(ev), id=str(ev["seq"]),
+                    event="state" if ev["state"] in TERMINAL_STATES else "progress")
             if state is None or (state in TERMINAL_STATES and len(events) < 500):
-                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+                yield _sse(json.dumps({"state": state}), event="end")
                 return
-            if await request.is_disconnected():
-                return
-            if time.monotonic() - beat >= settings.sse_heartbeat_s:
-                yield ": heartbeat\n\n"
-                beat = time.monotonic()
             await asyncio.sleep(settings.sse_poll_s)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(
+        stream(), ping=settings.sse_heartbeat_s, sep="\n",
+        ping_message_factory=lambda: _sse(comment="heartbeat"),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=NOT_FOUND,
