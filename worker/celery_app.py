@@ -26,6 +26,7 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from app.core.logging import adopt_handlers
 from app.db.session import forget_inherited_connections
 from worker import fleet
 from worker.redact import install_redaction
@@ -114,7 +115,11 @@ def worker_argv(settings: WorkerSettings, *, hostname: str | None = None) -> lis
 
 
 def _redact_celery_logs(logger: logging.Logger | None = None, **_: Any) -> None:
-    install_redaction(logger)
+    """Celery built its handlers: our format (JSON under SLIMGPT_LOG_JSON=1) and redaction."""
+    if logger is None:
+        install_redaction()
+        return
+    adopt_handlers(logger, WorkerSettings().log_json)
 
 
 def _forward_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:

@@ -8,6 +8,7 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.api.errors import DATABASE_UNAVAILABLE
+from app.api.errors import DATABASE_UNAVAILABLE, ApiProblem
 from app.api.limits import check_queued_jobs
 from app.api.resolve import resolve_model
 from app.core.faults import crash_point
@@ -39,6 +40,7 @@ from app.schemas import (
     ArtifactOut,
     ErrorOut,
     EventOut,
+    IsoDateTime,
     JobCreate,
     JobList,
     JobOut,
@@ -78,6 +80,7 @@ def job_out(job: Job) -> JobOut:
         metrics=job.metrics,
         result=job.result,
         error=job.error,
+        error_code=job_error_code(job),
         request=job.request,
         links={
             "self": f"/v1/jobs/{job.id}",
@@ -86,6 +89,25 @@ def job_out(job: Job) -> JobOut:
             "cancel": f"/v1/jobs/{job.id}/cancel",
         },
     )
+
+
+_CODE_PREFIX = re.compile(r"^([a-z][a-z0-9_]{1,63}): ")
+
+
+def job_error_code(job: Job) -> str | None:
+    """The machine-readable code of a failed job: the worker's (``code: message``, also in
+    ``metrics.error_code``); a job whose workers kept dying is ``worker_lost``."""
+    if job.state != "failed":
+        return None
+    code = (job.metrics or {}).get("error_code") if isinstance(job.metrics, dict) else None
+    if isinstance(code, str) and code:
+        return code
+    m = _CODE_PREFIX.match(job.error or "")
+    if m:
+        return m.group(1)
+    if (job.error or "").startswith("worker lost"):
+        return "worker_lost"
+    return "internal_error"
 
 
 def tenant_job(session: Session, tenant: Tenant, job_id: str) -> Job:
@@ -102,8 +124,9 @@ def _body_hash(normalized: dict[str, Any]) -> str:
 
 def _replay(existing: Job, body_hash: str) -> JSONResponse:
     if existing.body_hash != body_hash:
-        raise HTTPException(
-            409, detail="Idempotency-Key was already used with a different request body")
+        raise ApiProblem(
+            409, "Idempotency-Key was already used with a different request body",
+            code="idempotency_conflict")
     return JSONResponse(status_code=202, content=job_out(existing).model_dump(mode="json"),
                         headers={"Idempotent-Replayed": "true", "Location": f"/v1/jobs/{existing.id}"})
 
@@ -129,7 +152,7 @@ def create_job(
 ) -> Any:
     problem = request.app.state.cannot_run_jobs
     if problem:
-        raise HTTPException(503, detail=problem)
+        raise ApiProblem(503, problem, code="cannot_run_jobs")
     source, local_path = resolve_model(settings, body.model_id)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
@@ -238,8 +261,8 @@ def list_jobs(
     state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                      Query()] = None,
     model_id: Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")] = None,
-    created_after: Annotated[datetime | None, Query()] = None,
-    created_before: Annotated[datetime | None, Query()] = None,
+    created_after: Annotated[IsoDateTime | None, Query()] = None,
+    created_before: Annotated[IsoDateTime | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobList:
@@ -272,7 +295,7 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     job = tenant_job(session, tenant, job_id)
     if job.state in ("succeeded", "failed"):
-        raise HTTPException(409, detail=f"job already {job.state}; nothing to cancel")
+        raise ApiProblem(409, f"job already {job.state}; nothing to cancel", code="job_finished")
     session.rollback()
     job = crud.request_cancel(session, job_id)
     assert job is not None
@@ -304,9 +327,22 @@ def _last_event_id(request: Request, query_value: int | None) -> int:
 
 @router.get(
     "/{job_id}/events",
-    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}, "application/json": {}},
-                                  "description": "SSE stream (or a JSON list with "
-                                  "`Accept: application/json`)"}},
+    response_model=list[EventOut],
+    responses={**NOT_FOUND, 200: {
+        "content": {"text/event-stream": {"schema": {
+            "type": "object",
+            "description": "One Server-Sent Event: `retry` once first; then `progress` and "
+            "`state` (terminal) events whose `id` is the event's `seq` and whose `data` is an "
+            "EventOut as JSON; `: heartbeat` comments while nothing happens; last an `end` "
+            "event with `{\"state\": ...}`",
+            "properties": {
+                "event": {"type": "string", "enum": ["progress", "state", "end"]},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+                "retry": {"type": "integer"},
+            }}}},
+        "description": "Server-Sent Events; with `Accept: application/json` (and not "
+        "text/event-stream), the events so far as a JSON list"}},
     summary="Live job events (Server-Sent Events), resumable with Last-Event-ID",
 )
 def job_events(
@@ -388,7 +424,11 @@ def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> Artif
     ])
 
 
-@router.get("/{job_id}/artifacts/{name:path}", responses=NOT_FOUND,
+@router.get("/{job_id}/artifacts/{name:path}",
+            responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}},
+                "description": "the file; `X-Content-SHA256` is its SHA-256",
+                "headers": {"X-Content-SHA256": {"schema": {"type": "string"}}}}},
             response_class=FileResponse, summary="Download one artifact (streamed)")
 def download_artifact(job_id: str, name: str, tenant: TenantDep, session: SessionDep,
                       settings: SettingsDep) -> FileResponse:
