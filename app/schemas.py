@@ -414,7 +414,6 @@ class Problem(BaseModel):
     detail: str = Field(..., description="what went wrong, for people")
     code: str = Field(..., description="what went wrong, for programs (stable)",
                       examples=["invalid_request"])
-    instance: str | None = Field(None, description="the request path")
     errors: list[ProblemFieldError] | None = Field(None, description="invalid inputs "
                                                    "(422), one per field")
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -78,7 +78,7 @@ RETRY_AFTER_S = 5
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
 
 
-class ApiProblem(StarletteHTTPException):
+class ApiProblem(HTTPException):
     """An HTTP error with its own ``code`` (and optional per-field ``errors``)."""
 
     def __init__(self, status: int, detail: str, *, code: str | None = None,
@@ -99,8 +99,6 @@ def problem_body(status: int, detail: str, *, code: str | None = None,
         title = "Error"
     body: dict[str, Any] = {"type": f"urn:slimgpt:error:{code}", "title": title,
                             "status": status, "detail": detail, "code": code}
-    if instance:
-        body["instance"] = instance
     if errors:
         body["errors"] = errors
     return body

@@ -120,6 +120,8 @@ async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
         "text/plain": {"schema": {"type": "string", "minLength": 1,
                                   "description": "UTF-8 text (jsonl: one JSON object with a "
                                   "`text` field per line)"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                "description": "the same, as raw bytes"}},
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["file"], "additionalProperties": False,
             "properties": {"file": {"type": "string", "format": "binary",
