@@ -42,6 +42,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """Qualified name of the decoder-layer list (``model.layers``): the key prefix of every
+    layer's tensors in a checkpoint."""
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise TypeError("the decoder layers are not a submodule of the model")
+
+
 def check_uniform_attention(model: nn.Module) -> None:
     """Layers must share one attention mask; mixed sliding/full models are not supported."""
     kinds = {getattr(layer, "attention_type", "full_attention") for layer in decoder_layers(model)}
