@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 CHART_FILE = "pruning_chart.png"
 
 
@@ -210,8 +209,8 @@ def render_model_card(
         "| | base | pruned |",
         "|---|---|---|",
         f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |",
-        f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
-        f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |",
+        (f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
+         f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |"),
     ]
     speed = pruning.get("speed") or {}
     if speed.get("prefill_speedup") is not None:
