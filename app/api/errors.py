@@ -46,6 +46,7 @@ API_CODES: dict[str, str] = {
     "job_finished": "the job already ended; it cannot be cancelled",
     "database_unavailable": "the job database did not answer in time; retry after Retry-After",
     "cannot_run_jobs": "this server has no way to run jobs (e.g. no `worker` extra)",
+    "no_worker_pool": "no worker pool can run the job (`resources`); `estimates` say why",
 }
 #: Codes a failed job carries (``JobOut.error_code``): the worker's (worker/errors.py).
 JOB_ERROR_CODES: dict[str, str] = {
@@ -83,15 +84,19 @@ class ApiProblem(HTTPException):
 
     def __init__(self, status: int, detail: str, *, code: str | None = None,
                  errors: list[dict[str, Any]] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None,
+                 extensions: Mapping[str, Any] | None = None) -> None:
         super().__init__(status, detail=detail, headers=dict(headers) if headers else None)
         self.code = code or CODE_FOR_STATUS.get(status, "error")
         self.errors = errors
+        #: RFC 9457 extension members: more about this problem, beside the standard ones.
+        self.extensions = dict(extensions or {})
 
 
 def problem_body(status: int, detail: str, *, code: str | None = None,
                  errors: list[dict[str, Any]] | None = None,
-                 instance: str | None = None) -> dict[str, Any]:
+                 instance: str | None = None,
+                 extensions: Mapping[str, Any] | None = None) -> dict[str, Any]:
     code = code or CODE_FOR_STATUS.get(status, "error")
     try:
         title = HTTPStatus(status).phrase
@@ -101,14 +106,17 @@ def problem_body(status: int, detail: str, *, code: str | None = None,
                             "status": status, "detail": detail, "code": code}
     if errors:
         body["errors"] = errors
+    for key, value in (extensions or {}).items():
+        body.setdefault(key, value)
     return body
 
 
 def problem(status: int, detail: str, *, code: str | None = None,
             errors: list[dict[str, Any]] | None = None, instance: str | None = None,
-            headers: Mapping[str, str] | None = None) -> JSONResponse:
+            headers: Mapping[str, str] | None = None,
+            extensions: Mapping[str, Any] | None = None) -> JSONResponse:
     return JSONResponse(problem_body(status, detail, code=code, errors=errors,
-                                     instance=instance),
+                                     instance=instance, extensions=extensions),
                         status_code=status, media_type=PROBLEM_JSON,
                         headers=dict(headers) if headers else None)
 
@@ -195,7 +203,8 @@ async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONRes
             errors = [{"pointer": "#/" + m.group(1).replace(".", "/"), "detail": m.group(2),
                        "type": "value_error"}]
     return problem(exc.status_code, detail, code=code, errors=errors,
-                   instance=request.url.path, headers=headers or None)
+                   instance=request.url.path, headers=headers or None,
+                   extensions=getattr(exc, "extensions", None))
 
 
 def database_unavailable(request: Request) -> JSONResponse:

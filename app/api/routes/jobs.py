@@ -236,8 +236,8 @@ def _check_resources(body: JobCreate, settings: Any, local_path: Path | None) ->
         route(body.model_dump(mode="json"), pools_from_settings(settings),
               local_config(local_path))
     except NoWorkerPool as err:
-        raise HTTPException(422, detail={"msg": f"resources: {err}",
-                                         "estimates": err.estimates}) from None
+        raise ApiProblem(422, f"resources: {err}", code="no_worker_pool",
+                         extensions={"estimates": err.estimates}) from None
 
 
 def _encode_cursor(job: Job) -> str:
