@@ -23,16 +23,13 @@ from torch import nn
 from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
 from slimgpt_core.compact import compact_attention, compact_mlp
+from slimgpt_core.families import Family, family_for_config
 from slimgpt_core.heads import prune_heads
 from slimgpt_core.hessian import HessianAccumulator
 from slimgpt_core.layer_io import (
     LayerContext,
-    attention_block,
     capture_layer_inputs,
-    check_uniform_attention,
-    decoder_layers,
-    ffn_block,
-    ffn_hidden,
+    contexts_to,
     micro_batches,
 )
 from slimgpt_core.modeling_slimgpt import resize_layer
@@ -167,6 +164,11 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config.to_dict())
 
 
+def model_family(model: nn.Module) -> Family:
+    """The family adapter of ``model`` (raises for a model type without one)."""
+    return family_for_config(model.config)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -233,26 +235,29 @@ def _prune_layer(
     device: torch.device,
     clock: _Clock,
     emit: Callable[[str, str, dict[str, float]], None],
+    *,
+    family: Family,
 ) -> LayerReport:
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
+    o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
     n = acts.shape[0]
     batches = list(micro_batches(n, config.batch_size))
 
     # 1. Attention: Hessian of o_proj's input, then batched greedy head removal.
     emit("attention", f"layer {lp.index}: attention Hessian", {})
-    h_attn = HessianAccumulator(attn.o_proj.in_features, device)
-    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
+    h_attn = HessianAccumulator(o_proj.in_features, device)
+    hook = o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
     try:
         with _Phase(clock, seconds, "attn_pass", device):
             for sl in batches:
-                attention_block(layer, acts[sl].to(device), ctx)
+                family.attention_block(layer, acts[sl].to(device), ctx)
     finally:
         hook.remove()
     with _Phase(clock, seconds, "hessian_finalize", device):
         H = h_attn.hessian()
     with _Phase(clock, seconds, "heads", device):
-        W0 = attn.o_proj.weight.detach().float()
+        W0 = o_proj.weight.detach().float()
         W = W0.clone()
         heads = prune_heads(
             W, _selection_hessian(H, config.method), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
@@ -266,24 +271,25 @@ def _prune_layer(
         attn_err_nc = output_error(W0, W0.masked_fill(pruned_cols[None, :], 0.0), H)
         attn_err = output_error(W0, W, H)
         if config.compact:
-            compact_attention(attn, heads.kept_heads, heads.kept_kv_heads, heads.kv_index, W)
+            compact_attention(attn, family.layout.as_dict(), heads.kept_heads,
+                              heads.kept_kv_heads, heads.kv_index, W)
         else:
-            attn.o_proj.weight.data.copy_(W)
+            o_proj.weight.data.copy_(W)
         del W0, W, H
     emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads",
          {"attn_error": attn_err, "attn_error_uncompensated": attn_err_nc})
 
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
-    h_ffn = HessianAccumulator(mlp.down_proj.in_features, device)
+    h_ffn = HessianAccumulator(down_proj.in_features, device)
     with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
-            h = attention_block(layer, acts[sl].to(device), ctx)
+            h = family.attention_block(layer, acts[sl].to(device), ctx)
             residual[sl] = h.to(residual.device)
-            h_ffn.add(ffn_hidden(layer, h))
+            h_ffn.add(family.ffn_hidden(layer, h))
     with _Phase(clock, seconds, "hessian_finalize", device):
         H = h_ffn.hessian()
     with _Phase(clock, seconds, "ffn", device):
-        W0 = mlp.down_proj.weight.detach().float()
+        W0 = down_proj.weight.detach().float()
         W = W0.clone()
         channels = prune_channels(
             W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed, percdamp=config.percdamp,
@@ -295,9 +301,9 @@ def _prune_layer(
         ffn_err_nc = output_error(W0, W0.masked_fill(~kept[None, :], 0.0), H)
         ffn_err = output_error(W0, W, H)
         if config.compact:
-            compact_mlp(mlp, channels.kept_channels, W)
+            compact_mlp(mlp, family.layout.as_dict(), channels.kept_channels, W)
         else:
-            mlp.down_proj.weight.data.copy_(W)
+            down_proj.weight.data.copy_(W)
         del W0, W, H
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
          f"{shape.intermediate_size} channels",
@@ -306,7 +312,7 @@ def _prune_layer(
     # 3. The pruned layer's outputs become the next layer's inputs.
     with _Phase(clock, seconds, "output_pass", device):
         for sl in batches:
-            acts[sl] = ffn_block(layer, residual[sl].to(device)).to(acts.device)
+            acts[sl] = family.ffn_block(layer, residual[sl].to(device)).to(acts.device)
 
     return LayerReport(
         index=lp.index, ratio=lp.ratio,
@@ -322,18 +328,19 @@ def _prune_layer(
 
 @torch.no_grad()
 def _replay_layer(layer: nn.Module, acts: torch.Tensor, ctx: LayerContext, batch_size: int,
-                  device: torch.device) -> None:
+                  device: torch.device, family: Family) -> None:
     """Recompute a finished layer's outputs exactly as :func:`_prune_layer` produced them."""
     for sl in micro_batches(acts.shape[0], batch_size):
-        h = attention_block(layer, acts[sl].to(device), ctx)
-        acts[sl] = ffn_block(layer, h).to(acts.device)
+        h = family.attention_block(layer, acts[sl].to(device), ctx)
+        acts[sl] = family.ffn_block(layer, h).to(acts.device)
 
 
 def _restore_layer(layer: nn.Module, report: dict[str, Any], ckpt: LayerCheckpoints,
-                   compact: bool) -> None:
+                   compact: bool, family: Family) -> None:
     if compact:
-        resize_layer(layer, len(report["heads_kept"]), len(report["kv_heads_kept"]),
-                     len(report["channels_kept"]), report["kv_index"])
+        resize_layer(layer, family.layout.as_dict(), len(report["heads_kept"]),
+                     len(report["kv_heads_kept"]), len(report["channels_kept"]),
+                     report["kv_index"])
     ckpt.load_weights(report["index"], layer)
 
 
@@ -349,11 +356,11 @@ def prune_model(
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise ValueError("calibration must be a non-empty (num_windows, seqlen) tensor of ids")
     model.eval()
-    check_uniform_attention(model)
+    family = model_family(model)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                      config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
-    layers = decoder_layers(model)
+    layers = family.decoder_layers(model)
     n_layers = len(layers)
     device = _resolve_device(config.device)
     if _should_be_resident(model, device, config.resident):
@@ -382,13 +389,13 @@ def prune_model(
         done = min(ckpt.finished_layers(), n_layers)
         for i in range(done):
             report = ckpt.load_report(i)
-            _restore_layer(layers[i], report, ckpt, config.compact)
+            _restore_layer(layers[i], report, ckpt, config.compact, family)
             reports.append(LayerReport(**report))
 
     emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
     t0 = time.perf_counter()
-    acts, ctx = capture_layer_inputs(model, calibration, device, config.batch_size, store)
-    ctx = ctx.to(device)
+    acts, contexts = capture_layer_inputs(model, calibration, device, config.batch_size, store)
+    contexts = contexts_to(contexts, device)
     clock.add("capture", time.perf_counter() - t0)
     residual = torch.empty_like(acts)
 
@@ -398,7 +405,7 @@ def prune_model(
         for i in range(done):
             home = next(layers[i].parameters()).device
             layers[i].to(device)
-            _replay_layer(layers[i], acts, ctx, config.batch_size, device)
+            _replay_layer(layers[i], acts, contexts[i], config.batch_size, device, family)
             layers[i].to(home)
         clock.add("replay", time.perf_counter() - t0)
 
@@ -414,8 +421,8 @@ def prune_model(
         def layer_emit(phase: str, message: str, metrics: dict[str, float], _i: int = i) -> None:
             emit(phase, message, metrics, _i)
 
-        report = _prune_layer(layer, plan.layers[i], shape, acts, residual, ctx, config, device,
-                              clock, layer_emit)
+        report = _prune_layer(layer, plan.layers[i], shape, acts, residual, contexts[i], config,
+                              device, clock, layer_emit, family=family)
         t0 = time.perf_counter()
         layer.to(home)
         clock.add("transfer", time.perf_counter() - t0)
