@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.api.resolve import resolve_model
+from app.api.resolve import check_local_family, resolve_model
 from app.crud import jobs as crud
 from app.crud.files import get_file
 from app.crud.tenants import get_hub_token_row
@@ -118,6 +118,8 @@ def create_job(
         description="same key + same body = same job; same key + other body = 409")] = None,
 ) -> Any:
     source, local_path = resolve_model(settings, body.model_id)
+    if local_path is not None:
+        check_local_family(local_path)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
         f = get_file(session, tenant.id, body.calibration.source)
