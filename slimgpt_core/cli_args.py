@@ -12,7 +12,8 @@ def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "prune",
         help="prune a model locally with SlimGPT and write a loadable folder",
-        description="Prune a Llama-layout model (Hub id, local folder or .gguf file) with "
+        description="Prune a model of a supported family (Llama, Mistral, Qwen2/3, Gemma 2/3, "
+        "Phi-3/4, OLMo-2, Granite; Hub id, local folder or .gguf file) with "
         "SlimGPT and write a Hugging Face folder that standard tools load.",
     )
     p.add_argument("--model", required=True, help="Hub id, local HF folder, or .gguf file")

@@ -82,7 +82,8 @@ class ExportReport:
 def _layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ExportError(f"{type(model).__name__} is not a Llama-layout causal LM")
+        raise ExportError(f"{type(model).__name__} is not a decoder-only causal LM "
+                          "(expected model.model.layers)")
     return layers
 
 
