@@ -85,10 +85,18 @@ class DestinationSpec(Strict):
 
 
 class EvaluateSpec(Strict):
-    perplexity: bool = True
+    perplexity: bool = Field(True, description="measure perplexity before and after pruning")
     eval_source: str | None = Field(
-        None, description="`wikitext2`, `c4` or an uploaded file id; default wikitext2"
+        None, description="`wikitext2` (default: the test split of Salesforce/wikitext, "
+        "wikitext-2-raw-v1), `c4` (the validation shard 0 of allenai/c4) or the id of a file "
+        "uploaded with POST /v1/files; fetched and cached like calibration data",
+        examples=["wikitext2"],
     )
+    num_windows: int = Field(16, ge=1, le=4096,
+                             description="evaluation windows (consecutive, non-overlapping)")
+    seq_len: int = Field(512, ge=16, le=32768,
+                         description="tokens per evaluation window (capped at the model's "
+                         "context length)")
 
     @field_validator("eval_source")
     @classmethod
@@ -275,6 +283,10 @@ class FileOut(BaseModel):
     size: int
     sha256: str
     created_at: datetime
+
+
+class FileList(BaseModel):
+    items: list[FileOut]
 
 
 class HubTokenIn(Strict):

@@ -51,6 +51,22 @@ def supported_model_types() -> tuple[str, ...]:
 
     return registered()
 
+#: Largest accepted value of each dimension. Far above any released model (the deepest have
+#: ~130 layers; hidden sizes reach ~25k, vocabularies ~260k), yet small enough that a plan is
+#: cheap to compute: the dry run answers an HTTP request, and its cost grows with the layers.
+DIMENSION_LIMITS: dict[str, int] = {
+    "num_layers": 512,
+    "hidden_size": 1 << 20,
+    "num_heads": 1 << 14,
+    "num_kv_heads": 1 << 14,
+    "head_dim": 1 << 16,
+    "intermediate_size": 1 << 22,
+    "vocab_size": 1 << 24,
+}
+#: The schedule solver stops bisecting once r_last is known to this precision: plans whose
+#: r_last differ by less remove the same units in every layer but in freak cases.
+SOLVER_PRECISION = 1e-10
+
 
 class PlanError(ValueError):
     """A pruning plan cannot be made for this model and these settings."""
@@ -83,10 +99,14 @@ class ModelShape:
     heads_divide_hidden: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "vocab_size"):
-            if getattr(self, name) <= 0:
-                raise PlanError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        for name, limit in DIMENSION_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise PlanError(f"model config: {name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise PlanError(f"model config: {name} must be positive, got {value}")
+            if value > limit:
+                raise PlanError(f"model config: {name} is {value}, more than the {limit} supported")
         if self.num_heads % self.num_kv_heads:
             raise PlanError(
                 f"model config: {self.num_heads} attention heads are not a multiple of "
@@ -113,7 +133,8 @@ class ModelShape:
             shape = cls(**family.shape_fields(config))
         except KeyError as missing:
             raise PlanError(f"model config lacks {missing.args[0]!r}") from None
-        except (TypeError, ValueError, ZeroDivisionError) as bad:
+        except (TypeError, ValueError, ArithmeticError) as bad:
+            # ArithmeticError: a zero head count (division), or 1e400 read as infinity.
             if isinstance(bad, PlanError):
                 raise
             raise PlanError(f"model config has a malformed field: {bad}") from None
@@ -394,7 +415,7 @@ def make_plan(
             f"(at most {_removed_share(layers_for(hi)[1]):.3f} for this model); lower it or use "
             "a flatter schedule"
         )
-    for _ in range(60):
+    while hi - lo > SOLVER_PRECISION:
         mid = (lo + hi) / 2
         if _removed_share(layers_for(mid)[1]) < target_ratio:
             lo = mid

@@ -8,7 +8,9 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy.orm import Session
 
+from app.api.limits import check_request_rate
 from app.core.config import Settings
+from app.core.security import parse_api_key
 from app.crud.tenants import authenticate, get_or_create_tenant
 from app.db.models import Tenant
 
@@ -43,6 +45,7 @@ def _presented_key(request: Request) -> str | None:
 
 
 def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+    key: str | None = None
     if settings.auth_disabled:
         tenant = get_or_create_tenant(session, LOCAL_TENANT)
     else:
@@ -54,9 +57,12 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
                 detail="missing or invalid API key: send `Authorization: Bearer <key>`",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        # The key's id, for checks during long requests (an SSE stream ends when it is revoked).
+        request.state.api_key_id = parse_api_key(key)  # type: ignore[arg-type]
     session.expunge(tenant)  # keep its loaded fields: the rollback below would expire them
     session.rollback()  # end the read transaction before the route's work
     request.state.tenant_id = tenant.id
+    check_request_rate(session, tenant.id, settings)
     return tenant
 
 

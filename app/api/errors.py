@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("slimgpt.api")
@@ -50,6 +52,27 @@ async def http_handler(request: Request, exc: StarletteHTTPException) -> JSONRes
                         headers=getattr(exc, "headers", None))
 
 
+#: What a client should wait before retrying when a dependency is down (seconds).
+RETRY_AFTER_S = 5
+#: The database did not answer, or not in time: a connection refused or lost, a connect, lock
+#: or statement timeout (OperationalError), a broken connection (InterfaceError), no pooled
+#: connection free within the pool timeout (TimeoutError).
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def database_unavailable(request: Request) -> JSONResponse:
+    return JSONResponse(status_code=503,
+                        content={"detail": "the database is unavailable; try again later"},
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def database_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Not an error of this process: one line, no traceback (an outage logs it per request).
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path,
+                type(getattr(exc, "orig", None) or exc).__name__)
+    return database_unavailable(request)
+
+
 async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(status_code=500, content={"detail": "internal server error"})
@@ -58,4 +81,6 @@ async def unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, http_handler)  # type: ignore[arg-type]
+    for exc_class in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, database_handler)
     app.add_exception_handler(Exception, unhandled_handler)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -76,27 +79,70 @@ async def _send_json(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class RouteTemplates:
+    """Path -> route template (``/v1/jobs/{job_id}``) for requests that never reached the
+    router (a 413 from the body limit) or a mount that the router does not record in the
+    scope. Built from the routers the app includes."""
+
+    def __init__(self, routes: Sequence[Any] = (), mounts: Sequence[str] = (),
+                 paths: Sequence[str | None] = ()) -> None:
+        self.routes = [(r.path_regex, str(r.path)) for r in routes
+                       if getattr(r, "path_regex", None) is not None and getattr(r, "path", None)]
+        self.routes += [(re.compile(f"^{re.escape(p)}$"), p) for p in paths if p]
+        self.mounts = [m.rstrip("/") for m in mounts]
+
+    def lookup(self, path: str) -> str | None:
+        for mount in self.mounts:
+            if path.startswith(mount + "/"):
+                return f"{mount}/{{path}}"
+        return next((template for regex, template in self.routes if regex.match(path)), None)
+
+
+def route_template(scope: Scope, templates: RouteTemplates | None = None) -> str:
+    """The matched route's path template, never the raw path, so label values stay few;
+    ``unmatched`` only for paths no route serves."""
+    route = scope.get("route")
+    if isinstance(route, Mount):  # static files: one series for the whole folder
+        return f"{route.path.rstrip('/')}/{{path}}"
+    path = getattr(route, "path", None)
+    if path:
+        return str(path)
+    found = templates.lookup(scope.get("path", "")) if templates is not None else None
+    return found or "unmatched"
+
+
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Any) -> None:
+    """Counts every request by route template; observes latency except for event streams,
+    which are tracked as open streams instead."""
+
+    def __init__(self, app: ASGIApp, metrics: Any, templates: RouteTemplates | None = None
+                 ) -> None:
         self.app = app
         self.metrics = metrics
+        self.templates = templates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
+        state: dict[str, Any] = {"code": 500, "stream": None}
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["code"] = message["status"]
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if content_type.startswith(b"text/event-stream"):
+                    state["stream"] = route_template(scope, self.templates)
+                    self.metrics.streams.labels(state["stream"]).inc()
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(scope.get("method", "GET"), template, status["code"],
-                                         time.perf_counter() - start)
+            if state["stream"] is not None:
+                self.metrics.streams.labels(state["stream"]).dec()
+            self.metrics.observe_request(scope.get("method", "GET"),
+                                         route_template(scope, self.templates),
+                                         state["code"], time.perf_counter() - start,
+                                         stream=state["stream"] is not None)

@@ -32,8 +32,12 @@ def resolve_model(settings: Settings, model_id: str, field: str = "model_id") ->
     root_setting = settings.local_models_dir
     if root_setting is not None:
         root = Path(root_setting).resolve()
-        candidate = (root / model_id).resolve()
-        if candidate.exists():
+        try:
+            candidate = (root / model_id).resolve()
+            exists = candidate.exists()
+        except OSError:  # e.g. a name longer than the filesystem allows: not a local model
+            exists = False
+        if exists:
             if candidate != root and root not in candidate.parents:
                 raise _unprocessable(
                     field, "path escapes the local models root (SLIMGPT_LOCAL_MODELS_DIR)")

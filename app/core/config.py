@@ -39,6 +39,16 @@
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+| SLIMGPT_WORKER_HEARTBEAT_S      | 15                               | worker: fleet-table heartbeat; lost after 3 missed |
+| SLIMGPT_UI_SESSION_TTL_S        | 43200 (12 h)                     | dashboard sign-in lifetime                    |
+| SLIMGPT_UI_COOKIE_SECURE        | unset = only over https          | `Secure` flag on the dashboard session cookie |
+| SLIMGPT_DB_TIMEOUT_S            | 2                                | api: longest wait for the database: connecting, a pooled connection, a lock |
+| SLIMGPT_DB_STATEMENT_TIMEOUT_S  | 10                               | api: Postgres statement_timeout               |
+| SLIMGPT_HEALTH_TIMEOUT_S        | 1.5                              | /readyz: longest wait for each dependency     |
+| SLIMGPT_RATE_LIMIT_PER_MINUTE   | 600                              | API requests per tenant per minute, all replicas together (0 = no limit) |
+| SLIMGPT_RATE_LIMIT_BURST        | 100                              | requests a tenant may send at once before the rate applies |
+| SLIMGPT_MAX_QUEUED_JOBS_PER_TENANT | 100                           | queued jobs per tenant; more submissions get 429 (0 = no limit) |
+| SLIMGPT_UPLOAD_BYTES_PER_DAY    | 10737418240 (10 GiB)             | upload bytes per tenant in any 24 h (0 = no limit) |
 
 The API and the workers read this one class (``worker.settings.WorkerSettings`` derives from it
 and only adds checks), so every variable means the same thing in both processes.
@@ -111,6 +121,21 @@ class Settings(BaseSettings):
     auto_migrate: bool | None = None
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_poll_s: float = Field(0.5, gt=0)
+    worker_heartbeat_s: float = Field(15.0, gt=0)
+    ui_session_ttl_s: int = Field(12 * 3600, gt=0)
+    ui_cookie_secure: bool | None = None
+
+    # Bounded waits (docs/RELIABILITY.md, "Request path"): a request gives up on a dead or hung
+    # dependency and answers 503, instead of holding a thread.
+    db_timeout_s: float = Field(2.0, gt=0)
+    db_statement_timeout_s: float = Field(10.0, gt=0)
+    health_timeout_s: float = Field(1.5, gt=0)
+    # Per-tenant limits (429 + Retry-After), counted in the database so that every API replica
+    # shares them. 0 turns a limit off.
+    rate_limit_per_minute: int = Field(600, ge=0)
+    rate_limit_burst: int = Field(100, ge=1)
+    max_queued_jobs_per_tenant: int = Field(100, ge=0)
+    upload_bytes_per_day: int = Field(10 * 1024**3, ge=0)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -84,7 +84,7 @@ def test_the_embedded_worker_tags_the_runner_lines(json_logs, tmp_path):
     w.start()
     assert w.wait_idle(10)
     w.stop()
-    db_session._engines.pop(str(settings.database_url)).dispose()
+    db_session.dispose_engines(str(settings.database_url))
     lines = [ln for ln in _lines(json_logs) if ln["logger"] == "worker.runner"]
     assert len(lines) == 1
     assert lines[0]["job_id"] == job_id

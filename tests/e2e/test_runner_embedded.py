@@ -42,6 +42,10 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
         m = job["metrics"]
         assert m["params_after"] < m["params_before"]
         assert m["perplexity_before"] > 1 and m["perplexity_after"] > 1
+        # The result states what was measured.
+        assert m["evaluation"] == {**m["evaluation"], "source": "upload", "file_id": file_id,
+                                   "windows": 4, "seq_len": 32, "tokens": 128,
+                                   "perplexity_after": m["perplexity_after"]}
         assert 0 < m["achieved_ratio"] < 1
         assert set(PHASES) <= set(m["seconds"])
         assert job["progress"]["percent"] == 100.0

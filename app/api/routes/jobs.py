@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,11 +21,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
+<<<<<<< HEAD
 from app.api.resolve import check_local_family, resolve_model
+=======
+from app.api.errors import DATABASE_UNAVAILABLE
+from app.api.limits import check_queued_jobs
+from app.api.resolve import resolve_model
+>>>>>>> main
 from app.core.faults import crash_point
 from app.crud import jobs as crud
 from app.crud.files import get_file
-from app.crud.tenants import get_hub_token_row
+from app.crud.tenants import api_key_active, get_hub_token_row
 from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Artifact, Job, JobEvent, Tenant
 from app.db.notify import job_ready
@@ -45,6 +51,8 @@ log = logging.getLogger("slimgpt.api.jobs")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such job for this API key"}}
+#: Event sequence numbers are 32-bit integers in the database.
+MAX_EVENT_SEQ = 2**31 - 1
 
 
 def job_out(job: Job) -> JobOut:
@@ -119,6 +127,9 @@ def create_job(
         alias="Idempotency-Key", min_length=1, max_length=255,
         description="same key + same body = same job; same key + other body = 409")] = None,
 ) -> Any:
+    problem = request.app.state.cannot_run_jobs
+    if problem:
+        raise HTTPException(503, detail=problem)
     source, local_path = resolve_model(settings, body.model_id)
     if local_path is not None:
         check_local_family(local_path)
@@ -148,6 +159,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, body_hash)
 
+    check_queued_jobs(session, tenant.id, settings)  # locks the tenant's row until the commit
     now = utcnow()
     job = Job(
         tenant_id=tenant.id,
@@ -161,6 +173,7 @@ def create_job(
         request=normalized,
         idempotency_key=idempotency_key,
         body_hash=body_hash,
+        submitted_by=getattr(request.state, "api_key_id", None),
         phase="queued",
         percent=0.0,
         created_at=now,
@@ -198,13 +211,26 @@ def _encode_cursor(job: Job) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _utc(value: datetime, name: str) -> datetime:
+    """``value`` in UTC (naive = UTC); a date that has no UTC equivalent (year 1 at +14:00,
+    year 9999 at -14:00) is a 422, not an overflow deep in the database driver."""
+    try:
+        return value.astimezone(timezone.utc) if value.tzinfo else value.replace(
+            tzinfo=timezone.utc)
+    except OverflowError:
+        raise HTTPException(422, detail=f"{name}: date is out of range") from None
+
+
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(job_id)
+        created_at = datetime.fromisoformat(created)
     except (ValueError, TypeError, binascii.Error, json.JSONDecodeError):
         raise HTTPException(422, detail="cursor: invalid pagination cursor") from None
+    if not isinstance(job_id, str) or not UUID_RE.match(job_id):
+        raise HTTPException(422, detail="cursor: invalid pagination cursor")
+    return _utc(created_at, "cursor"), job_id
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first")
@@ -213,7 +239,7 @@ def list_jobs(
     session: SessionDep,
     state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                      Query()] = None,
-    model_id: Annotated[str | None, Query(max_length=512)] = None,
+    model_id: Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")] = None,
     created_after: Annotated[datetime | None, Query()] = None,
     created_before: Annotated[datetime | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -225,9 +251,9 @@ def list_jobs(
     if model_id:
         stmt = stmt.where(Job.model_id == model_id)
     if created_after:
-        stmt = stmt.where(Job.created_at >= created_after)
+        stmt = stmt.where(Job.created_at >= _utc(created_after, "created_after"))
     if created_before:
-        stmt = stmt.where(Job.created_at < created_before)
+        stmt = stmt.where(Job.created_at < _utc(created_before, "created_before"))
     if cursor:
         c_time, c_id = _decode_cursor(cursor)
         stmt = stmt.where(or_(Job.created_at < c_time,
@@ -266,8 +292,9 @@ def _last_event_id(request: Request, query_value: int | None) -> int:
             value = int(header.strip())
         except ValueError:
             raise HTTPException(422, detail="Last-Event-ID must be an event sequence number") from None
-        if value < 0:
-            raise HTTPException(422, detail="Last-Event-ID must not be negative")
+        if not 0 <= value <= MAX_EVENT_SEQ:
+            raise HTTPException(
+                422, detail=f"Last-Event-ID must be an event sequence number in [0, {MAX_EVENT_SEQ}]")
         return value
     return query_value or 0
 
@@ -284,7 +311,8 @@ def job_events(
     request: Request,
     tenant: TenantDep,
     session: SessionDep,
-    last_event_id: Annotated[int | None, Query(ge=0, description="like the Last-Event-ID header")] = None,
+    last_event_id: Annotated[int | None, Query(
+        ge=0, le=MAX_EVENT_SEQ, description="like the Last-Event-ID header")] = None,
 ) -> Any:
     job = tenant_job(session, tenant, job_id)
     after = _last_event_id(request, last_event_id)
@@ -295,20 +323,38 @@ def job_events(
     factory = request.app.state.session_factory
     settings = request.app.state.settings
 
-    def poll(after_seq: int) -> tuple[str | None, list[dict[str, Any]]]:
+    key_id: str | None = getattr(request.state, "api_key_id", None)
+
+    def poll(after_seq: int, check_key: bool) -> tuple[str | None, list[dict[str, Any]], bool]:
         with factory() as s:
             state = s.scalar(select(Job.state).where(Job.id == job_id))  # state first, see below
             events = [_event_dict(e) for e in crud.list_events(s, job_id, after_seq)]
-            return state, events
+            revoked = check_key and key_id is not None and not api_key_active(s, key_id)
+            return state, events, revoked
 
     async def stream() -> Any:
         # The state is read before the events: finish_job commits the final event together with
         # the terminal state, so once a terminal state is seen the events query has them all.
         last = after
         yield "retry: 3000\n\n"
-        beat = time.monotonic()
+        beat = key_checked = time.monotonic()
         while True:
-            state, events = await run_in_threadpool(poll, last)
+            # The key is checked again once per heartbeat period: a revoked key ends the stream.
+            check_key = time.monotonic() - key_checked >= settings.sse_heartbeat_s
+            try:
+                state, events, revoked = await run_in_threadpool(poll, last, check_key)
+            except DATABASE_UNAVAILABLE:
+                # Ends without `end`: the client reconnects with Last-Event-ID (503 until the
+                # database is back) and misses nothing.
+                log.warning("event stream of job %s ended: database unavailable", job_id)
+                yield ": database unavailable\n\n"
+                return
+            if check_key:
+                key_checked = time.monotonic()
+            if revoked:
+                # Ends without `end` as well: the client's reconnect gets its 401.
+                yield ": API key revoked\n\n"
+                return
             for ev in events:
                 last = ev["seq"]
                 yield f"id: {ev['seq']}\nevent: {'state' if ev['state'] in TERMINAL_STATES else 'progress'}\ndata: {json.dumps(ev)}\n\n"
