@@ -21,13 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
-<<<<<<< HEAD
-from app.api.resolve import check_local_family, resolve_model
-=======
 from app.api.errors import DATABASE_UNAVAILABLE
 from app.api.limits import check_queued_jobs
-from app.api.resolve import resolve_model
->>>>>>> main
+from app.api.resolve import check_local_family, resolve_model
 from app.core.faults import crash_point
 from app.crud import jobs as crud
 from app.crud.files import get_file
