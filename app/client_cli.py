@@ -32,6 +32,7 @@ from slimgpt_core.cli_args import (
     EvalOpt,
     EvalWindowsOpt,
     FfnRatioOpt,
+    GpusOpt,
     GqaPolicyOpt,
     HeadRatioOpt,
     MinGroupOpt,
@@ -503,6 +504,10 @@ def submit(
     create_pr: Annotated[bool | None, typer.Option(
         "--create-pr", help="open a pull request on the Hub repo instead of pushing to main",
         rich_help_panel="Destination")] = None,
+    gpus: GpusOpt = None,
+    min_gpu_memory_gb: Annotated[float | None, typer.Option(
+        "--min-gpu-memory-gb", help="only workers whose GPUs have at least this much memory",
+        rich_help_panel="Scale")] = None,
     body_file: BodyOpt = None,
     sets: SetOpt = None,
     idempotency_key: Annotated[str | None, typer.Option(
@@ -540,6 +545,7 @@ def submit(
                          "num_windows": eval_windows, "seq_len": eval_seqlen},
             "destination": {"hub_repo_id": hub_repo, "private": private,
                             "create_pr": create_pr},
+            "resources": {"gpus": gpus, "min_gpu_memory_gb": min_gpu_memory_gb},
         })
         body = apply_sets(deep_merge(read_body(body_file), flags), sets)
         for field, flag in (("model_id", "--model"), ("target_ratio", "--ratio")):

@@ -108,6 +108,14 @@ class EvaluateSpec(Strict):
         )
 
 
+class ResourcesSpec(Strict):
+    gpus: int = Field(1, ge=1, le=8, description="GPUs of one host the job runs on (one job, "
+                      "calibration windows split across them)")
+    min_gpu_memory_gb: float | None = Field(
+        None, gt=0, le=1024, description="only run on workers whose GPUs have at least this "
+        "much memory")
+
+
 ScheduleSpec = (
     Literal["log", "linear", "uniform"]
     | Annotated[list[Ratio], Field(min_length=1, max_length=1024)]
@@ -166,6 +174,10 @@ class JobCreate(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     destination: DestinationSpec = Field(default_factory=DestinationSpec)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="what the job needs; it is routed to a worker pool that has it, or refused "
+        "at submission with the estimate that says why")
 
     @field_validator("revision")
     @classmethod
@@ -208,6 +220,9 @@ class EstimateRequest(Strict):
     schedule: ScheduleSpec = "log"
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    resources: ResourcesSpec | None = Field(
+        None, description="also say which worker pool would run a job with these resources")
 
     @model_validator(mode="after")
     def _one_source(self) -> EstimateRequest:

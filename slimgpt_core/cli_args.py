@@ -38,6 +38,7 @@ assert {p.value for p in GqaPolicy} == set(GQA_POLICIES)
 
 PRUNING = "Pruning"
 DATA = "Calibration and evaluation"
+SCALE = "Scale"
 
 ModelOpt = Annotated[str, typer.Option("--model", help="Hub repo id, local model folder, or "
                                        ".gguf file")]
@@ -85,13 +86,16 @@ SeqlenOpt = Annotated[int | None, typer.Option(
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="sampling seed (default 0)",
                                                 rich_help_panel=DATA)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
+GpusOpt = Annotated[int | None, typer.Option(
+    "--gpus", min=1, help="GPUs of one host the job runs on, one job (default 1; locally it "
+    "implies --stream)", rich_help_panel="Scale")]
 
 
 def prune(
     model: ModelOpt,
     ratio: RatioOpt,
-    out: Annotated[str, typer.Option("--out", help="output folder (must not exist or be "
-                                     "empty)")],
+    out: Annotated[str | None, typer.Option("--out", help="output folder (must not exist or "
+                                            "be empty); not needed with --dry-run")] = None,
     revision: RevisionOpt = None,
     calib: CalibOpt = None,
     eval_file: EvalOpt = None,
@@ -120,6 +124,17 @@ def prune(
         "--no-verify", help="skip reloading the folder in a fresh process to compare "
         "logits")] = False,
     json: JsonOpt = False,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="stream the model layer by layer from its safetensors shards and "
+        "write the output shards as it goes (default: only when the model does not fit in "
+        "host memory)", rich_help_panel=SCALE)] = False,
+    gpus: GpusOpt = 1,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="print the plan and what it needs per GPU type and count (peak "
+        "GPU/host memory, disk, time); load no weights", rich_help_panel=SCALE)] = False,
+    host_memory_gb: Annotated[float | None, typer.Option(
+        "--host-memory-gb", help="host memory to plan with (default: what is available)",
+        rich_help_panel=SCALE)] = None,
 ) -> None:
     """Prune a model locally (no service) and write a folder that standard tools load."""
     try:
@@ -134,7 +149,8 @@ def prune(
         min_group=min_group, batch_size=batch_size, device=device,
         dtype=dtype.value if dtype else None, offload_activations=offload_activations,
         profile=(profile or Profile.hetero).value, checkpoint_dir=checkpoint_dir,
-        no_verify=no_verify, json=json)
+        no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
+        host_memory_gb=host_memory_gb)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]
 
 

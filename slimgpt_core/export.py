@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import platform
 import shutil
 import time
@@ -309,6 +310,65 @@ def _save_weights(model: nn.Module, folder: Path, max_shard_size: str | int) -> 
             setattr(model.config, k, v)
 
 
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link costs nothing and keeps the checkpoint for a retry of the export; across
+    # file systems fall back to a copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _save_streamed_weights(result: Any, folder: Path, max_shard_size: str | int) -> None:
+    """Shards of a streamed result: what lies outside the decoder layers (held by the
+    skeleton) in shards of at most ``max_shard_size``, then one shard per pruned layer, the
+    very files the pruner wrote (hard-linked), and the index over all of them."""
+    from safetensors.torch import save_file
+
+    from slimgpt_core.layer_io import layers_prefix
+    from slimgpt_core.shards import group_by_size, shard_name, write_index
+
+    model = result.model
+    prefix = layers_prefix(model) + "."
+    outside: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefix) or id(tensor) in seen:
+            continue  # layers come from their files; a tied alias is stored once
+        seen.add(id(tensor))
+        if tensor.is_meta:
+            raise ExportError(f"{name} was never loaded (still on the meta device)")
+        outside[name] = tensor.detach()
+    if len(result.layer_files) != len(_layers(model)):
+        raise ExportError(f"the streamed result has {len(result.layer_files)} layer files for "
+                          f"{len(_layers(model))} layers")
+    groups = group_by_size({k: v.numel() * v.element_size() for k, v in outside.items()},
+                           _parse_size(max_shard_size))
+    total = len(groups) + len(result.layer_files)
+    files = []
+    for n, names in enumerate(groups, start=1):
+        path = folder / shard_name(n, total)
+        save_file({k: outside[k].contiguous().cpu() for k in names}, str(path),
+                  metadata={"format": "pt"})
+        files.append(path)
+    for n, src in enumerate(result.layer_files, start=len(groups) + 1):
+        path = folder / shard_name(n, total)
+        _link_or_copy(Path(src), path)
+        files.append(path)
+    write_index(folder, files)
+
+
 def _write_generation_config(model: nn.Module, folder: Path) -> None:
     if (folder / "generation_config.json").exists():
         return
@@ -347,6 +407,7 @@ def export_pruned(
     verify_ids: torch.Tensor | None = None,
     repo_id: str | None = None,
     overwrite: bool = False,
+    verify_logits: torch.Tensor | None = None,
 ) -> ExportReport:
     """Write ``result.model`` (a :class:`~slimgpt_core.pruner.PruneResult`) to ``out_dir``.
 
@@ -354,6 +415,11 @@ def export_pruned(
     ``ppl_before``/``ppl_after``/``dataset``. ``license``: the base model's licence (``other``
     when unknown). ``verify_ids``: token windows for the fresh-process check (default: two
     random windows of 32 tokens). ``repo_id``: the name the loading snippet in the card uses.
+
+    A streamed result (``result.placement == "stream"``: the model is a skeleton whose pruned
+    layers are files) is written from those files, and verified against ``verify_logits``,
+    the logits the pruner computed for ``verify_ids`` (a pruned :class:`Probe`), by a fresh
+    process that loads the folder one layer at a time.
 
     The folder is written under a staging name and renamed into place only when complete (and
     verified, when ``verify``); a failed verification raises :class:`ExportVerificationError`
@@ -377,6 +443,10 @@ def export_pruned(
             raise ExportError(f"layer {r.index}: the pruning report and the model's modules "
                               "disagree on the kept widths (was the model changed after pruning?)")
     architecture = config.architectures[0]
+    streamed = getattr(result, "placement", None) == "stream"
+    if streamed and verify and (verify_ids is None or verify_logits is None):
+        raise ExportError("verifying a streamed result needs verify_ids and verify_logits "
+                          "(the pruned model is not in memory to compute them)")
 
     staging = out_dir.parent / f".{out_dir.name}.partial"
     if staging.exists():
@@ -385,7 +455,10 @@ def export_pruned(
     was_training = model.training
     model.eval()
     try:
-        _save_weights(model, staging, max_shard_size)
+        if streamed:
+            _save_streamed_weights(result, staging, max_shard_size)
+        else:
+            _save_weights(model, staging, max_shard_size)
         config.save_pretrained(staging)  # replaces the dense config save_pretrained wrote
         _write_generation_config(model, staging)
         if profile == "hetero":
@@ -413,7 +486,9 @@ def export_pruned(
                 model.config.vocab_size)
             try:
                 verification = verify_export(staging, model, ids,
-                                             trust_remote_code=(profile == "hetero"))
+                                             trust_remote_code=(profile == "hetero"),
+                                             reference_logits=verify_logits if streamed else None,
+                                             streamed=streamed)
             except ExportVerificationError as err:
                 pcfg["verification"] = {"passed": False, "error": str(err)}
                 write_docs()

@@ -49,6 +49,16 @@ def contexts_to(contexts: list[LayerContext], device: torch.device) -> list[Laye
     return [moved.setdefault(id(c), c.to(device)) for c in contexts]
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """Qualified name of the decoder-layer list (``model.layers``): the key prefix of every
+    layer's tensors in a checkpoint."""
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise TypeError("the decoder layers are not a submodule of the model")
+
+
 @torch.no_grad()
 def capture_layer_inputs(
     model: nn.Module,

@@ -8,6 +8,7 @@ accepted, with an error that lists them otherwise.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,20 @@ def _load_gguf(path: Path, dtype: Any, device: str | None) -> tuple[Any, Any, di
         "gguf_name": meta.get("general.name"),
     }
     return model, tokenizer, info
+
+
+def folder_source_info(folder: Path, revision: str | None = None,
+                       hub_id: str | None = None) -> dict[str, Any]:
+    """``source_info`` of a local folder (or of a Hub snapshot folder of ``hub_id``), read
+    without loading any weights."""
+    config = json.loads((folder / "config.json").read_text())
+    if hub_id is not None:
+        return {"kind": "hub", "ref": hub_id, "base_model_id": hub_id,
+                "revision": folder.name if len(folder.name) == 40 else revision,
+                "requested_revision": revision, "license": _card_license(folder)}
+    return {"kind": "folder", "ref": str(folder),
+            "base_model_id": config.get("_name_or_path") or folder.name,
+            "revision": revision, "license": _card_license(folder)}
 
 
 def load_base_model(

@@ -261,12 +261,10 @@ class JobRunner:
 
     # phases -----------------------------------------------------------------------------------
     def _pipeline(self, job_id: str, token: str | None, ctl: JobControl, state: _State) -> None:
-        import torch
-
         from slimgpt_core.calibration import sample_windows
         from slimgpt_core.export import describe_calibration, export_pruned
-        from slimgpt_core.loading import load_base_model
-        from slimgpt_core.pruner import PruneConfig, PruningCancelled, prune_model
+        from slimgpt_core.pruner import PruneConfig, PruningCancelled
+        from worker.model_handle import open_model, requested_gpus
 
         with self.db() as s:
             job = crud.get_job(s, job_id)
@@ -298,12 +296,18 @@ class JobRunner:
             if resolved.kind == "hub" and resolved.revision:
                 with self.db() as s:
                     crud.set_model_commit(s, job_id, resolved.revision)
-            model, tokenizer, info = load_base_model(str(resolved.path))
+            gpus = requested_gpus(req, self.settings.worker_gpus)
+            handle = open_model(Path(resolved.path), resolved.kind,
+                                stream_setting=self.settings.stream_models, gpus=gpus,
+                                work_dir=job_dir(self.settings, job_id) / "ranks")
+            model, tokenizer, info = handle.model, handle.tokenizer, handle.info
             base_model_id = model_id if resolved.kind == "hub" else (
                 info.get("base_model_id") or model_id)
             base_revision = resolved.revision if resolved.kind == "hub" else info.get("revision")
             num_layers = int(model.config.num_hidden_layers)
-            self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers)",
+            how = (f"streamed from its shards on {gpus} GPU(s)" if handle.streamed
+                   else "in memory")
+            self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers, {how})",
                        num_layers=num_layers, percent=PHASE_PERCENT["loading"] + 4)
 
         # calibrating --------------------------------------------------------------------
@@ -322,10 +326,11 @@ class JobRunner:
                 eval_windows = ev.input_ids
                 self.event(job_id, "calibrating", f"perplexity of the base model on {ev.source} "
                            f"({eval_windows.shape[0]} windows of {eval_windows.shape[1]} "
-                           "tokens)", percent=PHASE_PERCENT["calibrating"] + 2)
-                from slimgpt_core.evaluate import perplexity
-
-                state.metrics["perplexity_before"] = round(perplexity(model, eval_windows), 4)
+                           "tokens)" + (", measured along the pruning pass" if handle.streamed
+                                        else ""), percent=PHASE_PERCENT["calibrating"] + 2)
+                before = handle.perplexity_before(eval_windows)
+                if before is not None:
+                    state.metrics["perplexity_before"] = round(before, 4)
                 state.metrics["evaluation"] = {
                     **ev.describe(),
                     **({"file_id": evaluate.get("eval_source")} if eval_path else {})}
@@ -351,12 +356,15 @@ class JobRunner:
         with phase("pruning", f"pruning {num_layers} layers to target ratio "
                    f"{config.target_ratio}"):
             try:
-                result = _prune_resuming(prune_model, model, windows, config, progress, ckpt,
+                result = _prune_resuming(handle.prune, model, windows, config, progress, ckpt,
                                          self, job_id)
             except PruningCancelled as exc:
                 # The finished layers are checkpointed: lease lost, hand back or cancel.
                 ctl.raise_reason(throttle=False, cause=exc)
                 raise JobCancelled() from exc
+        if handle.streamed and eval_windows is not None:
+            state.metrics["perplexity_before"] = round(
+                handle.probe_perplexity(result, "eval_before"), 4)
         state.metrics.update(params_before=result.params_before, params_after=result.params_after,
                              resumed_from=result.resumed_from,
                              damping_raised=result.damping_raised())
@@ -373,6 +381,7 @@ class JobRunner:
                                                    calibration_path, calib_source, seed),
                 eval_metrics=None, verify=True, license=info.get("license"),
                 repo_id=destination.get("hub_repo_id"), overwrite=True,
+                **handle.export_kwargs(result),
             )
             state.metrics["achieved_ratio"] = report.achieved_ratio
             state.metrics["verification"] = _small(report.verification)
@@ -380,10 +389,8 @@ class JobRunner:
         # evaluating ---------------------------------------------------------------------
         if eval_windows is not None:
             with phase("evaluating", f"perplexity on {eval_windows.shape[0]} windows"):
-                from slimgpt_core.evaluate import perplexity
-
-                with torch.no_grad():
-                    state.metrics["perplexity_after"] = round(perplexity(model, eval_windows), 4)
+                state.metrics["perplexity_after"] = round(
+                    handle.perplexity_after(eval_windows, result), 4)
                 evaluation = state.metrics["evaluation"]
                 evaluation.update(perplexity_before=state.metrics["perplexity_before"],
                                   perplexity_after=state.metrics["perplexity_after"])
@@ -392,7 +399,7 @@ class JobRunner:
                     "ppl_after": state.metrics["perplexity_after"],
                     **evaluation,
                 }, repo_id=destination.get("hub_repo_id"))
-        del model, result
+        del model, result, handle
 
         # publishing ---------------------------------------------------------------------
         with phase("publishing", "publishing the model"):

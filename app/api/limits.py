@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from fastapi import HTTPException
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -76,6 +76,10 @@ def check_request_rate(session: Session, tenant_id: str, settings: Settings,
         where=start + interval - now <= tolerance,
     ).returning(RateLimit.tat)
     try:
+        if session.get_bind().dialect.name == "postgresql":
+            # A counter, not data: losing the last increments in a crash is harmless, so the
+            # commit need not wait for the WAL flush (that wait doubled a request's latency).
+            session.execute(text("SET LOCAL synchronous_commit = off"))
         allowed = session.execute(stmt).first() is not None
         tat = None if allowed else session.scalar(
             select(RateLimit.tat).where(RateLimit.tenant_id == tenant_id,

@@ -35,7 +35,9 @@ def resolve_model(settings: Settings, model_id: str, field: str = "model_id") ->
         try:
             candidate = (root / model_id).resolve()
             exists = candidate.exists()
-        except OSError:  # e.g. a name longer than the filesystem allows: not a local model
+        except (OSError, ValueError):
+            # A name longer than the filesystem allows, or one it cannot encode (a lone
+            # surrogate): not a local model.
             exists = False
         if exists:
             if candidate != root and root not in candidate.parents:

@@ -31,6 +31,9 @@
 | SLIMGPT_RETRY_BACKOFF_BASE_S    | 10                               | delay before the retry of a lost job (doubles, jittered) |
 | SLIMGPT_RETRY_BACKOFF_MAX_S     | 600                              | longest delay before a retry                  |
 | SLIMGPT_EMBEDDED_WORKER         | worker.embedded:EmbeddedWorker   | embedded mode: the in-process worker (empty = none) |
+| SLIMGPT_GPU_POOLS               | unset = one pool: the queue, SLIMGPT_WORKER_GPUS GPUs | worker pools `queue=COUNTxTYPE[@GB]`, comma-separated; jobs are routed by `resources` |
+| SLIMGPT_WORKER_GPUS             | 1                                | GPUs a worker may use for one job             |
+| SLIMGPT_STREAM_MODELS           | auto                             | worker: `auto` streams models larger than host memory from disk; `always`, `never` |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_WORKER_MAX_TASKS_PER_CHILD | 1                             | worker: jobs per pool process (0 = no limit)  |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
@@ -60,6 +63,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -114,6 +118,9 @@ class Settings(BaseSettings):
     # Embedded mode only: the in-process worker the API starts ("module:attr"; "" = none).
     # A setting rather than an import so that `app` does not depend on `worker`.
     embedded_worker: str = "worker.embedded:EmbeddedWorker"
+    gpu_pools: str = ""
+    worker_gpus: int = Field(1, ge=1, le=64)
+    stream_models: Literal["auto", "always", "never"] = "auto"
 
     log_json: bool = False
     log_level: str = "INFO"

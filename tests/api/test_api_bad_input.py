@@ -150,3 +150,27 @@ def test_single_line_jsonl_upload_is_checked_in_linear_time():
     checker.close()
     assert checker.records == 1
     assert time.perf_counter() - start < 5.0
+
+
+# -- found by the second fuzzing round (after the fixes above) --------------------------------
+
+def test_nul_byte_in_an_artifact_name_is_404(client, tenant, submit):
+    job = submit()
+    r = client.get(f"/v1/jobs/{job['id']}/artifacts/%00", headers=tenant.headers)
+    assert r.status_code == 404
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/estimate"])
+def test_model_id_with_a_lone_surrogate_is_422(client, tenant, path):
+    # Valid JSON; Python decodes the escape to a string that no filesystem path can hold.
+    body = b'{"model_id": "\\ud800/x", "target_ratio": 0.2}'
+    r = client.post(path, content=body,
+                    headers={**tenant.headers, "content-type": "application/json"})
+    assert r.status_code == 422 and "model_id" in r.json()["detail"]
+
+
+def test_jsonl_line_nested_too_deeply_is_422(client, tenant):
+    line = b"[" * 30_000 + b"]" * 30_000  # within the tests' 64 KiB upload limit
+    r = client.post("/v1/files", params={"filename": "deep.jsonl"}, content=line,
+                    headers={**tenant.headers, "content-type": "application/x-ndjson"})
+    assert r.status_code == 422 and "line 1" in r.json()["detail"]

@@ -283,7 +283,7 @@ def test_submit_shares_flag_names_with_prune():
     prune = {o for p in commands["prune"].params for o in p.opts}
     submit = {o for p in commands["submit"].params for o in p.opts}
     local_only = {"--out", "--batch-size", "--device", "--dtype", "--offload-activations",
-                  "--checkpoint-dir", "--no-verify"}
+                  "--checkpoint-dir", "--no-verify", "--stream", "--dry-run", "--host-memory-gb"}
     assert prune - local_only <= submit, sorted(prune - local_only - submit)
 
 
@@ -386,3 +386,16 @@ def test_a_missing_extra_is_named_not_a_traceback(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "needs the `worker` extra" in err and "pip install 'slimgpt-service[worker]'" in err
     assert "Traceback" not in err
+
+
+def test_submit_gpus_becomes_the_jobs_resources(cli):
+    code, out, err = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.2",
+                         "--gpus", "1")
+    assert code == EXIT_OK, err
+    assert json.loads(out)["request"]["resources"] == {"gpus": 1, "min_gpu_memory_gb": None}
+
+
+def test_submit_asking_for_more_gpus_than_any_worker_has_says_why(cli):
+    code, _out, err = cli("submit", "--model", "test/ok", "--ratio", "0.2", "--gpus", "2")
+    assert code != EXIT_OK
+    assert "fewer than 2 GPUs" in err

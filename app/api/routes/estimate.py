@@ -48,7 +48,39 @@ def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) ->
     except PlanError as err:
         raise HTTPException(422, detail=str(err)) from None
     plan["export_profile"] = body.export.profile
+    plan["resources"] = _resources(body, config, settings)
     if body.export.profile == "uniform" and not plan.get("uniform_widths", True):
         plan.setdefault("notes", []).append(
             "export profile 'uniform' needs equal widths in every layer; this plan has not")
     return plan
+
+
+def _resources(body: EstimateRequest, config: dict[str, Any],
+               settings: Any) -> dict[str, Any]:
+    """Peak GPU/host memory, disk and predicted time per GPU type and count (cost model
+    fitted on H200 runs), and which worker pool a job with ``body.resources`` would use."""
+    from app.routing import NoWorkerPool, pools_from_settings, route
+    from slimgpt_core.costs import COEFFICIENTS, Workload, estimate_table
+    from slimgpt_core.schedule import ModelShape, make_plan
+
+    shape = ModelShape.from_config(config)
+    plan = make_plan(shape, body.target_ratio, body.schedule, body.pruning.gqa_policy,
+                     body.pruning.alpha, body.pruning.heads, body.pruning.ffn,
+                     body.export.profile == "uniform")
+    work = Workload(body.calibration.num_samples, body.calibration.seq_len)
+    out: dict[str, Any] = {
+        "estimates": estimate_table(shape, plan, work),
+        "model": {"fitted_on": "H200 benchmark runs (docs/BENCHMARKS.md)",
+                  "time_error_on_fitted_runs": COEFFICIENTS.error_fit,
+                  "time_error_leave_one_shape_out": COEFFICIENTS.error_leave_one_out,
+                  "other_gpu_types": "scaled from the H200 by datasheet ratios; not measured"},
+    }
+    if body.resources is not None:
+        request = body.model_dump(mode="json")
+        try:
+            pool = route(request, pools_from_settings(settings), config)
+            out["route"] = {"queue": pool.queue, "pool": pool.describe(), "fits": True}
+        except NoWorkerPool as err:
+            out["route"] = {"queue": None, "fits": False, "reason": str(err),
+                            "estimates": err.estimates}
+    return out

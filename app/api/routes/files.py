@@ -73,7 +73,7 @@ class _Checker:
             return
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise HTTPException(422, detail=f"file: line {self.line_no} is not valid JSON") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise HTTPException(

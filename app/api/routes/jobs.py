@@ -129,6 +129,7 @@ def create_job(
     source, local_path = resolve_model(settings, body.model_id)
     if local_path is not None:
         check_local_family(local_path)
+    _check_resources(body, settings, local_path)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
         f = get_file(session, tenant.id, body.calibration.source)
@@ -200,6 +201,18 @@ def create_job(
     request.app.state.metrics.jobs_submitted.inc()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job)
+
+
+def _check_resources(body: JobCreate, settings: Any, local_path: Path | None) -> None:
+    """Refuse (422) a job that no worker pool can run, with the estimates that say why."""
+    from app.routing import NoWorkerPool, local_config, pools_from_settings, route
+
+    try:
+        route(body.model_dump(mode="json"), pools_from_settings(settings),
+              local_config(local_path))
+    except NoWorkerPool as err:
+        raise HTTPException(422, detail={"msg": f"resources: {err}",
+                                         "estimates": err.estimates}) from None
 
 
 def _encode_cursor(job: Job) -> str:
@@ -387,8 +400,9 @@ def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> Artif
 def download_artifact(job_id: str, name: str, tenant: TenantDep, session: SessionDep,
                       settings: SettingsDep) -> FileResponse:
     job = tenant_job(session, tenant, job_id)
-    artifact = session.scalars(select(Artifact).where(Artifact.job_id == job.id,
-                                                      Artifact.name == name)).first()
+    # No artifact name holds a NUL (and Postgres cannot even compare one).
+    artifact = None if "\x00" in name else session.scalars(select(Artifact).where(
+        Artifact.job_id == job.id, Artifact.name == name)).first()
     if artifact is None:
         raise HTTPException(404, detail=f"job {job_id} has no artifact {name!r}")
     path = Path(artifact.path).resolve()
