@@ -283,6 +283,18 @@ def hetero_class(stock_name: str) -> type:
     return _CLASSES[name]
 
 
+def hetero_classes(model_type: str) -> tuple[type, type]:
+    """``(SlimGPT<Config>, SlimGPT<ForCausalLM>)`` for a stock ``model_type`` (e.g. ``qwen3``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model_type.removeprefix("slimgpt_")
+    if base not in CONFIG_MAPPING_NAMES or base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise KeyError(f"transformers has no causal LM of model_type {base!r}")
+    return (hetero_class(CONFIG_MAPPING_NAMES[base]),
+            hetero_class(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]))
+
+
 def __getattr__(name: str) -> type:
     # transformers resolves auto_map entries with getattr(module, "SlimGPT<Stock>...").
     if name.startswith(CLASS_PREFIX) and len(name) > len(CLASS_PREFIX):
