@@ -13,8 +13,9 @@ per-replica HTTP metrics with ``?scope=process`` on every replica; nothing is co
 
 Counters and histograms over finished jobs are kept incrementally: each scrape reads only the
 jobs that finished (started) since the previous one, plus an overlap window for late commits
-and clock skew between workers, de-duplicated by id. A replica that starts later rebuilds the
-same totals from the table on its first scrape.
+and clock skew between workers, de-duplicated by id; pruned layers are counted in the database
+on the first scrape, then followed by event id (with the stream's hole tracking for ids that
+commit late). A replica that starts later rebuilds the same totals on its first scrape.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from sqlalchemy.orm import Session
 from app.crud.workers import FORGET_AFTER, worker_status
 from app.db.base import utcnow
 from app.db.models import JOB_STATES, TERMINAL_STATES, Job, JobEvent, Worker
+from app.streams import SCAN, EventCursor
 
 log = logging.getLogger("slimgpt.metrics")
 
@@ -54,7 +56,6 @@ GPU_MEMORY_BUCKETS = tuple(int(g * GIB) for g in (1, 2, 4, 8, 16, 24, 32, 48, 64
                                                   192))
 #: Re-read rows this far behind the newest one seen (late commits, worker clock skew).
 TIME_OVERLAP = timedelta(minutes=10)
-EVENT_ID_OVERLAP = 5000
 _ERROR_CODE = re.compile(r"^([a-z][a-z0-9_]{1,63}):")
 
 
@@ -146,8 +147,7 @@ class FleetCollector(Collector):
         self._lock = threading.Lock()
         self._started = _Incremental()
         self._finished = _Incremental()
-        self._event_high = 0
-        self._events_seen: set[int] = set()
+        self._events: EventCursor | None = None
         self.queue_wait = _Histogram(QUEUE_WAIT_BUCKETS)
         self.duration: dict[str, _Histogram] = {
             state: _Histogram(DURATION_BUCKETS) for state in sorted(TERMINAL_STATES)}
@@ -193,22 +193,22 @@ class FleetCollector(Collector):
         self._finished.forget_old(now)
 
     def _read_layers(self, s: Session) -> None:
-        floor = max(0, self._event_high - EVENT_ID_OVERLAP)
-        stmt = select(JobEvent.id, JobEvent.metrics).where(
-            JobEvent.id > floor, JobEvent.phase == "pruning", JobEvent.layer.is_not(None))
-        for event_id, metrics in s.execute(stmt):
-            if event_id in self._events_seen:
-                continue
-            self._events_seen.add(event_id)
-            self._event_high = max(self._event_high, event_id)
-            if isinstance(metrics, dict) and metrics.get("kind") == "layer_done":
-                self.layers_pruned += 1
-        # Also advance past events that are not layer events, so the next read stays short.
-        newest = s.scalar(select(func.max(JobEvent.id)))
-        if newest is not None:
-            self._event_high = max(self._event_high, int(newest))
-        low = self._event_high - EVENT_ID_OVERLAP
-        self._events_seen = {i for i in self._events_seen if i > low}
+        layer_done = (JobEvent.phase == "pruning") & JobEvent.layer.is_not(None) & (
+            JobEvent.metrics["kind"].as_string() == "layer_done")
+        if self._events is None:
+            # First scrape of this replica: count in the database, then follow new ids.
+            newest = int(s.scalar(select(func.max(JobEvent.id))) or 0)
+            self.layers_pruned = int(s.scalar(select(func.count()).select_from(JobEvent).where(
+                layer_done, JobEvent.id <= newest)) or 0)
+            self._events = EventCursor(newest)
+            return
+        while True:
+            ids = self._events.new_ids(s, SCAN)
+            if ids:
+                self.layers_pruned += int(s.scalar(select(func.count()).select_from(JobEvent)
+                                                   .where(JobEvent.id.in_(ids), layer_done)) or 0)
+            if len(ids) < SCAN:
+                return
 
     # -- collecting ---------------------------------------------------------------------------
     def collect(self) -> Iterable[Metric]:

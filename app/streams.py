@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import or_, select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.db.models import Job, JobEvent
 
+log = logging.getLogger("slimgpt.streams")
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
 #: How long a missing event id is asked for again before it counts as rolled back.
 HOLE_WAIT_S = 10.0
 MAX_HOLES = 10_000
-BATCH = 500
+#: Event ids read per poll (all tenants); a stream that is behind polls again at once.
+SCAN = 2000
 
 
 def job_snapshot(job: Job) -> dict[str, Any]:
@@ -53,7 +59,8 @@ def event_message(ev: JobEvent, job: Job) -> dict[str, Any]:
 
 
 class EventCursor:
-    """Which event ids a stream has delivered: everything up to ``last`` except ``holes``."""
+    """Which event ids (of all tenants) a reader has seen: everything up to ``last`` except
+    ``holes``, ids skipped because they were not committed yet."""
 
     def __init__(self, after: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.last = after
@@ -70,30 +77,40 @@ class EventCursor:
                 self.holes[missing] = now
         self.last = max(self.last, event_id)
 
-    def settle(self, existing: set[int]) -> None:
-        """Drop holes that turned out to be other tenants' events, and expired ones."""
+    def expire(self) -> None:
+        """Forget holes older than HOLE_WAIT_S: their inserts were rolled back."""
         cutoff = self.clock() - HOLE_WAIT_S
-        self.holes = {i: t for i, t in self.holes.items() if i not in existing and t >= cutoff}
+        self.holes = {i: t for i, t in self.holes.items() if t >= cutoff}
+
+    def new_ids(self, session: Session, limit: int = SCAN) -> list[int]:
+        """Ids committed since the last call (all tenants), oldest first, advancing the cursor.
+
+        A single-table scan of the primary key: its plan does not depend on how many events
+        a tenant has (joining first let Postgres start from the tenant's jobs under a generic
+        plan, 100x slower on a long history)."""
+        wanted = JobEvent.id > self.last
+        if self.holes:
+            wanted = or_(wanted, JobEvent.id.in_(sorted(self.holes)))
+        ids = list(session.scalars(select(JobEvent.id).where(wanted).order_by(JobEvent.id)
+                                   .limit(limit)))
+        for event_id in ids:
+            self.advance(event_id)
+        self.expire()
+        return ids
 
 
 def poll_events(session: Session, tenant_id: str, cursor: EventCursor,
                 job_id: str | None = None) -> list[dict[str, Any]]:
     """New events of the tenant's jobs (optionally one job), advancing ``cursor``."""
-    wanted = JobEvent.id > cursor.last
-    if cursor.holes:
-        wanted = or_(wanted, JobEvent.id.in_(sorted(cursor.holes)))
-    stmt = (select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id)
-            .where(Job.tenant_id == tenant_id, wanted).order_by(JobEvent.id).limit(BATCH))
-    if job_id is not None:
-        stmt = stmt.where(JobEvent.job_id == job_id)
-    out = []
-    for ev, job in session.execute(stmt):
-        cursor.advance(ev.id)
-        out.append(event_message(ev, job))
-    if cursor.holes:
-        existing = set(session.scalars(select(JobEvent.id).where(
-            JobEvent.id.in_(sorted(cursor.holes)))))
-        cursor.settle(existing)
+    ids = cursor.new_ids(session)
+    out: list[dict[str, Any]] = []
+    if ids:
+        stmt = (select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id)
+                .where(JobEvent.id.in_(ids), Job.tenant_id == tenant_id)
+                .order_by(JobEvent.id))
+        if job_id is not None:
+            stmt = stmt.where(JobEvent.job_id == job_id)
+        out = [event_message(ev, job) for ev, job in session.execute(stmt)]
     session.rollback()
     return out
 
@@ -132,16 +149,35 @@ async def sse(
 
     yield "retry: 3000\n\n"
     beat = checked = time.monotonic()
+    failing_since: float | None = None
+    last_seen = after
     # The SSE id only grows, so a reconnect (Last-Event-ID) resumes after everything sent even
     # when a late-committed event with a smaller id went out after a larger one.
     sent_id = after
     while True:
         if still_allowed is not None and time.monotonic() - checked >= recheck_s:
             checked = time.monotonic()
-            if not await run_in_threadpool(still_allowed):
+            try:
+                allowed = await run_in_threadpool(still_allowed)
+            except DATABASE_ERRORS:
+                allowed = True  # unknown for now: asked again at the next recheck
+            if not allowed:
                 yield 'event: end\ndata: {"reason": "session ended"}\n\n'
                 return
-        events = await run_in_threadpool(poll)
+        try:
+            events = await run_in_threadpool(poll)
+            failing_since = None
+        except DATABASE_ERRORS:
+            # A busy (SQLite: locked) or briefly unreachable database: the stream has started,
+            # so it cannot turn into a 503; it keeps its place and tries again. Past the
+            # heartbeat interval of failures it ends, and the browser reconnects.
+            now = time.monotonic()
+            failing_since = failing_since or now
+            if now - failing_since > max(heartbeat_s, 5.0):
+                log.warning("event stream ends: the database has not answered for %.0f s",
+                            now - failing_since)
+                return
+            events = []
         for ev in events:
             sent_id = max(sent_id, ev["id"])
             yield f"id: {sent_id}\nevent: job\ndata: {json.dumps(ev, default=str)}\n\n"
@@ -152,5 +188,6 @@ async def sse(
             beat = time.monotonic()
         if await is_disconnected():
             return
-        if len(events) < BATCH:
+        if cursor.last == last_seen:  # caught up: wait for news
             await asyncio.sleep(poll_s)
+        last_seen = cursor.last

@@ -161,18 +161,25 @@ def test_cursor_remembers_skipped_ids_until_they_arrive_or_expire():
     assert cursor.last == 14 and set(cursor.holes) == {12, 13}
     cursor.advance(12)  # committed late: delivered, no longer a hole
     assert set(cursor.holes) == {13}
-    cursor.settle(existing=set())
+    cursor.expire()
     assert set(cursor.holes) == {13}
     clock.t += HOLE_WAIT_S + 1  # rolled back: forgotten
-    cursor.settle(existing=set())
+    cursor.expire()
     assert cursor.holes == {}
 
 
-def test_cursor_forgets_ids_that_belong_to_other_tenants():
-    cursor = EventCursor(0, clock=Clock())
-    cursor.advance(5)
-    cursor.settle(existing={1, 2, 3})
-    assert set(cursor.holes) == {4}
+def test_other_tenants_events_advance_the_cursor_without_being_sent(db, tenant, other_tenant,
+                                                                     submit):
+    with db() as s:
+        cursor = EventCursor(int(s.scalar(select(JobEvent.id).order_by(JobEvent.id.desc())
+                                          .limit(1)) or 0))
+    theirs = submit(ctx=other_tenant)
+    _progress(db, theirs["id"], 2)
+    with db() as s:
+        assert poll_events(s, tenant.tenant_id, cursor) == []
+    assert cursor.holes == {}  # their ids are seen, not waited for
+    with db() as s:
+        assert cursor.last == s.scalar(select(JobEvent.id).order_by(JobEvent.id.desc()).limit(1))
 
 
 def test_an_event_committed_late_with_a_smaller_id_is_still_delivered(settings, db, tenant,
@@ -204,3 +211,45 @@ def test_an_event_committed_late_with_a_smaller_id_is_still_delivered(settings, 
     assert [e["message"] for e in second] == ["late"]
     with db() as s:
         assert poll_events(s, tenant.tenant_id, cursor) == []
+
+
+def test_a_busy_database_pauses_the_stream_instead_of_breaking_it(monkeypatch, settings, db,
+                                                                  tenant, submit):
+    """Once a stream has started it cannot become a 503: a locked (SQLite) or briefly
+    unreachable database is retried at the next poll, and the stream goes on."""
+    import asyncio
+
+    from sqlalchemy.exc import OperationalError
+
+    from app import streams
+
+    job = submit()
+    real = streams.poll_events
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streams, "poll_events", flaky)
+
+    async def first_event() -> str:
+        async def never() -> bool:
+            return False
+
+        gen = streams.sse(session_factory=db, tenant_id=tenant.tenant_id, after=0,
+                          poll_s=0.01, heartbeat_s=5, is_disconnected=never)
+        async for chunk in gen:
+            if chunk.startswith("id:"):
+                await gen.aclose()
+                return chunk
+        return ""
+
+    # A thread of its own: another test's Playwright may own this thread's event loop.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        chunk = pool.submit(asyncio.run, asyncio.wait_for(first_event(), 10)).result()
+    assert calls["n"] == 3 and job["id"] in chunk
