@@ -121,6 +121,11 @@ def _base_config_dict(model: nn.Module) -> dict[str, Any]:
     d = model.config.to_dict()
     for key in _DROP_KEYS:
         d.pop(key, None)
+    quant = d.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        # A GGUF source is dequantized on load and saved as plain floats; keeping its
+        # quantization_config would make vLLM and transformers expect GGUF weights.
+        d.pop("quantization_config")
     d["head_dim"] = _head_dim(model)
     return d
 

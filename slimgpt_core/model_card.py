@@ -60,6 +60,28 @@ def loading_snippet(profile: str, repo_or_path: str) -> str:
     )
 
 
+def serving_text(profile: str, repo_or_path: str, architecture: str | None = None) -> str:
+    """How to serve an export of ``profile`` with vLLM (markdown)."""
+    if profile != "hetero" and architecture == "Qwen2ForCausalLM":
+        # vLLM's Qwen2 layer derives head_dim from hidden_size / heads (checked in 0.32),
+        # which pruning heads breaks; the plugin's layers read head_dim from the config.
+        return ("vLLM's own Qwen2 model derives the head size from `hidden_size` / heads, "
+                "which pruned heads break, so vLLM cannot load this folder as it is; export "
+                "the `hetero` profile and serve it with the SlimGPT plugin "
+                '(`pip install "slimgpt-service[vllm]"`).\n')
+    if profile == "hetero":
+        return (
+            "vLLM serves this folder through the SlimGPT plugin, which registers the per-layer "
+            "widths with vLLM's own Llama layers (paged attention, CUDA graphs, tensor "
+            "parallelism where the widths split):\n\n"
+            "```bash\n"
+            'pip install "slimgpt-service[vllm]"   # the plugin; installs vLLM too\n'
+            f"vllm serve {repo_or_path}\n"
+            "```\n")
+    return ("This is a plain checkpoint: vLLM serves it as it is, no plugin needed.\n\n"
+            f"```bash\nvllm serve {repo_or_path}\n```\n")
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -109,6 +131,14 @@ def render_model_card(
         f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
         f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |",
     ]
+    speed = pruning.get("speed") or {}
+    if speed.get("prefill_speedup") is not None:
+        where = f"{speed.get('device')}, {speed.get('dtype')}, {speed.get('runtime')}"
+        rows.append(f"| prefill tokens/s ({speed.get('prefill_tokens')} tokens; {where}) | "
+                    f"{speed['dense_prefill_tok_s']:,.0f} | {speed['pruned_prefill_tok_s']:,.0f} "
+                    f"({speed['prefill_speedup']:.2f}x) |")
+        rows.append(f"| decode tokens/s (batch 1) | {speed['dense_decode_tok_s']:,.1f} | "
+                    f"{speed['pruned_decode_tok_s']:,.1f} ({speed['decode_speedup']:.2f}x) |")
     revision = f" (revision `{base_revision}`)" if base_revision else ""
     ver = pruning.get("verification") or {}
     if ver:
@@ -158,6 +188,10 @@ Profile {profile_text}
 
 ```python
 {loading_snippet(profile, repo_or_path)}```
+
+## Serving with vLLM
+
+{serving_text(profile, repo_or_path, pruning.get("architecture"))}
 
 ## How it was produced
 

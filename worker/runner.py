@@ -29,6 +29,7 @@ job in the middle of a known layer. It is not a setting; production never sets i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -76,6 +77,9 @@ SUBLAYER_EVENT_INTERVAL_S = 10.0
 DEFAULT_EVAL_SOURCE = "wikitext2"
 DEFAULT_EVAL_WINDOWS = 16
 DEFAULT_EVAL_SEQ_LEN = 512
+#: Without a GPU, the dense-vs-pruned speed measurement runs only for models up to this size
+#: (SmolLM2-135M takes seconds on two CPU cores; a 7B model would take minutes).
+SPEED_MAX_CPU_PARAMS = 1_000_000_000
 
 HubPublisherFactory = Callable[[str], Publisher]
 
@@ -301,6 +305,8 @@ class JobRunner:
                                 stream_setting=self.settings.stream_models, gpus=gpus,
                                 work_dir=job_dir(self.settings, job_id) / "ranks")
             model, tokenizer, info = handle.model, handle.tokenizer, handle.info
+            # pruning works in place: keep the dense shape for the speed comparison
+            dense_config = copy.deepcopy(model.config)
             base_model_id = model_id if resolved.kind == "hub" else (
                 info.get("base_model_id") or model_id)
             base_revision = resolved.revision if resolved.kind == "hub" else info.get("revision")
@@ -394,11 +400,18 @@ class JobRunner:
                 evaluation = state.metrics["evaluation"]
                 evaluation.update(perplexity_before=state.metrics["perplexity_before"],
                                   perplexity_after=state.metrics["perplexity_after"])
-                _record_eval_in_export(out, {
+                _record_in_export(out, evaluation={
                     "ppl_before": state.metrics["perplexity_before"],
                     "ppl_after": state.metrics["perplexity_after"],
                     **evaluation,
                 }, repo_id=destination.get("hub_repo_id"))
+        if self.settings.speed_benchmark:
+            with phase("evaluating", "measuring inference speed, dense vs pruned"):
+                state.metrics["speed"] = (
+                    {"skipped": "the model was streamed from its shards (larger than memory)"}
+                    if handle.streamed else _measure_speed(model, dense_config))
+                _record_in_export(out, speed=state.metrics["speed"],
+                                  repo_id=destination.get("hub_repo_id"))
         del model, result, handle
 
         # publishing ---------------------------------------------------------------------
@@ -584,23 +597,47 @@ class _PruneProgress:
         return self.ctl.should_stop()
 
 
-def _record_eval_in_export(folder: Path, eval_metrics: dict[str, Any], *,
-                           repo_id: str | None) -> None:
-    """Put the perplexities into the exported ``pruning_config.json`` and model card."""
+def _measure_speed(model: Any, dense_config: Any) -> dict[str, Any]:
+    """Dense vs pruned tokens/s on this worker's device; never fails the job."""
+    import torch
+
+    from slimgpt_core.speed import SpeedSkipped, compare_speed
+
+    try:
+        if torch.cuda.is_available():
+            model.to("cuda")
+        elif sum(p.numel() for p in model.parameters()) > SPEED_MAX_CPU_PARAMS:
+            raise SpeedSkipped("no GPU on this worker and the model is too large to time on "
+                               "its CPU cheaply")
+        return compare_speed(model, dense_config)
+    except SpeedSkipped as exc:
+        return {"skipped": str(exc)}
+    except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the model is already made
+        logger.warning("speed measurement failed: %s", exc)
+        return {"skipped": f"measurement failed: {exc}"[:300]}
+
+
+def _record_in_export(folder: Path, *, evaluation: dict[str, Any] | None = None,
+                      speed: dict[str, Any] | None = None, repo_id: str | None) -> None:
+    """Put perplexities / measured speed into the exported ``pruning_config.json`` and card."""
     import slimgpt_core
     from slimgpt_core.export import PRUNING_CONFIG_FILE
     from slimgpt_core.model_card import render_model_card
 
     path = folder / PRUNING_CONFIG_FILE
     pcfg = json.loads(path.read_text())
-    pcfg["evaluation"] = eval_metrics
+    if evaluation is not None:
+        pcfg["evaluation"] = evaluation
+    if speed is not None:
+        pcfg["speed"] = speed
     path.write_text(json.dumps(pcfg, indent=2, default=str) + "\n")
     base = pcfg.get("base_model") or {}
     card = render_model_card(
         base_model_id=str(base.get("id")), base_revision=base.get("revision"),
         license=str(base.get("license") or "other"), profile=str(pcfg.get("profile")),
-        pruning=pcfg, calibration=pcfg.get("calibration") or {}, eval_metrics=eval_metrics,
-        library_version=slimgpt_core.__version__, repo_or_path=repo_id or str(folder))
+        pruning=pcfg, calibration=pcfg.get("calibration") or {},
+        eval_metrics=pcfg.get("evaluation"), library_version=slimgpt_core.__version__,
+        repo_or_path=repo_id or str(folder))
     (folder / "README.md").write_text(card)
 
 

@@ -106,6 +106,7 @@ class Settings(BaseSettings):
         3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
     job_lease_s: float = Field(120, gt=0)
     runner: str = "worker.runner:run_job"
+    speed_benchmark: bool = True
     # A fresh process per job returns all GPU memory; CPU-only fleets (and tests) may reuse.
     worker_max_tasks_per_child: int = Field(1, ge=0)
 

@@ -202,6 +202,20 @@ def test_job_page_shows_layers_timeline_figures_and_artifacts(app, tenant, submi
     assert download.status_code == 200 and download.content == b'{"a": 1}'
     assert 'id="cancel-button"' not in html  # finished: nothing to cancel
     assert f'/ui/submit?from={job["id"]}' in html
+    assert "Open on the Hub" not in html  # published locally only
+
+
+def test_hub_links_are_shown_only_for_http_urls(app, tenant, submit, db):
+    good, bad = submit(), submit()
+    with db() as s:
+        crud.finish_job(s, good["id"], "succeeded", result={
+            "hub_url": "https://huggingface.co/team/model-slim",
+            "hub_pr_url": "https://huggingface.co/team/model-slim/discussions/1"})
+        crud.finish_job(s, bad["id"], "succeeded", result={"hub_url": "javascript:alert(1)"})
+    c = sign_in(app, tenant)
+    html = c.get(f"/ui/jobs/{good['id']}").text
+    assert 'href="https://huggingface.co/team/model-slim"' in html and "Hub pull request" in html
+    assert "javascript:" not in c.get(f"/ui/jobs/{bad['id']}").text
 
 
 def test_cancel_from_the_job_page(app, tenant, submit, db):

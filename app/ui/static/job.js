@@ -44,6 +44,11 @@
   }
 
   function tickDuration() {
+    var current = document.querySelector("#timeline .span.current");
+    if (current && current.dataset.start) {  // the running phase's time grows too
+      current.querySelector(".secs").textContent =
+        SG.duration((Date.now() - Date.parse(current.dataset.start)) / 1000);
+    }
     var dur = head.querySelector('[data-field="duration"]');
     if (!dur.dataset.started) return;
     var end = dur.dataset.finished ? Date.parse(dur.dataset.finished) : Date.now();
