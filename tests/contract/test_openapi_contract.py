@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Bounded: a few examples per operation and phase, a fixed seed, so CI stays within ~1 min.
-MAX_EXAMPLES = 4
+#: Bounded: a few examples per operation and phase, a fixed seed, so CI stays short. The full
+#: run: SLIMGPT_CONTRACT_MAX_EXAMPLES=100 (schemathesis's default).
+MAX_EXAMPLES = int(os.environ.get("SLIMGPT_CONTRACT_MAX_EXAMPLES", "4"))
 PHASES = os.environ.get("SLIMGPT_CONTRACT_PHASES", "").split() or []
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(0)
 def test_every_operation_keeps_the_contract(live_api) -> None:  # type: ignore[no-untyped-def]
     cli = Path(sys.executable).with_name("schemathesis")
     out = subprocess.run(
@@ -29,7 +30,8 @@ def test_every_operation_keeps_the_contract(live_api) -> None:  # type: ignore[n
          "-H", f"Authorization: Bearer {live_api.key}",
          "--max-examples", str(MAX_EXAMPLES), "--seed", "1", "--no-shrink", "--no-color",
          "--generation-database", "none", "--warnings", "off", *PHASES],
-        cwd=ROOT, capture_output=True, text=True, timeout=380, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=max(380, 60 * MAX_EXAMPLES),
+        check=False,
         env={**os.environ, "NO_COLOR": "1"})
     summary = out.stdout[-6000:]
     print(summary)
