@@ -12,6 +12,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger
 
+from worker.liveness import Heartbeat
 from worker.redact import install_redaction
 from worker.settings import WorkerSettings
 from worker.tasks import RUNNER_CONF_KEY, register_tasks
@@ -71,6 +72,7 @@ def make_celery(settings: WorkerSettings | None = None) -> Celery:
     app = Celery("slimgpt", set_as_current=False)
     app.conf.update(celery_config(settings))
     register_tasks(app)
+    app.steps["worker"].add(Heartbeat)
     install_redaction()
     return app
 
