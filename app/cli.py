@@ -107,6 +107,29 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dispatcher(args: argparse.Namespace) -> int:
+    """The dispatcher in the foreground (it also runs inside every API process unless
+    SLIMGPT_DISPATCHER_ENABLED=false; the candidates elect one leader through Postgres)."""
+    import signal
+
+    from app.core.config import get_settings
+    from app.core.logging import configure_logging
+    from app.db.session import get_session_factory
+    from app.dispatcher import Dispatcher
+
+    settings = get_settings()
+    configure_logging(settings.log_json, settings.log_level)
+    if settings.embedded:
+        print("slimgpt dispatcher needs SLIMGPT_BROKER_URL; in embedded mode `slimgpt serve` "
+              "runs everything", file=sys.stderr)
+        return 2
+    dispatcher = Dispatcher(settings, get_session_factory(settings))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: dispatcher.request_stop())
+    dispatcher.run_forever()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from app.client_cli import EXIT_CODES_HELP, add_client_commands, add_global_options
 
@@ -137,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--hostname", default=None, help="Celery node name, e.g. gpu0@%%h")
     work.add_argument("--loglevel", default=None, help="INFO (default), DEBUG, WARNING, ...")
     work.set_defaults(handler=_worker)
+
+    disp = sub.add_parser("dispatcher", help="run the job dispatcher (publishes committed jobs, "
+                          "requeues those of lost workers; leader-elected, also runs in the API)")
+    disp.set_defaults(handler=_dispatcher)
 
     db = sub.add_parser("db", help="database migrations")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from app import __version__
 from app.api import errors
@@ -20,44 +22,53 @@ from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
 from app.db.models import Job
 from app.db.session import get_engine
-from app.dispatch import Dispatcher, InProcessDispatcher, make_dispatcher
+from app.dispatch import CeleryPublisher
+from app.dispatcher import Dispatcher
 from app.metrics import Metrics
 
 log = logging.getLogger("slimgpt.api")
 
 #: Room for multipart framing around an upload of max_upload_bytes.
 MULTIPART_OVERHEAD = 64 * 1024
+#: At shutdown, how long the embedded worker may take to hand its job back (next layer).
+EMBEDDED_STOP_S = 10.0
 
 
-def _recover_embedded_jobs(session_factory: sessionmaker[Session], dispatcher: Dispatcher) -> None:
-    """After a restart the in-process queue is empty: hand it the jobs that never finished."""
-    from app.db.base import utcnow
-
-    with session_factory() as s:
-        ids = list(s.scalars(select(Job.id).where(
-            (Job.state == "queued")
-            | ((Job.state == "running") & (Job.lease_expires_at < utcnow()))
-        ).order_by(Job.created_at)))
-    for job_id in ids:
-        log.info("re-enqueueing unfinished job after restart", extra={"job_id": job_id})
-        dispatcher.enqueue(job_id)
+def load_object(spec: str) -> Any:
+    """``"module:attr"`` imported; used for pieces chosen by settings."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected 'module:attr', got {spec!r}")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def create_app(
     settings: Settings | None = None,
     *,
     dispatcher: Dispatcher | None = None,
+    embedded_worker: Any | None = None,
     runner: Callable[[str], None] | None = None,
 ) -> FastAPI:
-    """Build the API. ``dispatcher`` overrides the one chosen by the settings (tests);
-    ``runner`` replaces ``worker.runner.run_job`` for the embedded in-process worker."""
+    """Build the API.
+
+    Background pieces, started and stopped with the app: the dispatcher
+    (``SLIMGPT_DISPATCHER_ENABLED``; it publishes committed jobs and sweeps lost ones) and, in
+    embedded mode, the in-process worker named by ``SLIMGPT_EMBEDDED_WORKER`` (it takes queued
+    jobs from the database). ``dispatcher`` and ``embedded_worker`` replace the ones the
+    settings choose (tests); ``runner`` replaces ``worker.runner.run_job`` in the embedded
+    worker. The app itself never imports the ``worker`` package.
+    """
     settings = settings or get_settings()
     settings.validate_for_serving()
     engine = get_engine(settings)
     session_factory = sessionmaker(bind=engine, expire_on_commit=False)
-    own_dispatcher = dispatcher is None
-    if dispatcher is None:
-        dispatcher = make_dispatcher(settings, runner, session_factory)
+    if dispatcher is None and settings.dispatcher_enabled:
+        dispatcher = Dispatcher(settings, session_factory)
+    if embedded_worker is None and settings.embedded and settings.embedded_worker:
+        embedded_worker = load_object(settings.embedded_worker)(settings, runner=runner)
+    broker = None
+    if not settings.embedded:
+        broker = dispatcher.publisher if dispatcher is not None else CeleryPublisher(settings)
     metrics = Metrics()
 
     def job_counts() -> dict[str, int]:
@@ -75,13 +86,16 @@ def create_app(
 
             upgrade(str(settings.database_url))
         settings.fernet_key()  # fail early in production; generate the embedded key now
-        if own_dispatcher and isinstance(dispatcher, InProcessDispatcher):
+        if dispatcher is not None:
             dispatcher.start()
-            _recover_embedded_jobs(session_factory, dispatcher)
+        if embedded_worker is not None:
+            embedded_worker.start()
         log.info("SlimGPT API ready (%s mode)", "embedded" if settings.embedded else "production")
         yield
-        if own_dispatcher and isinstance(dispatcher, InProcessDispatcher):
-            dispatcher.stop(timeout=1.0)
+        if embedded_worker is not None:
+            await run_in_threadpool(embedded_worker.stop, EMBEDDED_STOP_S)
+        if dispatcher is not None:
+            await run_in_threadpool(dispatcher.stop)
 
     app = FastAPI(
         title="SlimGPT pruning service",
@@ -94,6 +108,8 @@ def create_app(
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.dispatcher = dispatcher
+    app.state.embedded_worker = embedded_worker
+    app.state.broker = broker
     app.state.metrics = metrics
     errors.install(app)
     for router in (jobs.router, files.router, hub_token.router, estimate.router, health.router):

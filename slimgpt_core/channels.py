@@ -23,6 +23,7 @@ class ChannelPruning:
     damping: float
     retries: int
     group_sizes: list[int]
+    percdamp: float = 0.0  # damping actually used, as a share of mean(diag H)
 
 
 def group_size(remaining: int, min_group: int, max_group: int) -> int:
@@ -67,4 +68,5 @@ def prune_channels(
         damping=inv.damping,
         retries=inv.retries,
         group_sizes=sizes,
+        percdamp=inv.percdamp,
     )

@@ -7,8 +7,10 @@ per-unit diagonal blocks of ``H^-1``; the cheapest unit goes, the other columns 
 * ``group``    a whole KV group: its query heads and the key/value head they share;
 * ``balanced`` one query head, but every KV group loses the same number of query heads
                (all KV heads kept, so the layer stays a standard grouped-query layer);
-* ``free``     any query head; a KV head goes when no query head reads it any more
-               (needs per-layer KV indices, i.e. the ``hetero`` artifact).
+* ``free``     any query head, with per-layer KV indices (the ``hetero`` artifact); a KV
+               group is emptied (its KV head dropped) only when the count to remove leaves
+               no other choice -- ``max(0, removed - (heads - kv_heads))`` groups -- so the
+               size is known before pruning and the dry-run estimate stays exact.
 
 Multi-head attention is the case of one query head per group, where all three coincide.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from slimgpt_core.obs import damped_inverse, group_errors, remove_group
+from slimgpt_core.schedule import kv_groups_emptied
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class HeadPruning:
     error: float  # summed OBS error of the removed units
     damping: float
     retries: int
+    percdamp: float = 0.0  # damping actually used, as a share of mean(diag H)
 
 
 def _head_columns(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -83,8 +87,12 @@ def prune_heads(
         removed_per_group = torch.zeros(num_kv_heads, dtype=torch.long, device=device)
         head_group = torch.arange(num_heads, device=device) // group_size
         all_cols = _head_columns(torch.arange(num_heads, device=device), head_dim)
+        may_empty = kv_groups_emptied(num_heads, num_kv_heads, heads_to_remove)
         for _ in range(heads_to_remove):
             open_group = removed_per_group[head_group] < quota
+            if policy == "free" and int((removed_per_group == group_size).sum()) >= may_empty:
+                # No more groups may be emptied: a group's last query head stays.
+                open_group &= removed_per_group[head_group] < group_size - 1
             candidates = (alive & open_group).nonzero().squeeze(1)
             scores = group_errors(W, hinv, all_cols[candidates])
             best = candidates[int(torch.argmin(scores))]
@@ -104,4 +112,5 @@ def prune_heads(
         error=error,
         damping=inv.damping,
         retries=inv.retries,
+        percdamp=inv.percdamp,
     )

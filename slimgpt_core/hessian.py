@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+from slimgpt_core.errors import NonFiniteHessianError
+
+
+def check_finite(matrix: torch.Tensor, where: str) -> None:
+    """Raise :class:`NonFiniteHessianError` naming ``where`` if ``matrix`` has NaN/Inf."""
+    finite = torch.isfinite(matrix)
+    if not bool(finite.all()):
+        raise NonFiniteHessianError(where, int((~finite).sum()), matrix.numel())
+
 
 class HessianAccumulator:
     """Sums ``X^T X`` in fp32 over every token that passes through one linear layer.
@@ -11,11 +20,14 @@ class HessianAccumulator:
     Half-precision activations on CUDA are multiplied with fp32 accumulation and fp32 output
     (``torch.mm(..., out_dtype=float32)``) instead of being upcast first: same sum, several
     times faster, and no fp32 copy of the activations. Elsewhere they are upcast.
+
+    ``name`` (e.g. ``"layer 3 self_attn.o_proj"``) is what an error about this Hessian names.
     """
 
-    def __init__(self, dim: int, device: torch.device | str) -> None:
+    def __init__(self, dim: int, device: torch.device | str, name: str = "Hessian") -> None:
         self.sum = torch.zeros(dim, dim, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.name = name
         self.mixed_precision = True  # until this torch build shows it lacks mm(out_dtype=)
 
     def add(self, x: torch.Tensor) -> None:
@@ -32,5 +44,8 @@ class HessianAccumulator:
 
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
-            raise ValueError("no calibration tokens reached this layer")
+            raise ValueError(f"{self.name}: no calibration tokens reached this layer")
+        # Checked once, where the Hessian is finished: a NaN would otherwise surface much
+        # later as an "indefinite" Cholesky failure that invites pointless damping retries.
+        check_finite(self.sum, self.name)
         return self.sum * (2.0 / self.tokens)

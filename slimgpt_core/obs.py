@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from slimgpt_core.hessian import check_finite
+
 #: How many times a failed Cholesky is retried, each time with ten times more damping.
 MAX_DAMPING_RETRIES = 6
 
@@ -33,6 +35,9 @@ class InverseHessian:
     damping: float
     retries: int
     dead: torch.Tensor  # bool mask of input channels that never fired
+    #: ``damping / mean(diag H)``: the requested percdamp, or what the retries raised it to.
+    #: Past ~1 the inverse is close to a scaled identity: OBS has become magnitude pruning.
+    percdamp: float = 0.0
 
 
 def damped_inverse(hessian: torch.Tensor, percdamp: float) -> InverseHessian:
@@ -40,7 +45,10 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float) -> InverseHessian:
 
     Input channels that never fired (zero diagonal) get a unit diagonal: their columns cannot
     influence the output on the calibration data, so any finite value keeps the algebra sound.
+    A non-finite ``hessian`` raises :class:`~slimgpt_core.errors.NonFiniteHessianError` at once:
+    no damping can repair it.
     """
+    check_finite(hessian, "Hessian")
     H = hessian.clone()
     diag = torch.diagonal(H)
     dead = diag == 0
@@ -52,7 +60,7 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float) -> InverseHessian:
         chol, info = torch.linalg.cholesky_ex(H + damping * eye)
         if int(info) == 0:
             hinv = torch.cholesky_inverse(chol)
-            return InverseHessian(hinv, damping, retries, dead)
+            return InverseHessian(hinv, damping, retries, dead, damping / mean_diag)
         damping = max(damping, 1e-8 * mean_diag) * 10.0
     raise torch.linalg.LinAlgError(
         f"Hessian stayed indefinite after {MAX_DAMPING_RETRIES} damping increases "

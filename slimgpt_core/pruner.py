@@ -140,6 +140,24 @@ class LayerReport:
     damping_retries: int
     ffn_group_sizes: list[int]
     seconds: dict[str, float]
+    #: Cholesky retries (each 10x more damping) and the damping finally used, as a share of
+    #: mean(diag H), per projection. Defaults keep reports of older checkpoints readable.
+    attn_damping_retries: int = 0
+    ffn_damping_retries: int = 0
+    attn_percdamp: float = 0.0
+    ffn_percdamp: float = 0.0
+
+    def damping_raised(self) -> list[dict[str, Any]]:
+        """One entry per projection whose damping had to be raised to invert its Hessian."""
+        out = []
+        for module, retries, used in (("self_attn.o_proj", self.attn_damping_retries,
+                                       self.attn_percdamp),
+                                      ("mlp.down_proj", self.ffn_damping_retries,
+                                       self.ffn_percdamp)):
+            if retries:
+                out.append({"layer": self.index, "module": module, "retries": retries,
+                            "percdamp_used": used})
+        return out
 
 
 @dataclass
@@ -152,6 +170,11 @@ class PruneResult:
     seconds: dict[str, float]
     resumed_from: int = 0
 
+    def damping_raised(self) -> list[dict[str, Any]]:
+        """Every projection whose Hessian needed more damping than asked (empty when none):
+        there OBS leaned towards magnitude pruning, worth knowing when judging the result."""
+        return [entry for r in self.layers for entry in r.damping_raised()]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "plan": self.plan.to_dict(),
@@ -160,6 +183,7 @@ class PruneResult:
             "params_after": self.params_after,
             "seconds": self.seconds,
             "resumed_from": self.resumed_from,
+            "damping_raised": self.damping_raised(),
         }
 
 
@@ -241,7 +265,8 @@ def _prune_layer(
 
     # 1. Attention: Hessian of o_proj's input, then batched greedy head removal.
     emit("attention", f"layer {lp.index}: attention Hessian", {})
-    h_attn = HessianAccumulator(attn.o_proj.in_features, device)
+    h_attn = HessianAccumulator(attn.o_proj.in_features, device,
+                                name=f"layer {lp.index} self_attn.o_proj")
     hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
     try:
         with _Phase(clock, seconds, "attn_pass", device):
@@ -259,6 +284,9 @@ def _prune_layer(
             head_dim=shape.head_dim, heads_to_remove=lp.heads_removed,
             policy=config.gqa_policy, percdamp=config.percdamp,
         )
+        if len(heads.kept_kv_heads) != lp.kv_heads_kept:
+            raise RuntimeError(f"layer {lp.index}: kept {len(heads.kept_kv_heads)} KV heads, "
+                               f"the plan says {lp.kv_heads_kept}")
         pruned_cols = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
         for h in heads.kept_heads:
             pruned_cols[h * shape.head_dim:(h + 1) * shape.head_dim] = False
@@ -270,11 +298,14 @@ def _prune_layer(
         else:
             attn.o_proj.weight.data.copy_(W)
         del W0, W, H
-    emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads",
-         {"attn_error": attn_err, "attn_error_uncompensated": attn_err_nc})
+    emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads"
+         + _damping_note(heads.retries, heads.percdamp),
+         {"attn_error": attn_err, "attn_error_uncompensated": attn_err_nc,
+          "attn_damping_retries": float(heads.retries), "attn_percdamp": heads.percdamp})
 
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
-    h_ffn = HessianAccumulator(mlp.down_proj.in_features, device)
+    h_ffn = HessianAccumulator(mlp.down_proj.in_features, device,
+                               name=f"layer {lp.index} mlp.down_proj")
     with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
             h = attention_block(layer, acts[sl].to(device), ctx)
@@ -300,8 +331,9 @@ def _prune_layer(
             mlp.down_proj.weight.data.copy_(W)
         del W0, W, H
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
-         f"{shape.intermediate_size} channels",
-         {"ffn_error": ffn_err, "ffn_error_uncompensated": ffn_err_nc})
+         f"{shape.intermediate_size} channels" + _damping_note(channels.retries, channels.percdamp),
+         {"ffn_error": ffn_err, "ffn_error_uncompensated": ffn_err_nc,
+          "ffn_damping_retries": float(channels.retries), "ffn_percdamp": channels.percdamp})
 
     # 3. The pruned layer's outputs become the next layer's inputs.
     with _Phase(clock, seconds, "output_pass", device):
@@ -317,7 +349,16 @@ def _prune_layer(
         attn_damping=heads.damping, ffn_damping=channels.damping,
         damping_retries=heads.retries + channels.retries,
         ffn_group_sizes=channels.group_sizes, seconds=seconds,
+        attn_damping_retries=heads.retries, ffn_damping_retries=channels.retries,
+        attn_percdamp=heads.percdamp, ffn_percdamp=channels.percdamp,
     )
+
+
+def _damping_note(retries: int, percdamp: float) -> str:
+    if not retries:
+        return ""
+    return (f" (Hessian not positive definite: damping raised {retries}x to {percdamp:.3g} of "
+            "mean diag H" + ("; OBS is close to magnitude pruning here)" if percdamp >= 1 else ")"))
 
 
 @torch.no_grad()
@@ -422,10 +463,16 @@ def prune_model(
         reports.append(report)
         if ckpt is not None:
             ckpt.save(i, layer, asdict(report))
-        emit("layer_done", f"layer {i + 1}/{n_layers} done", {
+        raised = report.damping_raised()
+        note = "; damping raised on " + ", ".join(
+            f"{d['module']} ({d['retries']}x, {d['percdamp_used']:.3g})" for d in raised
+        ) if raised else ""
+        emit("layer_done", f"layer {i + 1}/{n_layers} done{note}", {
             "attn_error": report.attn_error, "ffn_error": report.ffn_error,
             "heads_kept": float(len(report.heads_kept)),
             "channels_kept": float(len(report.channels_kept)),
+            "damping_retries": float(report.damping_retries),
+            "attn_percdamp": report.attn_percdamp, "ffn_percdamp": report.ffn_percdamp,
         }, i)
 
     del acts, residual

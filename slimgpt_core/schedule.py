@@ -240,6 +240,12 @@ def schedule_ratios(
     raise PlanError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def kv_groups_emptied(num_heads: int, num_kv_heads: int, heads_removed: int) -> int:
+    """KV groups that GQA policy ``free`` empties when ``heads_removed`` query heads go: only
+    as many as that count forces, so the pruner and the plan agree on the size."""
+    return max(0, heads_removed - (num_heads - num_kv_heads))
+
+
 def plan_layer(
     shape: ModelShape,
     index: int,
@@ -268,7 +274,7 @@ def plan_layer(
         units = min(round(r_heads * kv), kv - 1)
     elif gqa_policy == "balanced":
         units = min(round(r_heads * gs), gs - 1)
-    else:  # free: KV heads go only when pruning happens to empty a group
+    else:  # free: KV heads go only when so many query heads go that a group must empty
         units = min(round(r_heads * shape.num_heads), shape.num_heads - 1)
 
     def removed(u: int) -> tuple[int, int]:
@@ -276,7 +282,7 @@ def plan_layer(
             return u * gs, u
         if gqa_policy == "balanced":
             return u * kv, 0
-        return u, 0
+        return u, kv_groups_emptied(shape.num_heads, kv, u)
 
     while plain_heads and units > 0 and shape.hidden_size % (shape.num_heads - removed(units)[0]):
         units -= 1

@@ -1,17 +1,30 @@
 """The Celery application for GPU workers: ``celery -A worker.celery_app worker``.
 
-Tuned for jobs that hold a GPU for hours: a message is acknowledged only when its job ends, a
-worker takes one message at a time, and a message whose worker died comes back.
+Tuned for jobs that hold a GPU for hours: a worker takes one message at a time and acknowledges
+it when its job ends. Recovery does not rest on the broker: the job's lease in the database
+decides who runs, and the dispatcher's sweeper brings back the job of a dead worker within
+lease + sweep interval (the visibility timeout below only bounds how long Redis keeps a dead
+worker's message). SIGTERM to the worker is forwarded to the child running the job, which stops
+at its next layer boundary and hands the job back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_init,
+    worker_shutting_down,
+)
 
+from app.db.session import forget_inherited_connections
 from worker.liveness import Heartbeat
 from worker.redact import install_redaction
 from worker.settings import WorkerSettings
@@ -21,8 +34,8 @@ from worker.tasks import RUNNER_CONF_KEY, register_tasks
 def celery_config(settings: WorkerSettings) -> dict[str, Any]:
     """The Celery configuration for ``settings`` (separate from the app so it can be tested)."""
     transport_options: dict[str, Any] = {
-        # Longer than the hard limit, so Redis never hands a running job to a second worker;
-        # only a job whose worker died comes back, after this many seconds.
+        # Longer than the hard limit. A message of a dead worker comes back after this, long
+        # after the sweeper has requeued its job; the duplicate finds the job taken and is dropped.
         "visibility_timeout": settings.visibility_s,
         # How often a worker sweeps for messages of dead workers. kombu's default (10 s x every
         # 10th call) is fine in production; tests shrink the interval.
@@ -47,21 +60,24 @@ def celery_config(settings: WorkerSettings) -> dict[str, Any]:
         "result_accept_content": ["json"],
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # A job that raised or hit its hard limit is done (the runner recorded why); requeueing it
-        # would loop. Poison jobs are bounded by SLIMGPT_MAX_ATTEMPTS in the runner.
+        # A job that raised is done (the runner recorded why); one whose child died or hit the
+        # hard limit was reported lost by JobRequest, and the dispatcher sends it again after
+        # its backoff. Poison jobs are bounded by SLIMGPT_JOB_MAX_ATTEMPTS losses.
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,
         # A fresh child per job returns all GPU memory and any leaked state to the system.
-        "worker_max_tasks_per_child": 1,
+        "worker_max_tasks_per_child": settings.worker_max_tasks_per_child or None,
         "task_soft_time_limit": settings.job_soft_time_limit_s,
         "task_time_limit": settings.hard_limit_s,
         "task_default_queue": settings.queue,
         "task_create_missing_queues": True,
-        # Without this, a broker outage lets the message reappear while the job still runs here.
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "worker_send_task_events": False,
-        "task_send_sent_event": False,
+        # A Redis blip must not kill a GPU job that runs fine: the lease keeps a redelivered
+        # copy of the message from starting it a second time.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        # Task events for Flower / `celery events` (task id = job id).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         RUNNER_CONF_KEY: settings.runner,
     }
 
@@ -99,8 +115,35 @@ def _redact_celery_logs(logger: logging.Logger | None = None, **_: Any) -> None:
     install_redaction(logger)
 
 
+def _forward_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:
+    """Warm shutdown (SIGTERM, e.g. ``docker stop``): pass SIGTERM on to the pool children that
+    run jobs, so each stops at its next layer boundary and hands its job back; the worker then
+    exits as soon as they have, instead of waiting for the jobs to finish."""
+    if how != "Warm":
+        return
+    from celery.worker import state
+
+    for request in list(state.active_requests):
+        pid = getattr(request, "worker_pid", None)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _preload_runner(**_: Any) -> None:
+    """Import the job pipeline's module once in the parent, so that the fresh child of every
+    job inherits it instead of importing it again (seconds per job). ``worker.runner`` imports
+    torch only inside a job, so the parent stays free of CUDA."""
+    import worker.runner  # noqa: F401
+
+
 # Celery rebuilds handlers when the worker starts; attach the filter to the new ones.
 after_setup_logger.connect(_redact_celery_logs, weak=False)
 after_setup_task_logger.connect(_redact_celery_logs, weak=False)
+worker_shutting_down.connect(_forward_shutdown, weak=False)
+worker_init.connect(_preload_runner, weak=False)
+worker_process_init.connect(lambda **_: forget_inherited_connections(), weak=False)
 
 app = make_celery()

@@ -19,6 +19,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from slimgpt_core.errors import NonFiniteHessianError
 from worker.redact import redact
 from worker.retry import RetryPolicy, call_with_retries
 
@@ -200,6 +201,10 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
     """(code, message, retryable) for any exception raised while running a job."""
     if isinstance(exc, WorkerError):
         return ErrorDescription(exc.code, redact(exc.message), exc.retryable)
+    if isinstance(exc, NonFiniteHessianError):
+        # Checked before the Cholesky failure below: more damping cannot fix a NaN, so a
+        # retry would only repeat the same work.
+        return ErrorDescription("non_finite_hessian", redact(str(exc)), False)
     torch_error = _torch_error(exc)
     if torch_error is not None:
         return torch_error

@@ -5,11 +5,14 @@ and per pruned layer, all read from and written to the job database by job id.
 
 Reliability rules (DESIGN.md, "Jobs"):
 
-* A job runs only under its lease (``claim_job``); the lease is renewed by a background thread.
-  A delivery that finds the job terminal returns quietly (a succeeded job is never redone, a
-  cancelled one never restarts); one that finds a live lease of another worker waits up to about
-  one lease length for it to expire (a worker that just died) and otherwise leaves the job to its
-  owner. Deliveries beyond ``SLIMGPT_JOB_MAX_ATTEMPTS`` fail the job (poison job).
+* A job runs only under its lease (``try_claim``; ``worker.lifecycle``), renewed by a background
+  thread. A delivery that cannot claim the job returns at once: a terminal job (a succeeded job
+  is never redone, a cancelled one never restarts), one in its retry backoff, or one that
+  another worker holds (if that worker is dead, the dispatcher's sweeper brings the job back
+  when its lease expires). Lost attempts are counted and bounded there
+  (``SLIMGPT_JOB_MAX_ATTEMPTS``), so a poison job fails after that many crashes.
+* SIGTERM (or the embedded worker's stop) ends the attempt at the next layer or phase boundary
+  and hands the job back at once; it resumes on the next worker from its checkpoints.
 * Pruning checkpoints every finished layer into ``<artifacts>/<job_id>/checkpoints``; a
   redelivered job continues from its last finished layer, and layer events already written are
   not written again.
@@ -19,8 +22,9 @@ Reliability rules (DESIGN.md, "Jobs"):
 * Cancellation (the job's ``cancel_requested`` flag, checked between layers and between phases)
   ends the job ``cancelled`` and deletes its partial files.
 
-Test-only hook: ``SLIMGPT_TEST_LAYER_DELAY_S`` sleeps that long after each finished layer's event,
-so a test can kill or cancel a job at a known layer. It is not a setting; production never sets it.
+Test-only hook: ``SLIMGPT_TEST_LAYER_DELAY_S`` sleeps that long inside each layer, after its
+pruning started and before anything of it is checkpointed, so a test can kill, stop or cancel a
+job in the middle of a known layer. It is not a setting; production never sets it.
 """
 
 from __future__ import annotations
@@ -30,21 +34,30 @@ import json
 import logging
 import os
 import shutil
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import OperationalError
+
 from app.core.config import Settings
 from app.crud import jobs as crud
 from app.db.models import JobEvent
 from app.db.session import session_scope
 from worker.errors import JobCancelled, describe_exception
+from worker.lifecycle import (
+    STOP,
+    HandBack,
+    JobControl,
+    LeaseKeeper,
+    LeaseLost,
+    new_worker_id,
+    retry_db,
+)
 from worker.publish import HubDestination, HubPublisher, LocalPublisher, Publisher
 from worker.redact import install_redaction, register_secret, unregister_secret
 from worker.settings import WorkerSettings
@@ -58,17 +71,11 @@ PHASE_PERCENT = {"loading": 0.0, "calibrating": 5.0, "pruning": 10.0, "verifying
 PRUNING_SPAN = (10.0, 85.0)
 #: Sub-layer progress (attention/ffn of a layer) is written at most this often.
 SUBLAYER_EVENT_INTERVAL_S = 10.0
-#: The cancel flag is read from the database at most this often.
-CANCEL_POLL_S = 1.0
 #: Evaluation windows of the perplexity before/after.
 EVAL_MAX_WINDOWS = 16
 EVAL_MAX_SEQ_LEN = 512
 
 HubPublisherFactory = Callable[[str], Publisher]
-
-
-class LeaseLost(Exception):
-    """Another worker took the job over (our lease expired); stop without touching it."""
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -111,43 +118,6 @@ def remove_partial_files(settings: Settings, job_id: str) -> None:
         pass
 
 
-# -- the lease ----------------------------------------------------------------------------------
-class LeaseKeeper:
-    """Renews the job's lease every third of its length on a daemon thread."""
-
-    def __init__(self, settings: WorkerSettings, job_id: str, worker_id: str) -> None:
-        self.settings, self.job_id, self.worker_id = settings, job_id, worker_id
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id[:8]}",
-                                        daemon=True)
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def renew(self) -> bool:
-        with session_scope(self.settings) as s:
-            ok = crud.renew_lease(s, self.job_id, self.worker_id, self.settings.job_lease_s)
-        if not ok:
-            self.lost.set()
-        return ok
-
-    def _loop(self) -> None:
-        interval = max(0.2, self.settings.job_lease_s / 3)
-        while not self._stop.wait(interval):
-            try:
-                if not self.renew():
-                    logger.warning("lost the lease of job %s", self.job_id)
-                    return
-            except Exception:
-                logger.warning("could not renew the lease of job %s", self.job_id, exc_info=True)
-
-
 # -- the pipeline -------------------------------------------------------------------------------
 @dataclass
 class _State:
@@ -169,12 +139,15 @@ class JobRunner:
         calibration_source: Any | None = None,
         hub_publisher_factory: HubPublisherFactory | None = None,
         worker_id: str | None = None,
+        stop_event: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self._model_source = model_source
         self._calibration_source = calibration_source
         self._hub_publisher_factory = hub_publisher_factory
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker_id = worker_id or new_worker_id()
+        # Set when this worker stops (SIGTERM in a Celery child, shutdown of the embedded one).
+        self.stop_event = stop_event if stop_event is not None else STOP
 
     # db ---------------------------------------------------------------------------------------
     @contextmanager
@@ -183,30 +156,22 @@ class JobRunner:
             yield s
 
     def event(self, job_id: str, phase: str, message: str, **kw: Any) -> None:
-        with self.db() as s:
-            crud.add_event(s, job_id, phase=phase, message=message, **kw)
+        def write() -> None:
+            with self.db() as s:
+                crud.add_event(s, job_id, phase=phase, message=message, **kw)
 
-    def _cancel_requested(self, job_id: str) -> bool:
-        with self.db() as s:
-            return crud.is_cancel_requested(s, job_id)
+        # Progress is written many times per job: ride out a short database outage here.
+        retry_db(write, budget_s=self.settings.job_lease_s / 2, what="writing progress")
 
     # entry ------------------------------------------------------------------------------------
     def run(self, job_id: str) -> None:
         install_redaction()
-        job = self._claim(job_id)
+        with self.db() as s:
+            job, why = crud.try_claim(s, job_id, self.worker_id, self.settings.job_lease_s)
         if job is None:
+            logger.info("job %s not taken: %s", job_id, why)
             return
         max_attempts = self.settings.job_max_attempts
-        if job.attempts > max_attempts:
-            logger.error("job %s exceeded %d attempts; failing it", job_id, max_attempts)
-            with self.db() as s:
-                crud.finish_job(s, job_id, "failed", error=(
-                    f"too_many_attempts: the job was started {job.attempts - 1} times without "
-                    f"finishing (limit SLIMGPT_JOB_MAX_ATTEMPTS={max_attempts}); the worker "
-                    "probably crashed on it (e.g. out of memory)"))
-            remove_partial_files(self.settings, job_id)
-            return
-
         state = _State()
         token: str | None = None
         try:
@@ -214,23 +179,33 @@ class JobRunner:
                 token = crud.get_hub_token_for_job(s, job_id, self.settings)
             register_secret(token)
             with LeaseKeeper(self.settings, job_id, self.worker_id) as lease:
-                attempts = job.attempts
+                ctl = JobControl(self.settings, job_id, lease, self.stop_event)
+                # In-place retries of transient errors share the attempt budget with lost ones.
+                retries_left = max_attempts - 1 - int(job.lost_count or 0)
                 while True:
                     try:
-                        self._pipeline(job_id, token, lease, state)
+                        self._pipeline(job_id, token, ctl, state)
                         return
-                    except (LeaseLost, JobCancelled):
+                    except (LeaseLost, HandBack, JobCancelled, OperationalError):
                         raise
                     except Exception as exc:
                         desc = describe_exception(exc)
                         if lease.lost.is_set():
                             raise LeaseLost() from exc
-                        if desc.retryable and attempts < max_attempts:
-                            attempts = self._retry(job_id, exc, desc, state)
+                        if desc.retryable and retries_left > 0:
+                            retries_left -= 1
+                            self._retry(job_id, exc, desc, state)
                             continue
                         raise
         except LeaseLost:
             logger.warning("job %s: another worker holds the lease now; stopping here", job_id)
+        except OperationalError:
+            # The database is unreachable: the job cannot be recorded as anything. Its lease
+            # expires and the sweeper gives it another attempt, resumed from its checkpoints.
+            logger.warning("job %s: database unreachable; it resumes after its lease expires",
+                           job_id, exc_info=True)
+        except HandBack:
+            self._hand_back(job_id)
         except JobCancelled:
             self._finish_cancelled(job_id, state)
         except Exception as exc:
@@ -238,31 +213,23 @@ class JobRunner:
             logger.error("job %s failed: %s: %s", job_id, desc.code, desc.message,
                          exc_info=desc.code == "internal_error")
             with self.db() as s:
-                crud.finish_job(s, job_id, "failed", error=f"{desc.code}: {desc.message}",
-                                metrics={"seconds": state.seconds, "error_code": desc.code})
-            remove_partial_files(self.settings, job_id)
+                failed = crud.finish_job(s, job_id, "failed",
+                                         error=f"{desc.code}: {desc.message}",
+                                         metrics={"seconds": state.seconds,
+                                                  "error_code": desc.code},
+                                         worker_id=self.worker_id)
+            if failed is not None:
+                remove_partial_files(self.settings, job_id)
         finally:
             unregister_secret(token)
 
-    def _claim(self, job_id: str) -> Any:
-        """Claim the lease, waiting out a dead worker's lease (about one lease length)."""
-        deadline = time.monotonic() + self.settings.job_lease_s * 1.5 + 1
-        while True:
-            with self.db() as s:
-                job = crud.claim_job(s, job_id, self.worker_id, self.settings.job_lease_s)
-                if job is not None:
-                    return job
-                current = crud.get_job(s, job_id)
-                if current is None or current.is_terminal:
-                    logger.info("job %s is %s; nothing to do", job_id,
-                                "unknown" if current is None else current.state)
-                    return None
-            if time.monotonic() > deadline:
-                logger.info("job %s is held by a live worker; leaving it to that worker", job_id)
-                return None
-            time.sleep(min(2.0, max(0.2, self.settings.job_lease_s / 5)))
+    def _hand_back(self, job_id: str) -> None:
+        """Stopping: the finished layers are checkpointed; queue the job again at once."""
+        with self.db() as s:
+            if crud.hand_back(s, job_id, self.worker_id, reason="worker shutting down"):
+                logger.info("job %s handed back; it resumes from its checkpoints", job_id)
 
-    def _retry(self, job_id: str, exc: Exception, desc: Any, state: _State) -> int:
+    def _retry(self, job_id: str, exc: Exception, desc: Any, state: _State) -> None:
         """Record the retry, count it as an attempt, and adjust what it needs (more damping)."""
         if desc.code == "cholesky_failed":
             state.percdamp_boost *= 10.0
@@ -275,17 +242,18 @@ class JobRunner:
             job = crud.claim_job(s, job_id, self.worker_id, self.settings.job_lease_s)
         if job is None:
             raise LeaseLost() from exc
-        return int(job.attempts)
 
     def _finish_cancelled(self, job_id: str, state: _State) -> None:
         with self.db() as s:
-            crud.finish_job(s, job_id, "cancelled", metrics={"seconds": state.seconds},
-                            message="job cancelled; partial files removed")
-        remove_partial_files(self.settings, job_id)
+            done = crud.finish_job(s, job_id, "cancelled", metrics={"seconds": state.seconds},
+                                   message="job cancelled; partial files removed",
+                                   worker_id=self.worker_id)
+        if done is not None:
+            remove_partial_files(self.settings, job_id)
         logger.info("job %s cancelled", job_id)
 
     # phases -----------------------------------------------------------------------------------
-    def _pipeline(self, job_id: str, token: str | None, lease: LeaseKeeper, state: _State) -> None:
+    def _pipeline(self, job_id: str, token: str | None, ctl: JobControl, state: _State) -> None:
         import torch
 
         from slimgpt_core.calibration import sample_windows
@@ -306,15 +274,9 @@ class JobRunner:
         destination = req.get("destination") or {}
         evaluate = req.get("evaluate") or {}
 
-        def check_cancel() -> None:
-            if lease.lost.is_set():
-                raise LeaseLost()
-            if self._cancel_requested(job_id):
-                raise JobCancelled()
-
         @contextmanager
         def phase(name: str, message: str) -> Iterator[None]:
-            check_cancel()
+            ctl.check()
             self.event(job_id, name, message, percent=PHASE_PERCENT[name])
             t0 = time.perf_counter()
             try:
@@ -371,18 +333,19 @@ class JobRunner:
             # A plain (uniform-profile) config needs head counts that divide hidden_size.
             plain_heads=export.get("profile") == "uniform",
         )
-        progress = _PruneProgress(self, job_id, num_layers, lease)
+        progress = _PruneProgress(self, job_id, num_layers, ctl)
         with phase("pruning", f"pruning {num_layers} layers to target ratio "
                    f"{config.target_ratio}"):
             try:
                 result = _prune_resuming(prune_model, model, windows, config, progress, ckpt,
                                          self, job_id)
             except PruningCancelled as exc:
-                if lease.lost.is_set():
-                    raise LeaseLost() from exc
+                # The finished layers are checkpointed: lease lost, hand back or cancel.
+                ctl.raise_reason(throttle=False, cause=exc)
                 raise JobCancelled() from exc
         state.metrics.update(params_before=result.params_before, params_after=result.params_after,
-                             resumed_from=result.resumed_from)
+                             resumed_from=result.resumed_from,
+                             damping_raised=result.damping_raised())
 
         # verifying (export into staging, proven to load in a fresh process) -------------
         stage = staging_dir(self.settings, job_id)
@@ -447,9 +410,11 @@ class JobRunner:
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(stage, ignore_errors=True)
         with self.db() as s:
-            crud.finish_job(s, job_id, "succeeded", result=result_doc,
-                            metrics={**state.metrics, "seconds": state.seconds},
-                            message="job succeeded")
+            done = crud.finish_job(s, job_id, "succeeded", result=result_doc,
+                                   metrics={**state.metrics, "seconds": state.seconds},
+                                   message="job succeeded", worker_id=self.worker_id)
+        if done is None:
+            raise LeaseLost()
         logger.info("job %s succeeded", job_id)
 
     # components -------------------------------------------------------------------------------
@@ -518,14 +483,13 @@ class _PruneProgress:
     """``prune_model``'s progress callback and cancel check, writing throttled event rows."""
 
     def __init__(self, runner: JobRunner, job_id: str, num_layers: int,
-                 lease: LeaseKeeper) -> None:
-        self.runner, self.job_id, self.n, self.lease = runner, job_id, num_layers, lease
+                 ctl: JobControl) -> None:
+        self.runner, self.job_id, self.n, self.ctl = runner, job_id, num_layers, ctl
         self.started = time.perf_counter()
         self.first_layer = 0
         self.last_sub_event = 0.0
-        self.last_cancel_check = 0.0
-        self.cancel = False
         self.delay = float(os.environ.get(TEST_LAYER_DELAY_ENV, "0") or 0)
+        self.delayed: set[int | None] = set()
         with runner.db() as s:
             rows = s.query(JobEvent.layer, JobEvent.metrics).filter(
                 JobEvent.job_id == job_id, JobEvent.phase == "pruning",
@@ -561,10 +525,14 @@ class _PruneProgress:
                               layer=i, num_layers=self.n, percent=self.percent(done), eta_s=eta,
                               metrics={"kind": "layer_done", **dict(ev.metrics)})
             self.done_layers.add(i)
-            self.lease.renew()
-            if self.delay:
-                time.sleep(self.delay)
+            try:
+                self.ctl.lease.renew()
+            except OperationalError:
+                pass  # the lease keeper keeps trying on its own
             return
+        if self.delay and ev.phase == "attention" and ev.layer not in self.delayed:
+            self.delayed.add(ev.layer)
+            time.sleep(self.delay)  # mid-layer (test hook)
         now = time.perf_counter()
         if ev.phase in ("attention", "ffn") and now - self.last_sub_event >= \
                 SUBLAYER_EVENT_INTERVAL_S:
@@ -575,13 +543,7 @@ class _PruneProgress:
                               metrics={"kind": ev.phase, **dict(ev.metrics)})
 
     def should_cancel(self) -> bool:
-        if self.lease.lost.is_set():
-            return True
-        now = time.monotonic()
-        if now - self.last_cancel_check >= CANCEL_POLL_S or self.last_cancel_check == 0.0:
-            self.last_cancel_check = now
-            self.cancel = self.runner._cancel_requested(self.job_id)
-        return self.cancel
+        return self.ctl.should_stop()
 
 
 def _record_eval_in_export(folder: Path, eval_metrics: dict[str, Any], *,
@@ -605,9 +567,11 @@ def _record_eval_in_export(folder: Path, eval_metrics: dict[str, Any], *,
 
 
 def run_job(job_id: str, settings: Settings | None = None, **components: Any) -> None:
-    """Run job ``job_id`` to a terminal state (or leave it to the worker holding its lease).
+    """Run job ``job_id`` to a terminal state, or hand it back when the worker stops (or leave
+    it alone when it cannot be claimed).
 
-    ``settings`` default to the environment (``SLIMGPT_*``); ``components`` (tests) are
-    ``model_source``, ``calibration_source`` and ``hub_publisher_factory``.
+    ``settings`` default to the environment (``SLIMGPT_*``); ``components`` are ``stop_event``
+    (the embedded worker's) and, for tests, ``model_source``, ``calibration_source`` and
+    ``hub_publisher_factory``.
     """
     JobRunner(as_worker_settings(settings), **components).run(job_id)

@@ -24,8 +24,15 @@
 | SLIMGPT_VISIBILITY_TIMEOUT_S    | hard + 3600                      | Redis redelivers an unacked job after this (> hard limit) |
 | SLIMGPT_UNACKED_RESTORE_INTERVAL_S | 60                            | worker: how often messages of dead workers are swept |
 | SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed (alias SLIMGPT_MAX_ATTEMPTS) |
-| SLIMGPT_JOB_LEASE_S             | 300                              | worker lease length (renewed while running)   |
+| SLIMGPT_JOB_LEASE_S             | 120                              | worker lease length (renewed every third of it) |
+| SLIMGPT_DISPATCHER_ENABLED      | true                             | api: run the dispatcher thread (leader-elected) |
+| SLIMGPT_SWEEP_INTERVAL_S        | 15                               | dispatcher: lease sweep / leader retry period |
+| SLIMGPT_REPUBLISH_AFTER_S       | 300                              | dispatcher: re-send a queued job nobody took (doubles, max 1 h) |
+| SLIMGPT_RETRY_BACKOFF_BASE_S    | 10                               | delay before the retry of a lost job (doubles, jittered) |
+| SLIMGPT_RETRY_BACKOFF_MAX_S     | 600                              | longest delay before a retry                  |
+| SLIMGPT_EMBEDDED_WORKER         | worker.embedded:EmbeddedWorker   | embedded mode: the in-process worker (empty = none) |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
+| SLIMGPT_WORKER_MAX_TASKS_PER_CHILD | 1                             | worker: jobs per pool process (0 = no limit)  |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
 | SLIMGPT_LOG_LEVEL               | INFO                             |                                              |
 | SLIMGPT_AUTH_DISABLED           | false                            | embedded only: every request is tenant `local` |
@@ -83,8 +90,20 @@ class Settings(BaseSettings):
     unacked_restore_interval_s: float = Field(60.0, gt=0)
     job_max_attempts: int = Field(
         3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
-    job_lease_s: int = Field(300, gt=0)
+    job_lease_s: float = Field(120, gt=0)
     runner: str = "worker.runner:run_job"
+    # A fresh process per job returns all GPU memory; CPU-only fleets (and tests) may reuse.
+    worker_max_tasks_per_child: int = Field(1, ge=0)
+
+    # The dispatcher (outbox publisher + lease sweeper), see app/dispatcher.py.
+    dispatcher_enabled: bool = True
+    sweep_interval_s: float = Field(15.0, gt=0)
+    republish_after_s: float = Field(300.0, gt=0)
+    retry_backoff_base_s: float = Field(10.0, ge=0)
+    retry_backoff_max_s: float = Field(600.0, ge=0)
+    # Embedded mode only: the in-process worker the API starts ("module:attr"; "" = none).
+    # A setting rather than an import so that `app` does not depend on `worker`.
+    embedded_worker: str = "worker.embedded:EmbeddedWorker"
 
     log_json: bool = False
     log_level: str = "INFO"

@@ -8,6 +8,7 @@ transaction starts with ``BEGIN IMMEDIATE`` (see app.db.session), which serializ
 from __future__ import annotations
 
 import logging
+import random
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from app.core.config import Settings
 from app.core.security import decrypt_token
 from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Artifact, HubToken, Job, JobEvent
+from app.db.notify import job_ready
 
 log = logging.getLogger("slimgpt.jobs")
 
@@ -74,39 +76,52 @@ def _append_event(
     return event
 
 
-def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:
+def try_claim(session: Session, job_id: str, worker_id: str,
+              lease_seconds: float) -> tuple[Job | None, str]:
     """Take the job's lease for ``worker_id``, set it running and count an attempt.
 
-    Succeeds when the job is queued, or running with an expired lease or one held by the same
-    worker. Returns None when another live lease holds it, it is terminal, or it does not exist.
+    Succeeds for a queued job whose retry backoff has passed, and for a running job whose lease
+    this worker already holds. Everything else is declined, with the reason: a terminal or
+    unknown job, a job in its backoff, and a running job of another worker, live or not (a dead
+    worker's job comes back through the sweeper, :func:`record_worker_lost`, never through a
+    duplicate delivery). Returns ``(job, "")`` or ``(None, reason)``.
     """
     now = utcnow()
     job = _lock_job(session, job_id)
-    if job is None or job.state in TERMINAL_STATES:
+    if job is None:
         session.rollback()
-        return None
-    if job.state == "running":
-        live = job.lease_expires_at is not None and job.lease_expires_at > now
-        if live and job.lease_owner != worker_id:
-            session.rollback()
-            return None
-    previous_state = job.state
+        return None, "no such job"
+    if job.state in TERMINAL_STATES:
+        state = job.state
+        session.rollback()
+        return None, f"the job is {state}"
+    if job.state == "running" and job.lease_owner != worker_id:
+        owner = job.lease_owner
+        session.rollback()
+        return None, f"worker {owner} holds its lease"
+    if job.state == "queued" and job.available_at is not None and job.available_at > now:
+        wait = (job.available_at - now).total_seconds()
+        session.rollback()
+        return None, f"its retry backoff has {wait:.1f} s left"
     job.state = "running"
     job.lease_owner = worker_id
     job.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    job.last_worker = worker_id
+    job.next_dispatch_at = None
     job.attempts = (job.attempts or 0) + 1
     if job.started_at is None:
         job.started_at = now
-    message = (
-        f"claimed by worker {worker_id} (attempt {job.attempts})"
-        if previous_state == "queued"
-        else f"re-claimed by worker {worker_id} after lease expiry (attempt {job.attempts})"
-    )
     _append_event(session, job, phase=job.phase if job.phase != "queued" else None,
-                  message=message, state="running")
+                  message=f"claimed by worker {worker_id} (attempt {job.attempts})",
+                  state="running")
     session.commit()
     log.info("job claimed by %s, attempt %d", worker_id, job.attempts, extra=_extra(job_id))
-    return job
+    return job, ""
+
+
+def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:
+    """:func:`try_claim` without the reason."""
+    return try_claim(session, job_id, worker_id, lease_seconds)[0]
 
 
 def renew_lease(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> bool:
@@ -187,17 +202,25 @@ def finish_job(
     result: dict[str, Any] | None = None,
     error: str | None = None,
     message: str | None = None,
+    worker_id: str | None = None,
 ) -> Job | None:
     """Move the job to a terminal state, write a final event and release the lease.
 
     Never overwrites an already-terminal job (returns it unchanged). Metrics are merged into
-    the existing metrics. Returns None for an unknown job.
+    the existing metrics. Returns None for an unknown job. With ``worker_id`` (a worker ending
+    its own attempt) only a job running under that worker's lease is finished, else None is
+    returned: a worker that lost its lease never ends the attempt of the worker that took over.
     """
     if state not in TERMINAL_STATES:
         raise ValueError(f"finish_job needs a terminal state, got {state!r}")
     job = _lock_job(session, job_id)
     if job is None:
         session.rollback()
+        return None
+    if worker_id is not None and (job.state != "running" or job.lease_owner != worker_id):
+        session.rollback()
+        log.warning("not finishing the job as %s: worker %s no longer holds its lease", state,
+                    worker_id, extra=_extra(job_id))
         return None
     if job.state in TERMINAL_STATES:
         session.rollback()
@@ -224,6 +247,7 @@ def _finish_locked(
     job.finished_at = now
     job.lease_owner = None
     job.lease_expires_at = None
+    job.next_dispatch_at = None
     job.eta_s = 0.0 if state == "succeeded" else None
     if state == "succeeded":
         job.percent = 100.0
@@ -261,24 +285,99 @@ def request_cancel(session: Session, job_id: str) -> Job | None:
     return job
 
 
-def requeue_job(session: Session, job_id: str, *, max_attempts: int | None = None) -> Job | None:
-    """Give a running job (whose worker died) back to the queue; fail it when out of attempts."""
+def host_of(worker_id: str | None) -> str:
+    """The host part of a worker id (``host:pid:tag``)."""
+    return (worker_id or "unknown").split(":", 1)[0] or "unknown"
+
+
+def _where(job: Job) -> str:
+    """Where the job was, for messages: ``at layer 17 of 30`` or ``during loading``."""
+    if job.phase == "pruning" and job.layer is not None:
+        return f"at layer {job.layer} of {job.num_layers}" if job.num_layers else \
+            f"at layer {job.layer}"
+    return f"during {job.phase}" if job.phase and job.phase != "queued" else "before it started"
+
+
+def retry_delay_s(losses: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Exponential backoff with jitter before the retry that follows the ``losses``-th loss:
+    uniformly in [d/2, d] with d = base * 2**(losses-1), capped at the maximum."""
+    ceiling = min(settings.retry_backoff_max_s,
+                  settings.retry_backoff_base_s * 2 ** max(0, losses - 1))
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def record_worker_lost(
+    session: Session,
+    job_id: str,
+    settings: Settings,
+    *,
+    reason: str,
+    owner_prefix: str | None = None,
+    expired_only: bool = False,
+) -> Job | None:
+    """The worker running ``job_id`` is gone: count the loss and give the job another attempt
+    after a backoff, or fail it once SLIMGPT_JOB_MAX_ATTEMPTS attempts were lost.
+
+    ``owner_prefix`` limits this to a lease held by that worker (``host:pid:``, as the Celery
+    parent reports a dead child); ``expired_only`` to an expired lease (the sweeper). Returns the
+    job when it was changed, else None. A job whose cancel was requested ends cancelled.
+    """
+    now = utcnow()
     job = _lock_job(session, job_id)
-    if job is None or job.state in TERMINAL_STATES:
+    if (job is None or job.state != "running"
+            or (owner_prefix is not None and not (job.lease_owner or "").startswith(owner_prefix))
+            or (expired_only and job.lease_expires_at is not None
+                and job.lease_expires_at >= now)):
         session.rollback()
-        return job
-    if max_attempts is not None and job.attempts >= max_attempts:
+        return None
+    owner = job.lease_owner or "unknown"
+    host, where = host_of(owner), _where(job)
+    job.lost_count = (job.lost_count or 0) + 1
+    job.last_worker = owner
+    job.last_error = f"{reason}; {where} on host {host}"
+    job.lease_owner = None
+    job.lease_expires_at = None
+    max_attempts = settings.job_max_attempts
+    if job.cancel_requested:
+        _finish_locked(session, job, "cancelled",
+                       message=f"job cancelled (its worker {owner} was lost: {reason})")
+    elif job.lost_count >= max_attempts:
+        times = "once" if job.lost_count == 1 else f"{job.lost_count} times"
         _finish_locked(session, job, "failed",
-                       error=f"gave up after {job.attempts} attempts (worker lost)")
-        session.commit()
-        return job
+                       error=f"worker lost {times}; last {where} on host {host} ({reason})")
+    else:
+        delay = retry_delay_s(job.lost_count, settings)
+        job.state = "queued"
+        job.available_at = job.next_dispatch_at = now + timedelta(seconds=delay)
+        _append_event(session, job, phase=job.phase, state="queued",
+                      message=f"worker {owner} lost ({reason}) {where}; retrying in "
+                      f"{delay:.1f} s (lost {job.lost_count} of {max_attempts} attempts)")
+        job_ready(session)
+    session.commit()
+    log.warning("worker %s lost (%s): job %s", owner, reason, job.state, extra=_extra(job_id))
+    return job
+
+
+def hand_back(session: Session, job_id: str, worker_id: str, *, reason: str) -> bool:
+    """The worker stops (SIGTERM) and gives the job back: queued again at once, so another worker
+    resumes it from its checkpoints; this does not count as a lost attempt."""
+    job = _lock_job(session, job_id)
+    if job is None or job.state != "running" or job.lease_owner != worker_id:
+        session.rollback()
+        return False
+    where = _where(job)
     job.state = "queued"
     job.lease_owner = None
     job.lease_expires_at = None
-    _append_event(session, job, phase=job.phase, message="requeued after worker loss",
-                  state="queued")
+    job.available_at = None
+    job.next_dispatch_at = utcnow()
+    _append_event(session, job, phase=job.phase, state="queued",
+                  message=f"handed back by worker {worker_id} ({reason}) {where}; the next "
+                  "worker resumes it from its checkpoints")
+    job_ready(session)
     session.commit()
-    return job
+    log.info("job handed back by %s (%s)", worker_id, reason, extra=_extra(job_id))
+    return True
 
 
 def expired_running_jobs(session: Session, now: datetime | None = None) -> list[str]:

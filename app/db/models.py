@@ -90,6 +90,7 @@ class Job(Base):
         ),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_state_lease", "state", "lease_expires_at"),
+        Index("ix_jobs_state_next_dispatch", "state", "next_dispatch_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -124,6 +125,19 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    # Dispatch bookkeeping (the outbox; app/dispatcher.py). A queued job is sent to the broker
+    # when ``next_dispatch_at`` has passed, and may be claimed once ``available_at`` has
+    # (retry backoff; None = at once).
+    available_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    next_dispatch_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatch_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Attempts that ended with the worker lost (lease expired, process killed, hard time limit);
+    # SLIMGPT_JOB_MAX_ATTEMPTS of them fail the job. Graceful hand-backs do not count.
+    lost_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)  # why the last attempt ended unfinished
+    last_worker: Mapped[str | None] = mapped_column(String(255))  # host:pid:tag that held it last
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -18,9 +18,11 @@ _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 
 
-def make_engine(url: str, *, null_pool: bool = False) -> Engine:
+def make_engine(url: str, *, null_pool: bool = False, connect_timeout: float | None = None
+                ) -> Engine:
     """A new engine. SQLite gets WAL, a busy timeout and ``BEGIN IMMEDIATE`` transactions, so
-    every write transaction is serialized (that is what makes lease claims atomic there)."""
+    every write transaction is serialized (that is what makes lease claims atomic there).
+    ``connect_timeout`` (seconds) bounds a PostgreSQL connection attempt."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -42,9 +44,11 @@ def make_engine(url: str, *, null_pool: bool = False) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
+    connect_args = {} if connect_timeout is None else {"connect_timeout": max(1, int(connect_timeout))}
     if null_pool:
-        return create_engine(url, poolclass=NullPool)
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        return create_engine(url, poolclass=NullPool, connect_args=connect_args)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         connect_args=connect_args)
 
 
 def get_engine(settings: Settings | None = None) -> Engine:
@@ -55,6 +59,13 @@ def get_engine(settings: Settings | None = None) -> Engine:
         if engine is None:
             engine = _engines[url] = make_engine(url)
         return engine
+
+
+def forget_inherited_connections() -> None:
+    """In a forked child: never use the parent's pooled connections (call first thing)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)
 
 
 def get_session_factory(settings: Settings | None = None) -> sessionmaker[Session]:

@@ -107,52 +107,88 @@ def settings(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Set
         sse_poll_s=0.02,
         sse_heartbeat_s=0.15,
         auto_migrate=False,
+        # No background threads: tests drive jobs through app.crud and run dispatcher passes
+        # themselves (the `outbox` fixture).
+        dispatcher_enabled=False,
+        embedded_worker="",
     )
 
 
 @dataclass
-class RecordingDispatcher:
-    """Records every enqueue; optionally runs a job-driving function synchronously after it."""
+class RecordingPublisher:
+    """A broker stand-in: records every message the dispatcher sends."""
 
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    sent: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     fail: bool = False
+    lost: bool = False
 
-    def enqueue(self, *args: Any, **kwargs: Any) -> None:
+    def publish(self, job_id: str, queue: str) -> None:
         if self.fail:
             raise ConnectionError("broker down")
         with self.lock:
-            self.calls.append((args, kwargs))
+            self.sent.append((job_id, queue))
+
+    def broker_lost_messages(self) -> bool:
+        lost, self.lost = self.lost, False
+        return lost
+
+    def ping(self) -> bool:
+        return not self.fail
+
+    def reset(self) -> None:
+        pass
 
     @property
     def job_ids(self) -> list[str]:
-        return [a[0] for a, _ in self.calls]
+        return [job_id for job_id, _ in self.sent]
+
+
+@dataclass
+class Outbox:
+    """A dispatcher on the test database, run one pass at a time."""
+
+    dispatcher: Any
+    publisher: RecordingPublisher
+
+    def run_pass(self) -> list[str]:
+        """One dispatcher pass; returns the job ids it sent."""
+        before = len(self.publisher.sent)
+        self.dispatcher.run_pass()
+        return self.publisher.job_ids[before:]
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def outbox(settings: Settings) -> Iterator[Outbox]:
+    from app.dispatcher import Dispatcher
+
+    publisher = RecordingPublisher()
+    prod = settings.model_copy(update={"broker_url": "redis://recording.invalid/0"})
+    d = Dispatcher(prod, sessionmaker(bind=db_session.get_engine(settings),
+                                      expire_on_commit=False), publisher=publisher,
+                   sweep_grace_s=0)
+    try:
+        yield Outbox(d, publisher)
+    finally:
+        d.stop()
 
 
 @pytest.fixture(scope="session")
-def dispatcher() -> RecordingDispatcher:
-    return RecordingDispatcher()
-
-
-@pytest.fixture(scope="session")
-def app(settings: Settings, dispatcher: RecordingDispatcher) -> Any:
+def app(settings: Settings) -> Any:
     from app.main import create_app
 
-    return create_app(settings, dispatcher=dispatcher)
+    return create_app(settings)
 
 
 @pytest.fixture(scope="session")
 def client(app: Any) -> Iterator[TestClient]:
     with TestClient(app) as c:
         yield c
-
-
-@pytest.fixture(autouse=True)
-def _reset_dispatcher(request: pytest.FixtureRequest) -> None:
-    if "dispatcher" in request.fixturenames:
-        d = request.getfixturevalue("dispatcher")
-        d.calls.clear()
-        d.fail = False
 
 
 @pytest.fixture

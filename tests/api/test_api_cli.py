@@ -30,7 +30,7 @@ def test_keys_create_prints_a_working_key_and_revoke_disables_it(tmp_path, monke
         key_id = key.split("_")[1]
         from app.main import create_app
 
-        app = create_app(get_settings(), dispatcher=type("D", (), {"enqueue": lambda s, j: None})())
+        app = create_app(get_settings().model_copy(update={"embedded_worker": ""}))
         with TestClient(app) as c:
             h = {"Authorization": f"Bearer {key}"}
             assert c.get("/v1/jobs", headers=h).status_code == 200

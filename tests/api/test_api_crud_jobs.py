@@ -35,16 +35,30 @@ def test_claim_by_the_same_worker_succeeds_again(submit, db):
         assert again is not None and again.attempts == 2
 
 
-def test_claim_takes_over_an_expired_lease(submit, db):
+def test_claim_leaves_an_expired_lease_to_the_sweeper(submit, db):
     job = submit()
     with db() as s:
         crud.claim_job(s, job["id"], "w1", 60)
         row = s.get(Job, job["id"])
         row.lease_expires_at = utcnow() - timedelta(seconds=1)
         s.commit()
-        taken = crud.claim_job(s, job["id"], "w2", 60)
-        assert taken is not None and taken.lease_owner == "w2" and taken.attempts == 2
-        assert job["id"] not in crud.expired_running_jobs(s)
+        taken, why = crud.try_claim(s, job["id"], "w2", 60)
+        assert taken is None and "w1" in why
+        assert job["id"] in crud.expired_running_jobs(s)
+
+
+def test_claim_waits_out_the_retry_backoff(submit, db):
+    job = submit()
+    with db() as s:
+        row = s.get(Job, job["id"])
+        row.available_at = utcnow() + timedelta(seconds=30)
+        s.commit()
+        taken, why = crud.try_claim(s, job["id"], "w1", 60)
+        assert taken is None and "backoff" in why
+        row = s.get(Job, job["id"])
+        row.available_at = utcnow() - timedelta(seconds=1)
+        s.commit()
+        assert crud.claim_job(s, job["id"], "w1", 60) is not None
 
 
 def test_claim_refuses_terminal_and_unknown_jobs(submit, db):
@@ -155,20 +169,73 @@ def test_finish_job_merges_metrics(submit, db):
         assert done.metrics == {"params_before": 10, "params_after": 8}
 
 
-def test_requeue_returns_a_running_job_to_the_queue(submit, db):
+def test_a_lost_worker_requeues_the_job_after_a_backoff_and_counts_the_loss(submit, db,
+                                                                           settings):
+    job = submit()
+    with db() as s:
+        crud.claim_job(s, job["id"], "gpu-3:41:ab", 60)
+        crud.add_event(s, job["id"], phase="pruning", message="layer 17", layer=17,
+                       num_layers=30)
+        before = utcnow()
+        row = crud.record_worker_lost(s, job["id"], settings, reason="lease expired")
+        assert row.state == "queued" and row.lease_owner is None and row.lost_count == 1
+        assert row.last_worker == "gpu-3:41:ab"
+        assert row.last_error == "lease expired; at layer 17 of 30 on host gpu-3"
+        base = settings.retry_backoff_base_s
+        assert before + timedelta(seconds=base / 2) <= row.available_at
+        assert row.available_at <= utcnow() + timedelta(seconds=base)
+        assert row.next_dispatch_at == row.available_at
+        assert "retrying in" in crud.list_events(s, job["id"])[-1].message
+
+
+def test_a_job_whose_worker_was_lost_max_attempts_times_fails_saying_so(submit, db, settings):
+    job = submit()
+    with db() as s:
+        for i in range(settings.job_max_attempts):
+            row = s.get(Job, job["id"])
+            row.available_at = None
+            s.commit()
+            assert crud.claim_job(s, job["id"], f"gpu-{i}:1:x", 60) is not None
+            crud.add_event(s, job["id"], phase="pruning", message="layer", layer=i + 4,
+                           num_layers=30)
+            row = crud.record_worker_lost(s, job["id"], settings, reason="lease expired")
+        assert row.state == "failed"
+        assert row.error == (f"worker lost {settings.job_max_attempts} times; last at layer "
+                             f"{settings.job_max_attempts + 3} of 30 on host "
+                             f"gpu-{settings.job_max_attempts - 1} (lease expired)")
+
+
+def test_a_lost_report_for_another_workers_lease_changes_nothing(submit, db, settings):
+    job = submit()
+    with db() as s:
+        crud.claim_job(s, job["id"], "hostA:200:x", 60)
+        assert crud.record_worker_lost(s, job["id"], settings, reason="died",
+                                       owner_prefix="hostA:100:") is None
+        assert crud.record_worker_lost(s, job["id"], settings, reason="lease expired",
+                                       expired_only=True) is None
+        assert s.get(Job, job["id"]).state == "running"
+
+
+def test_hand_back_queues_the_job_at_once_without_counting_a_loss(submit, db):
     job = submit()
     with db() as s:
         crud.claim_job(s, job["id"], "w1", 60)
-        row = crud.requeue_job(s, job["id"], max_attempts=3)
-        assert row.state == "queued" and row.lease_owner is None
+        assert not crud.hand_back(s, job["id"], "w2", reason="shutting down")
+        assert crud.hand_back(s, job["id"], "w1", reason="shutting down")
+        row = s.get(Job, job["id"])
+        assert row.state == "queued" and row.lost_count == 0 and row.available_at is None
+        assert crud.claim_job(s, job["id"], "w2", 60) is not None
 
 
-def test_requeue_fails_a_job_out_of_attempts(submit, db):
-    job = submit()
-    with db() as s:
-        crud.claim_job(s, job["id"], "w1", 60)
-        row = crud.requeue_job(s, job["id"], max_attempts=1)
-        assert row.state == "failed" and "attempts" in row.error
+def test_retry_delays_grow_exponentially_with_jitter_up_to_the_maximum(settings):
+    import random
+
+    s = settings.model_copy(update={"retry_backoff_base_s": 10.0, "retry_backoff_max_s": 60.0})
+    rng = random.Random(0)
+    for losses, ceiling in [(1, 10), (2, 20), (3, 40), (4, 60), (9, 60)]:
+        delays = [crud.retry_delay_s(losses, s, rng) for _ in range(50)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays)
+        assert max(delays) - min(delays) > ceiling / 10  # jittered, not constant
 
 
 def test_add_artifact_names_files_relative_to_the_job_folder(submit, db, settings, client, tenant):

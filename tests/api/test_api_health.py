@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
-from app.dispatch import CeleryDispatcher
 
 
 def test_healthz(client):
@@ -21,7 +20,7 @@ def test_readyz_is_503_when_the_broker_is_unreachable(settings):
     from app.main import create_app
 
     prod = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
-    app = create_app(prod, dispatcher=CeleryDispatcher(prod))
+    app = create_app(prod)
     with TestClient(app) as c:
         r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("unreachable")
@@ -32,8 +31,9 @@ def test_readyz_is_503_when_the_database_is_unreachable(settings, tmp_path):
 
     down = Settings(data_dir=tmp_path, secret_key=settings.secret_key,
                     database_url="postgresql+psycopg://postgres@127.0.0.1:1/nothing",
-                    auto_migrate=False)
-    with TestClient(create_app(down, dispatcher=CeleryDispatcher(down))) as c:
+                    broker_url="redis://127.0.0.1:1/0", auto_migrate=False,
+                    dispatcher_enabled=False)
+    with TestClient(create_app(down)) as c:
         r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["checks"]["database"].startswith("unreachable")
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 
 from app.crud import jobs as crud
+from app.db.models import Job
 
 
 def test_submit_answers_202_with_a_queued_job(client, tenant, job_body):
@@ -27,17 +29,36 @@ def test_submit_fills_request_defaults(submit):
     assert req["evaluate"]["perplexity"] is True
 
 
-def test_dispatcher_gets_only_the_job_id(submit, dispatcher):
+def test_the_dispatcher_sends_a_submitted_job_once_to_the_configured_queue(submit, outbox,
+                                                                           settings):
     job = submit()
-    assert dispatcher.calls == [((job["id"],), {})]
+    assert outbox.run_pass().count(job["id"]) == 1
+    assert (job["id"], settings.celery_queue) in outbox.publisher.sent
+    assert job["id"] not in outbox.run_pass()  # marked as sent: not sent again right away
 
 
-def test_broker_failure_answers_503_and_fails_the_job(client, tenant, dispatcher, job_body):
-    dispatcher.fail = True
+def test_a_broker_outage_neither_fails_nor_slows_a_submission(client, tenant, outbox, job_body,
+                                                               db):
+    outbox.publisher.fail = True
     r = client.post("/v1/jobs", json=job_body, headers=tenant.headers)
-    assert r.status_code == 503
-    listed = client.get("/v1/jobs", headers=tenant.headers).json()["items"]
-    assert listed[0]["state"] == "failed" and "enqueue" in listed[0]["error"]
+    assert r.status_code == 202 and r.json()["state"] == "queued"
+    assert outbox.run_pass() == []
+    with db() as s:
+        row = s.get(Job, r.json()["id"])
+        assert row.state == "queued" and row.dispatch_count == 0  # still in the outbox
+    outbox.publisher.fail = False
+    time.sleep(0.6)  # the dispatcher's first broker retry delay
+    assert r.json()["id"] in outbox.run_pass()
+
+
+def test_a_retry_with_the_same_idempotency_key_after_a_broker_outage_is_the_queued_job(
+        client, tenant, outbox, job_body):
+    outbox.publisher.fail = True
+    h = {**tenant.headers, "Idempotency-Key": "retry-after-outage"}
+    first = client.post("/v1/jobs", json=job_body, headers=h)
+    again = client.post("/v1/jobs", json=job_body, headers=h)
+    assert first.status_code == again.status_code == 202
+    assert again.json()["id"] == first.json()["id"] and again.json()["state"] == "queued"
 
 
 def test_get_job_returns_progress_metrics_and_result(client, tenant, submit, db):

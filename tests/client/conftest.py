@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 
 from app.core.config import Settings
 from app.crud import jobs as crud
+from app.db import notify
 from app.db import session as db_session
 from app.db.migrate import upgrade
 from app.db.models import Job
@@ -78,9 +79,10 @@ def fake_runner(settings: Settings) -> Callable[[str], None]:
 
 
 @dataclass
-class ThreadDispatcher:
-    """Runs every job at once on its own thread (so the *client* must limit concurrency) and
-    records, at each enqueue, how many of that tenant's jobs were queued or running."""
+class ThreadWorker:
+    """Stands in for the embedded worker: runs every queued job at once on its own thread (so
+    the *client* must limit concurrency) and records, when it picks a job up, how many of that
+    tenant's jobs were queued or running."""
 
     settings: Settings
     active_at_enqueue: dict[str, list[int]] = field(default_factory=dict)
@@ -89,23 +91,44 @@ class ThreadDispatcher:
     def __post_init__(self) -> None:
         self.runner = fake_runner(self.settings)
         self.factory = db_session.get_session_factory(self.settings)
+        self.seen: set[str] = set()
+        self.wake = notify.subscribe()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def enqueue(self, job_id: str) -> None:
-        with self.factory() as s:
-            tenant_id = s.scalar(select(Job.tenant_id).where(Job.id == job_id))
-            active = s.scalar(select(func.count()).select_from(Job).where(
-                Job.tenant_id == tenant_id, Job.state.in_(("queued", "running"))))
-            s.rollback()
-        with self.lock:
-            self.active_at_enqueue.setdefault(str(tenant_id), []).append(int(active or 0))
-        threading.Thread(target=self.runner, args=(job_id,), daemon=True).start()
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self.stopping.set()
+        self.wake.set()
+        self.thread.join(timeout)
+        notify.unsubscribe(self.wake)
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.clear()
+            with self.factory() as s:
+                new = [(j, t) for j, t in s.execute(
+                    select(Job.id, Job.tenant_id).where(Job.state == "queued")
+                    .order_by(Job.created_at)).all() if j not in self.seen]
+                for job_id, tenant_id in new:
+                    active = s.scalar(select(func.count()).select_from(Job).where(
+                        Job.tenant_id == tenant_id, Job.state.in_(("queued", "running"))))
+                    with self.lock:
+                        self.active_at_enqueue.setdefault(str(tenant_id), []).append(
+                            int(active or 0))
+                    self.seen.add(job_id)
+                    threading.Thread(target=self.runner, args=(job_id,), daemon=True).start()
+                s.rollback()
+            self.wake.wait(0.05)
 
 
 @dataclass
 class LiveServer:
     url: str
     settings: Settings
-    dispatcher: ThreadDispatcher
+    worker: ThreadWorker
 
     def new_key(self) -> tuple[str, str]:
         """(tenant_id, api key) of a fresh tenant."""
@@ -133,8 +156,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     upgrade(url)
     settings = Settings(data_dir=base, database_url=url, secret_key=Fernet.generate_key().decode(),
                         sse_poll_s=0.02, sse_heartbeat_s=0.5, auto_migrate=False)
-    dispatcher = ThreadDispatcher(settings)
-    app = create_app(settings, dispatcher=dispatcher)
+    settings = settings.model_copy(update={"dispatcher_enabled": False})
+    worker = ThreadWorker(settings)
+    app = create_app(settings, embedded_worker=worker)
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -148,7 +172,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
             raise RuntimeError("the test API server did not start")
         time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings, dispatcher)
+        yield LiveServer(f"http://127.0.0.1:{port}", settings, worker)
     finally:
         server.should_exit = True
         thread.join(10)

@@ -139,7 +139,7 @@ def test_batch_respects_the_concurrency_limit_and_summarizes(cli, live_server, t
     assert summary["counts"] == {"succeeded": 3, "failed": 2}
     assert summary["concurrency"] == 2 and summary["max_active"] == 2
     # The server saw at most two of this tenant's jobs queued or running at any submission.
-    seen = live_server.dispatcher.active_at_enqueue[tenant_id]
+    seen = live_server.worker.active_at_enqueue[tenant_id]
     assert len(seen) == 5 and max(seen) == 2
     jobs = summary["jobs"]
     assert [(j["model_id"], j["target_ratio"]) for j in jobs] == [
@@ -161,7 +161,7 @@ def test_batch_human_summary_table_and_all_succeeded_exit_0(cli, live_server, tm
     assert "134.5M->107.6M" in lines[2]
     assert "2 jobs: 2 succeeded" in out
     assert "submitted" in err
-    assert max(live_server.dispatcher.active_at_enqueue[tenant_id]) <= 2  # default concurrency
+    assert max(live_server.worker.active_at_enqueue[tenant_id]) <= 2  # default concurrency
 
 
 def test_batch_file_schema_and_placeholders(tmp_path):

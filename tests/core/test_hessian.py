@@ -41,3 +41,15 @@ def test_cuda_bf16_accumulation_matches_fp32() -> None:
     acc.add(x)
     xf = x.float()
     torch.testing.assert_close(acc.hessian(), 2 * xf.T @ xf / 4096, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_activations_are_refused_naming_the_layer() -> None:
+    from slimgpt_core.errors import NonFiniteHessianError
+
+    acc = HessianAccumulator(4, "cpu", name="layer 7 mlp.down_proj")
+    x = torch.ones(3, 4)
+    x[1, 2] = float("inf")
+    acc.add(x)
+    with pytest.raises(NonFiniteHessianError, match="layer 7 mlp.down_proj") as info:
+        acc.hessian()
+    assert info.value.where == "layer 7 mlp.down_proj"

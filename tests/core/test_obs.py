@@ -130,3 +130,20 @@ def test_removing_a_superset_never_costs_less(g: int) -> None:
         idx = torch.tensor(group)
         joint = group_errors(W, hinv, idx[None])[0]
         assert joint >= channel_errors(W, hinv)[idx].max() - 1e-9
+
+
+def test_non_finite_hessian_is_refused_without_damping_retries() -> None:
+    from slimgpt_core.errors import NonFiniteHessianError
+
+    _, _, H = _problem()
+    H[2, 3] = H[3, 2] = float("nan")
+    with pytest.raises(NonFiniteHessianError, match="2 of 144 entries"):
+        damped_inverse(H, 0.01)
+
+
+def test_damping_actually_used_is_reported_as_a_share_of_the_mean_diagonal() -> None:
+    H = torch.diag(torch.tensor([1.0, 1.0, -0.5], dtype=torch.float64))
+    inv = damped_inverse(H, 0.01)
+    assert inv.percdamp == pytest.approx(inv.damping / torch.diagonal(H).mean().item())
+    assert inv.percdamp > 0.01
+    assert damped_inverse(_problem()[2], 0.01).percdamp == pytest.approx(0.01)

@@ -264,3 +264,19 @@ def test_env_example_names_the_required_variables():
     assert re.search(r"^SLIMGPT_SECRET_KEY=", text, re.MULTILINE)
     assert re.search(r"^POSTGRES_PASSWORD=", text, re.MULTILINE)
     assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_redis_keeps_an_append_only_file_on_a_volume(compose, services):
+    # Defence in depth only: the dispatcher re-sends what Redis loses (docs/RELIABILITY.md).
+    command = services["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    assert "redis-data" in compose["volumes"]
+
+
+@pytest.mark.parametrize("name", WORKERS)
+def test_the_worker_gets_time_to_hand_its_job_back_on_stop(services, name):
+    # SIGTERM: finish the current layer, checkpoint, hand back; about a minute for 70B.
+    grace = services[name]["stop_grace_period"]
+    seconds = int(grace[:-1]) * {"s": 1, "m": 60}[grace[-1]]
+    assert seconds >= 90

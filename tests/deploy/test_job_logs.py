@@ -12,7 +12,6 @@ import pytest
 
 from app.core.config import Settings
 from app.core.logging import SERVICE_LOGGERS, configure_logging, current_job_id, job_context
-from app.dispatch import InProcessDispatcher
 
 
 @pytest.fixture
@@ -58,17 +57,37 @@ def test_every_line_inside_a_job_carries_its_id(json_logs):
     assert current_job_id() is None
 
 
-def test_the_embedded_worker_tags_the_runner_lines(json_logs):
+def test_the_embedded_worker_tags_the_runner_lines(json_logs, tmp_path):
+    from app.crud.tenants import create_api_key
+    from app.db import session as db_session
+    from app.db.migrate import upgrade
+    from app.db.models import Job
+    from worker.embedded import EmbeddedWorker
+
+    settings = Settings(_env_file=None, data_dir=tmp_path)
+    upgrade(str(settings.database_url))
+    factory = db_session.get_session_factory(settings)
+    with factory() as s:
+        record, _ = create_api_key(s, "logs")
+        job = Job(tenant_id=record.tenant_id, model_id="a/b", request={}, state="queued")
+        s.add(job)
+        s.commit()
+        job_id = job.id
+
     def runner(job_id: str) -> None:
         logging.getLogger("worker.runner").info("pruning layer 1 with token hf_abcdefghijklmn")
+        with factory() as s:
+            s.get(Job, job_id).state = "cancelled"
+            s.commit()
 
-    d = InProcessDispatcher(runner)
-    d.enqueue("0d9e6c1e-1111-2222-3333-444455556666")
-    assert d.wait_idle(10)
-    d.stop()
+    w = EmbeddedWorker(settings, runner)
+    w.start()
+    assert w.wait_idle(10)
+    w.stop()
+    db_session._engines.pop(str(settings.database_url)).dispose()
     lines = [ln for ln in _lines(json_logs) if ln["logger"] == "worker.runner"]
     assert len(lines) == 1
-    assert lines[0]["job_id"] == "0d9e6c1e-1111-2222-3333-444455556666"
+    assert lines[0]["job_id"] == job_id
     assert "hf_abcdefghijklmn" not in lines[0]["message"]  # secrets scrubbed as well
 
 

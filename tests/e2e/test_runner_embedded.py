@@ -1,4 +1,4 @@
-"""Embedded mode: SQLite, no broker, the real in-process dispatcher and the real runner."""
+"""Embedded mode: SQLite, no broker, the real embedded worker and the real runner."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 
 from app.core.config import Settings
-from app.dispatch import InProcessDispatcher
 from app.main import create_app
+from worker.embedded import EmbeddedWorker
 
 from .conftest import job_body, upload_calibration, wait_until
 
@@ -27,7 +27,7 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
     assert settings.embedded and settings.is_sqlite
     app = create_app(settings)
     with TestClient(app) as client:
-        assert isinstance(app.state.dispatcher, InProcessDispatcher)
+        assert isinstance(app.state.embedded_worker, EmbeddedWorker)
         file_id = upload_calibration(client)
         r = client.post("/v1/jobs", json=job_body("tiny4", file_id))
         assert r.status_code == 202, r.text
@@ -85,3 +85,33 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
     assert out.shape[-1] == model.config.vocab_size
     card = (download / "README.md").read_text()
     assert f"{m['perplexity_after']:.2f}"[:4] in card
+
+
+def test_runner_embedded_nan_in_a_layer_fails_once_naming_the_layer(
+        tiny_models: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .tiny import save_tiny_llama
+
+    folder = save_tiny_llama(tiny_models / "tiny4-nan", layers=4, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():  # what an fp16 overflow in layer 2 looks like downstream
+        model.model.layers[2].self_attn.v_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(folder)
+    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
+                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
+                        auth_disabled=True)
+    with TestClient(create_app(settings)) as client:
+        body = job_body("tiny4-nan", upload_calibration(client),
+                        evaluate={"perplexity": False})
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+
+        def finished() -> dict | None:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = wait_until(finished, 200, "the job to finish")
+    assert job["state"] == "failed"
+    assert job["error"].startswith("non_finite_hessian: layer 2 self_attn.o_proj:")
+    assert job["attempts"] == 1  # more damping cannot help: no retry

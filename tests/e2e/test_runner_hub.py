@@ -24,7 +24,7 @@ from worker.model_source import ResolvedModel
 from worker.publish import HubDestination, PublishResult, publishable_files
 from worker.runner import run_job
 
-from .conftest import REDIS_URL, job_body, upload_calibration
+from .conftest import REDIS_URL, job_body, upload_calibration, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -98,7 +98,9 @@ def hub_job(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             r = client.post("/v1/jobs", json=body, headers=headers)
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
-            raw = broker.lrange(f"{settings.broker_key_prefix}{settings.celery_queue}", 0, -1)
+            queue = f"{settings.broker_key_prefix}{settings.celery_queue}"
+            # The dispatcher sends the committed job (no worker consumes this queue).
+            raw = wait_until(lambda: broker.lrange(queue, 0, -1), 10, "the broker message")
 
             handler = _Capture()
             logging.getLogger().addHandler(handler)

@@ -29,6 +29,9 @@ def test_config_is_fit_for_hour_long_gpu_jobs() -> None:
     assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
     assert conf["result_backend"] is None and conf["task_ignore_result"] is True
     assert conf["task_default_queue"] == "gpu-80g"
+    # A broker blip must not cancel a running GPU job (the lease stops a second copy).
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
+    assert conf["worker_send_task_events"] is True and conf["task_send_sent_event"] is True
     argv = worker_argv(settings, hostname="w1@host")
     assert argv[:3] == ["worker", "--queues", "gpu-80g"]
     assert "--concurrency" in argv and argv[argv.index("--concurrency") + 1] == "1"
@@ -56,6 +59,7 @@ def test_broker_message_carries_only_the_job_id(redis_ns: RedisNamespace) -> Non
     app = make_celery(settings)
     job_id = "0b7f6a0c-5d1e-4c1e-9a53-1f1c2d3e4f50"
     task_id = enqueue_job(app, job_id)
+    assert task_id == job_id  # Flower and `celery inspect` show jobs by their id
 
     client = redis.Redis.from_url(redis_ns.url)
     raw = client.lrange(f"{redis_ns.prefix}{redis_ns.queue}", 0, -1)
@@ -82,3 +86,16 @@ def test_enqueue_routes_by_queue(redis_ns: RedisNamespace) -> None:
     client = redis.Redis.from_url(redis_ns.url)
     assert client.llen(f"{redis_ns.prefix}{redis_ns.queue}-80g") == 1
     assert client.llen(f"{redis_ns.prefix}{redis_ns.queue}") == 0
+
+
+def test_the_worker_parent_preloads_the_pipeline_without_torch() -> None:
+    # The parent imports worker.runner once so that each fresh pool child does not; it must
+    # stay free of torch/CUDA (a forked child must not inherit a CUDA context).
+    import subprocess
+    import sys
+
+    code = ("import sys, worker.celery_app as c; c._preload_runner(); "
+            "assert 'worker.runner' in sys.modules; assert 'torch' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr

@@ -122,3 +122,12 @@ def test_describe_exception_redacts_tokens() -> None:
     desc = describe_exception(RuntimeError(f"auth failed with {token}"))
     assert token not in desc.message and "[REDACTED]" in desc.message
 
+
+
+def test_non_finite_hessian_is_a_distinct_error_that_is_not_retried() -> None:
+    from slimgpt_core.errors import NonFiniteHessianError
+
+    code, message, retryable = describe_exception(
+        NonFiniteHessianError("layer 4 mlp.down_proj", 12, 2_359_296))
+    assert code == "non_finite_hessian" and not retryable
+    assert message.startswith("layer 4 mlp.down_proj:") and "NaN or Inf" in message

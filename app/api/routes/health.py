@@ -32,7 +32,7 @@ async def readyz(request: Request) -> Any:
         checks["database"] = "ok"
     except Exception as err:  # noqa: BLE001
         checks["database"] = f"unreachable: {type(err).__name__}"
-    ping = getattr(state.dispatcher, "ping", None)
+    ping = getattr(state.broker, "ping", None)
     if state.settings.embedded:
         checks["broker"] = "embedded (in-process worker)"
     elif ping is None:

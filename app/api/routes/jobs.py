@@ -22,11 +22,13 @@ from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.resolve import resolve_model
+from app.core.faults import crash_point
 from app.crud import jobs as crud
 from app.crud.files import get_file
 from app.crud.tenants import get_hub_token_row
 from app.db.base import utcnow
 from app.db.models import TERMINAL_STATES, Artifact, Job, JobEvent, Tenant
+from app.db.notify import job_ready
 from app.schemas import (
     UUID_RE,
     ArtifactList,
@@ -144,6 +146,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, body_hash)
 
+    now = utcnow()
     job = Job(
         tenant_id=tenant.id,
         state="queued",
@@ -158,13 +161,16 @@ def create_job(
         body_hash=body_hash,
         phase="queued",
         percent=0.0,
-        created_at=utcnow(),
+        created_at=now,
+        # The outbox: the dispatcher sends the job once this commits (app/dispatcher.py).
+        next_dispatch_at=now,
     )
     session.add(job)
     try:
         session.flush()
         session.add(JobEvent(job_id=job.id, seq=1, time=job.created_at, state="queued",
                              phase="queued", message="job accepted", percent=0.0))
+        job_ready(session)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -176,17 +182,12 @@ def create_job(
             raise
         return _replay(existing, body_hash)
 
+    # Committed: the job is safe. Nothing here talks to the broker, so a dead or hung Redis
+    # cannot fail or slow a submission; the dispatcher sends it.
+    crash_point("after_commit")
     log.info("job accepted for %s (%s)", body.model_id, source, extra={"job_id": job.id})
     request.app.state.metrics.jobs_submitted.inc()
-    try:
-        request.app.state.dispatcher.enqueue(job.id)
-    except Exception as err:
-        log.exception("could not enqueue the job", extra={"job_id": job.id})
-        crud.finish_job(session, job.id, "failed",
-                        error=f"could not enqueue the job: {type(err).__name__}")
-        raise HTTPException(503, detail="the job queue is unavailable; try again later") from None
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    session.refresh(job)
     return job_out(job)
 
 
