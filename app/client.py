@@ -11,7 +11,8 @@
 
 Every method returns the API's JSON as plain dicts. Non-2xx answers raise :class:`ApiError`
 (``status``, ``detail``); a server that cannot be reached raises :class:`ConnectionFailed`
-(``status`` 0). Reads are retried on connection errors; ``submit_job`` always sends an
+(``status`` 0). Reads are retried on connection errors and on 429/502/503/504 (after the
+server's ``Retry-After``, when it asks for at most a minute); ``submit_job`` always sends an
 ``Idempotency-Key`` (generated unless given), so its retries never create a second job.
 """
 
@@ -28,6 +29,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
+from httpx_sse import ServerSentEvent, connect_sse
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -35,13 +44,17 @@ CHUNK = 1024 * 1024
 
 
 class ApiError(Exception):
-    """The API answered with an error status (``status``) and a message (``detail``)."""
+    """The API answered with an error status (``status``), a message (``detail``) and, where it
+    gave one, a stable machine-readable ``code`` and per-field ``errors``."""
 
-    def __init__(self, status: int, detail: Any, *, method: str = "", url: str = "") -> None:
+    def __init__(self, status: int, detail: Any, *, method: str = "", url: str = "",
+                 code: str | None = None, errors: list[dict[str, Any]] | None = None) -> None:
         self.status = status
         self.detail = detail
         self.method = method
         self.url = url
+        self.code = code
+        self.errors = errors or []
         where = f" ({method} {url})" if method else ""
         super().__init__(f"HTTP {status}{where}: {detail}")
 
@@ -50,7 +63,7 @@ class ConnectionFailed(ApiError):
     """The server could not be reached (refused, DNS, timeout); ``status`` is 0."""
 
     def __init__(self, detail: str, *, method: str = "", url: str = "") -> None:
-        super().__init__(0, detail, method=method, url=url)
+        super().__init__(0, detail, method=method, url=url, code="connection_failed")
 
     def __str__(self) -> str:
         return f"cannot reach the SlimGPT API at {self.url}: {self.detail}"
@@ -65,48 +78,75 @@ class Event:
     data: dict[str, Any]
 
 
-def parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    """Parse an SSE line stream (comments and ``retry:`` ignored) into :class:`Event` objects."""
-    ev_id: str | None = None
-    ev_type = "message"
-    data: list[str] = []
-    for raw in lines:
-        line = raw.rstrip("\r")
-        if not line:
-            if data:
-                payload = "\n".join(data)
-                try:
-                    parsed = json.loads(payload)
-                except json.JSONDecodeError:
-                    parsed = {"raw": payload}
-                yield Event(int(ev_id) if ev_id and ev_id.isdigit() else None, ev_type,
-                            parsed if isinstance(parsed, dict) else {"value": parsed})
-            ev_id, ev_type, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            data.append(value)
-        elif field == "event":
-            ev_type = value
-        elif field == "id":
-            ev_id = value
+def _event(sse: ServerSentEvent) -> Event:
+    try:
+        parsed = json.loads(sse.data) if sse.data else {}
+    except json.JSONDecodeError:
+        parsed = {"raw": sse.data}
+    return Event(int(sse.id) if sse.id and sse.id.isdigit() else None, sse.event or "message",
+                 parsed if isinstance(parsed, dict) else {"value": parsed})
 
 
-def _detail(response: httpx.Response) -> Any:
+def _api_error(response: httpx.Response, method: str, url: str) -> ApiError:
+    """An :class:`ApiError` from an error response: RFC 9457 problem details (``detail``,
+    ``code``, ``errors``) or whatever body the server (or a proxy in front of it) sent."""
     try:
         body = response.json()
     except ValueError:
-        return response.text.strip() or response.reason_phrase
+        return ApiError(response.status_code, response.text.strip() or response.reason_phrase,
+                        method=method, url=url)
     if isinstance(body, dict) and "detail" in body:
-        return body["detail"]
-    return body
+        errors = body.get("errors")
+        return ApiError(response.status_code, body["detail"], method=method, url=url,
+                        code=body.get("code"), errors=errors if isinstance(errors, list) else None)
+    return ApiError(response.status_code, body, method=method, url=url)
+
+
+class _RetryableStatus(Exception):
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+#: Answers worth retrying: rate limited, or the server or a dependency briefly unavailable.
+RETRY_STATUSES = (429, 502, 503, 504)
+#: A ``Retry-After`` longer than this (a daily upload limit, say) is an error, not a wait.
+MAX_RETRY_AFTER_S = 60.0
+
+
+def _retry_after_s(exc: BaseException | None) -> float | None:
+    """The server's ``Retry-After`` in seconds (this API sends seconds), if any."""
+    if not isinstance(exc, _RetryableStatus):
+        return None
+    value = exc.response.headers.get("retry-after", "").strip()
+    return float(value) if value.isdigit() else None
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.TransportError):
+        return True
+    after = _retry_after_s(exc)
+    return isinstance(exc, _RetryableStatus) and (after is None or after <= MAX_RETRY_AFTER_S)
+
+
+def _wait_retry_after(backoff: Any) -> Any:
+    """tenacity wait: exponential backoff, or the server's ``Retry-After`` when it is longer
+    (429 limits, 503 outages)."""
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        return max(float(backoff(state)), _retry_after_s(exc) or 0.0)
+
+    return wait
 
 
 class SlimGPTClient:
-    """Client of the ``/v1`` API. ``api_key`` is sent as ``Authorization: Bearer``."""
+    """Client of the ``/v1`` API. ``api_key`` is sent as ``Authorization: Bearer``.
+
+    ``retries`` extra attempts are made on connection errors and 429/502/503/504, with
+    exponential backoff from ``backoff_s`` or the server's ``Retry-After`` when longer; a
+    ``Retry-After`` over :data:`MAX_RETRY_AFTER_S` is raised at once (a daily limit is no
+    wait)."""
 
     def __init__(
         self,
@@ -118,7 +158,7 @@ class SlimGPTClient:
         backoff_s: float = 0.5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"User-Agent": "slimgpt-client/0.1"}
+        headers = {"User-Agent": f"slimgpt-client/{_version()}"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.base_url = base_url.rstrip("/")
@@ -137,24 +177,31 @@ class SlimGPTClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _retrying(self, attempts: int) -> Retrying:
+        return Retrying(
+            stop=stop_after_attempt(attempts),
+            wait=_wait_retry_after(wait_exponential(multiplier=self.backoff_s, max=30.0)),
+            retry=retry_if_exception(_worth_retrying),
+            reraise=True,
+        )
+
     def _request(self, method: str, path: str, *, retry: bool = True, **kw: Any) -> httpx.Response:
-        attempts = self.retries + 1 if retry else 1
-        for attempt in range(attempts):
-            try:
-                response = self._http.request(method, path, **kw)
-            except httpx.TransportError as err:
-                if attempt + 1 >= attempts:
-                    raise ConnectionFailed(str(err) or type(err).__name__, method=method,
-                                           url=self.base_url) from err
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            if response.status_code in (502, 503, 504) and retry and attempt + 1 < attempts:
-                time.sleep(self.backoff_s * 2**attempt)
-                continue
-            if response.status_code >= 400:
-                raise ApiError(response.status_code, _detail(response), method=method, url=path)
+        def once() -> httpx.Response:
+            response = self._http.request(method, path, **kw)
+            if retry and response.status_code in RETRY_STATUSES:
+                raise _RetryableStatus(response)
             return response
-        raise AssertionError("unreachable")
+
+        try:
+            response = self._retrying(self.retries + 1 if retry else 1)(once)
+        except httpx.TransportError as err:
+            raise ConnectionFailed(str(err) or type(err).__name__, method=method,
+                                   url=self.base_url) from err
+        except _RetryableStatus as err:
+            response = err.response
+        if response.status_code >= 400:
+            raise _api_error(response, method, path)
+        return response
 
     def _stream_timeout(self) -> httpx.Timeout:
         # The server sends a heartbeat comment every SLIMGPT_SSE_HEARTBEAT_S (15 s): a read that
@@ -169,13 +216,21 @@ class SlimGPTClient:
     # -- jobs ----------------------------------------------------------------------------------
     def submit_job(self, request: Any, idempotency_key: str | None = None) -> dict[str, Any]:
         """POST /v1/jobs. ``request`` is a dict or a pydantic model (e.g. ``app.schemas.JobCreate``).
-        Returns the job (``id``, ``state``, ...)."""
+        Returns the job (``id``, ``state``, ...). The ``Idempotency-Key`` (generated unless
+        given) makes retries, and re-runs with the same key, return the same job."""
+        return self.submit_job_or_replay(request, idempotency_key)[0]
+
+    def submit_job_or_replay(self, request: Any, idempotency_key: str | None = None
+                             ) -> tuple[dict[str, Any], bool]:
+        """Like :meth:`submit_job`; also says whether the key had been used already, i.e. the
+        API returned the existing job (``Idempotent-Replayed``) instead of creating one."""
         if hasattr(request, "model_dump"):
             body = request.model_dump(mode="json", exclude_unset=True)
         else:
             body = dict(request)
         key = idempotency_key or f"client-{uuid.uuid4()}"
-        return self._json("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        response = self._request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        return response.json(), response.headers.get("idempotent-replayed") == "true"
 
     def get_job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
@@ -211,25 +266,29 @@ class SlimGPTClient:
 
     def stream_events(self, job_id: str, last_event_id: int | None = None, *,
                       max_reconnects: int = 10) -> Iterator[Event]:
-        """Live events over SSE until the job ends (the final ``end`` event is not yielded).
+        """Live events over SSE (httpx-sse) until the job ends; the final ``end`` event is not
+        yielded.
 
         A dropped connection is resumed with ``Last-Event-ID`` (the last id seen), so no event
         is lost or repeated; up to ``max_reconnects`` consecutive failures are tolerated."""
+        url = f"/v1/jobs/{job_id}/events"
         last = last_event_id
         failures = 0
         while True:
-            headers = {"Accept": "text/event-stream"}
+            headers = {}
             if last is not None:
                 headers["Last-Event-ID"] = str(last)
             try:
-                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                                       timeout=self._stream_timeout()) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        raise ApiError(response.status_code, _detail(response), method="GET",
-                                       url=f"/v1/jobs/{job_id}/events")
-                    for event in parse_sse(response.iter_lines()):
+                with connect_sse(self._http, "GET", url, headers=headers,
+                                 timeout=self._stream_timeout()) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise _api_error(source.response, "GET", url)
+                    for sse in source.iter_sse():
                         failures = 0
+                        if not sse.data:  # a `retry:`-only block: nothing to dispatch (WHATWG)
+                            continue
+                        event = _event(sse)
                         if event.event == "end":
                             return
                         if event.id is not None:
@@ -268,52 +327,66 @@ class SlimGPTClient:
     def list_artifacts(self, job_id: str) -> list[dict[str, Any]]:
         return self._json("GET", f"/v1/jobs/{job_id}/artifacts")["items"]
 
+    def download_artifact(self, job_id: str, item: dict[str, Any],
+                          dest_dir: str | os.PathLike[str]) -> Path:
+        """Stream one artifact (an item of :meth:`list_artifacts`) into ``dest_dir``, keeping its
+        sub-folder; written as ``.part``, SHA-256 checked, then renamed."""
+        rel = PurePosixPath(item["name"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ApiError(0, f"refusing artifact name {item['name']!r}")
+        target = Path(dest_dir).joinpath(*rel.parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        sha = hashlib.sha256()
+        url = f"/v1/jobs/{job_id}/artifacts/{rel}"
+        try:
+            with self._http.stream("GET", url) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise _api_error(response, "GET", url)
+                with open(tmp, "wb") as fh:
+                    for chunk in response.iter_bytes(CHUNK):
+                        sha.update(chunk)
+                        fh.write(chunk)
+        except httpx.TransportError as err:
+            tmp.unlink(missing_ok=True)
+            raise ConnectionFailed(str(err) or type(err).__name__, method="GET",
+                                   url=self.base_url) from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if item.get("sha256") and sha.hexdigest() != item["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise ApiError(0, f"checksum mismatch for {item['name']}")
+        os.replace(tmp, target)
+        return target
+
     def download_artifacts(self, job_id: str, dest_dir: str | os.PathLike[str], *,
+                           names: list[str] | None = None,
                            on_file: Callable[[str, int], None] | None = None) -> list[Path]:
-        """Stream every artifact into ``dest_dir`` (keeping sub-folders), verifying each
-        file's SHA-256; files are written as ``.part`` and renamed when complete."""
-        dest = Path(dest_dir)
-        dest.mkdir(parents=True, exist_ok=True)
+        """Stream every artifact (or those in ``names``) into ``dest_dir``, keeping
+        sub-folders and verifying each file's SHA-256."""
+        Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        items = self.list_artifacts(job_id)
+        if names is not None:
+            known = {i["name"] for i in items}
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise ApiError(404, f"job {job_id} has no artifact {', '.join(missing)}",
+                               code="not_found")
+            items = [i for i in items if i["name"] in names]
         written = []
-        for item in self.list_artifacts(job_id):
-            rel = PurePosixPath(item["name"])
-            if rel.is_absolute() or ".." in rel.parts:
-                raise ApiError(0, f"refusing artifact name {item['name']!r}")
-            target = dest.joinpath(*rel.parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
-            sha = hashlib.sha256()
-            url = f"/v1/jobs/{job_id}/artifacts/{rel}"
-            try:
-                with self._http.stream("GET", url) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        raise ApiError(response.status_code, _detail(response), method="GET",
-                                       url=url)
-                    with open(tmp, "wb") as fh:
-                        for chunk in response.iter_bytes(CHUNK):
-                            sha.update(chunk)
-                            fh.write(chunk)
-            except httpx.TransportError as err:
-                tmp.unlink(missing_ok=True)
-                raise ConnectionFailed(str(err) or type(err).__name__, method="GET",
-                                       url=self.base_url) from err
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            if item.get("sha256") and sha.hexdigest() != item["sha256"]:
-                tmp.unlink(missing_ok=True)
-                raise ApiError(0, f"checksum mismatch for {item['name']}")
-            os.replace(tmp, target)
-            written.append(target)
+        for item in items:
+            written.append(self.download_artifact(job_id, item, dest_dir))
             if on_file is not None:
                 on_file(item["name"], int(item.get("size", 0)))
         return written
 
-    # -- files, tokens, estimate, health --------------------------------------------------------
+    # -- files ---------------------------------------------------------------------------------
     def upload_file(self, path: str | os.PathLike[str], *, format: str | None = None
                     ) -> dict[str, Any]:
-        """POST /v1/files: stream a calibration text or jsonl file; returns its record (``id``)."""
+        """POST /v1/files: stream a calibration/evaluation text or jsonl file; returns its
+        record (``id``)."""
         p = Path(path)
         params: dict[str, Any] = {"filename": p.name}
         if format:
@@ -325,9 +398,30 @@ class SlimGPTClient:
                     yield chunk
 
         return self._json("POST", "/v1/files", params=params, content=chunks(), retry=False,
-                          headers={"Content-Type": "application/octet-stream",
+                          headers={"Content-Type": "text/plain; charset=utf-8",
                                    "Content-Length": str(p.stat().st_size)})
 
+    def list_files(self, *, sha256: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The tenant's uploaded files, newest first (only those with this content hash)."""
+        params: dict[str, Any] = {"limit": limit}
+        if sha256:
+            params["sha256"] = sha256
+        return self._json("GET", "/v1/files", params=params)["items"]
+
+    def get_file(self, file_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/files/{file_id}")
+
+    def ensure_file(self, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The uploaded file with ``path``'s content: an earlier upload (same SHA-256) is
+        reused, so re-running a script does not upload, or change its job bodies, again."""
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        existing = self.list_files(sha256=digest.hexdigest(), limit=1)
+        return existing[0] if existing else self.upload_file(path)
+
+    # -- tokens, estimate, health --------------------------------------------------------------
     def set_hub_token(self, token: str) -> None:
         self._request("PUT", "/v1/hub-token", json={"token": token})
 
@@ -343,3 +437,21 @@ class SlimGPTClient:
 
     def health(self) -> dict[str, Any]:
         return self._json("GET", "/healthz")
+
+    def ready(self) -> dict[str, Any]:
+        """GET /readyz, ready or not (``status``, ``checks``); a 503 answer is returned too."""
+        try:
+            return self._json("GET", "/readyz", retry=False)
+        except ApiError as err:
+            if err.status == 503 and isinstance(err.detail, dict):
+                return err.detail
+            raise
+
+
+def _version() -> str:
+    try:
+        from app import __version__
+
+        return str(__version__)
+    except ImportError:  # pragma: no cover
+        return "unknown"

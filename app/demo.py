@@ -8,7 +8,7 @@ in the embedded database, so `slimgpt serve` shows it afterwards.
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import socket
 import sys
@@ -16,7 +16,11 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
+
+from slimgpt_core.cli_args import MissingExtra, NsamplesOpt, Profile, ProfileOpt, SeqlenOpt
 
 
 def _free_port() -> int:
@@ -29,17 +33,22 @@ def _bundled(name: str) -> Path:
     return Path(str(resources.files("slimgpt_core").joinpath("data", name)))
 
 
-def add_demo_parser(sub: Any) -> None:
-    p = sub.add_parser("demo", help="prune the real SmolLM2-135M by 20%% through the embedded "
-                       "service (no external servers)")
-    p.add_argument("--ratio", type=float, default=0.2)
-    p.add_argument("--nsamples", type=int, default=16, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per window")
-    p.add_argument("--profile", choices=["hetero", "uniform"], default="hetero")
-    p.set_defaults(handler=run_demo)
+def demo(
+    ratio: Annotated[float, typer.Option("--ratio", help="share of decoder-layer parameters "
+                                         "to remove")] = 0.2,
+    nsamples: NsamplesOpt = 16,
+    seqlen: SeqlenOpt = 256,
+    profile: ProfileOpt = Profile.hetero,
+) -> int:
+    """Prune the real SmolLM2-135M by 20% through the embedded service (no external servers)."""
+    for module in ("torch", "transformers", "gguf", "uvicorn", "sqlalchemy"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtra("demo", "slimgpt demo", ModuleNotFoundError(name=module))
+    return run_demo(ratio=ratio, nsamples=nsamples or 16, seqlen=seqlen or 256,
+                    profile=(profile or Profile.hetero).value)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(*, ratio: float, nsamples: int, seqlen: int, profile: str) -> int:
     from slimgpt_core.smollm2 import GGUF_NAME, smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
@@ -53,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from app.cli import _bootstrap_local_key
+    from app.cli import bootstrap_local_key
     from app.client import SlimGPTClient
     from app.client_cli import ProgressBar
     from app.core.config import get_settings
@@ -63,7 +72,7 @@ def run_demo(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     settings = get_settings()
     configure_logging(settings.log_json, "WARNING")
-    _bootstrap_local_key(settings)
+    bootstrap_local_key(settings)
     api_key = (Path(settings.data_dir) / "api_key").read_text().strip()
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
@@ -84,13 +93,14 @@ def run_demo(args: argparse.Namespace) -> int:
             evals = client.upload_file(_bundled("eval_excerpt.txt"))
             job = client.submit_job({
                 "model_id": GGUF_NAME,
-                "target_ratio": args.ratio,
-                "calibration": {"source": calib["id"], "num_samples": args.nsamples,
-                                "seq_len": args.seqlen, "seed": 0},
-                "export": {"profile": args.profile},
-                "evaluate": {"perplexity": True, "eval_source": evals["id"]},
+                "target_ratio": ratio,
+                "calibration": {"source": calib["id"], "num_samples": nsamples,
+                                "seq_len": seqlen, "seed": 0},
+                "export": {"profile": profile},
+                "evaluate": {"perplexity": True, "eval_source": evals["id"], "num_windows": 16,
+                             "seq_len": seqlen},
             })
-            print(f"job {job['id']}: pruning SmolLM2-135M-Instruct by {args.ratio:.0%}",
+            print(f"job {job['id']}: pruning SmolLM2-135M-Instruct by {ratio:.0%}",
                   file=sys.stderr)
             bar = ProgressBar(job["id"][:8])
             try:

@@ -26,8 +26,22 @@ BROKER_TIMEOUT_S = 5.0
 
 
 def queue_for_job(job: Job, settings: Settings) -> str:
-    """The Celery queue whose workers run ``job``: the one place that decides routing."""
-    return settings.celery_queue
+    """The Celery queue whose workers run ``job``: the one place that decides routing.
+
+    The worker pool (``SLIMGPT_GPU_POOLS``, see :mod:`app.routing`) with the fewest GPUs that
+    meets the job's ``resources`` and, for a local model, the memory the cost model predicts.
+    Submission already refused jobs that fit no pool; if the pools changed since, the job goes
+    to the pool with the most GPUs rather than nowhere (its worker reports what is missing).
+    """
+    from app.routing import NoWorkerPool, local_config, pools_from_settings, route
+
+    pools = pools_from_settings(settings)
+    try:
+        return route(job.request or {}, pools, local_config(job.local_model_path)).queue
+    except NoWorkerPool as err:
+        log.warning("no worker pool fits the job any more (%s); sending it to the largest",
+                    err, extra={"job_id": job.id})
+        return max(pools, key=lambda p: (p.gpus, p.memory_gb or 0.0)).queue
 
 
 class Publisher(Protocol):

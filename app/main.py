@@ -11,16 +11,19 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
-from app import __version__
-from app.api import errors
-from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware
-from app.api.routes import estimate, files, health, hub_token, jobs
+from app import __version__, ui
+from app.api import errors, openapi
+from app.api.middleware import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+    RouteTemplates,
+)
+from app.api.routes import estimate, events, files, health, hub_token, jobs
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
-from app.db.models import Job
 from app.db.session import get_engine
 from app.dispatch import CeleryPublisher
 from app.dispatcher import Dispatcher
@@ -60,22 +63,29 @@ def create_app(
     """
     settings = settings or get_settings()
     settings.validate_for_serving()
-    engine = get_engine(settings)
+    engine = get_engine(settings, requests=True)  # bounded waits: a dead database is a 503
     session_factory = sessionmaker(bind=engine, expire_on_commit=False)
     if dispatcher is None and settings.dispatcher_enabled:
         dispatcher = Dispatcher(settings, session_factory)
+    cannot_run_jobs: str | None = None
     if embedded_worker is None and settings.embedded and settings.embedded_worker:
-        embedded_worker = load_object(settings.embedded_worker)(settings, runner=runner)
+        try:
+            embedded_worker = load_object(settings.embedded_worker)(settings, runner=runner)
+        except ImportError as err:
+            cannot_run_jobs = (f"this server cannot run jobs: its embedded worker "
+                               f"{settings.embedded_worker} cannot be imported ({err}); install "
+                               "the `worker` extra: pip install 'slimgpt-service[worker]'")
+    if embedded_worker is not None:
+        reason = getattr(embedded_worker, "unavailable_reason", None)
+        cannot_run_jobs = reason() if callable(reason) else None
+        if cannot_run_jobs is not None:
+            log.error("%s", cannot_run_jobs)
+            embedded_worker = None  # it would only fail every job it took
     broker = None
     if not settings.embedded:
         broker = dispatcher.publisher if dispatcher is not None else CeleryPublisher(settings)
     metrics = Metrics()
-
-    def job_counts() -> dict[str, int]:
-        with session_factory() as s:
-            return dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())  # type: ignore[arg-type]
-
-    metrics.watch_job_states(job_counts)
+    metrics.watch_fleet(session_factory, settings.worker_heartbeat_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -102,21 +112,38 @@ def create_app(
         version=__version__,
         description="Submit a model and a target ratio; a GPU worker prunes it with SlimGPT "
         "(structured OBS pruning of heads and FFN channels) and publishes the smaller model. "
-        "Authenticate with `Authorization: Bearer <API key>`.",
+        "Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key: <API key>`); "
+        "in /docs, press **Authorize** and paste the key.",
         lifespan=lifespan,
+        # operationId = the route function's name (`create_job`, `get_job`, ...): what a
+        # generated client names its functions.
+        generate_unique_id_function=lambda route: route.name,
+        docs_url=None,  # served by app.api.openapi with the package's own assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.dispatcher = dispatcher
     app.state.embedded_worker = embedded_worker
+    #: Why submissions are refused (503) and /readyz is not ready; None when jobs can run.
+    app.state.cannot_run_jobs = cannot_run_jobs
     app.state.broker = broker
     app.state.metrics = metrics
     errors.install(app)
-    for router in (jobs.router, files.router, hub_token.router, estimate.router, health.router):
+    openapi.install(app)
+    routers = (jobs.router, files.router, hub_token.router, estimate.router, health.router,
+               events.router, ui.router)
+    for router in routers[:-1]:
         app.include_router(router)
+    ui.install(app)
+    templates = RouteTemplates(
+        [r for router in routers for r in router.routes], mounts=[ui.STATIC_PATH],
+        paths=[app.openapi_url, "/docs", "/redoc"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,  # type: ignore[arg-type]
                        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(MetricsMiddleware, metrics=metrics,  # type: ignore[arg-type]
+                       templates=templates)
+    app.add_middleware(RequestContextMiddleware)  # outermost: its id is on every line
     return app
 
 

@@ -1,107 +1,189 @@
-"""Pruning speed and peak accelerator memory on a LLaMA-shaped model with random weights.
+"""Pruning speed and peak memory (GPU and host) on LLaMA-shaped models with random weights.
 
-Random bf16 weights cost the same compute as real ones. The model lives in CPU memory; the
-pruner moves one layer at a time to the device, as it would for a model larger than the GPU.
+Placements (``--placement``):
+  resident   the whole model on the GPU
+  host       the model in host memory, one layer at a time on the GPU (prefetched)
+  disk       streamed from a sharded safetensors folder (``--model``, made by ``--write``)
+  generated  streamed from weights made when each layer is reached (70B: no disk holds it)
 
-    python benchmarks/prune_speed.py --shape 7b            # hidden 4096, FFN 11008, 32 layers
-    python benchmarks/prune_speed.py --shape 13b           # hidden 5120, FFN 13824, 40 layers
-    python benchmarks/prune_speed.py --shape tiny --device cpu --nsamples 4 --seqlen 128
+    python benchmarks/prune_speed.py --shape 7b --placement resident
+    python benchmarks/prune_speed.py --shape 7b --placement host [--no-prefetch]
+    python benchmarks/prune_speed.py --shape 13b --write /tmp/m13     # make the checkpoint
+    python benchmarks/prune_speed.py --placement disk --model /tmp/m13
+    python benchmarks/prune_speed.py --shape 70b --placement generated --stop-after 8 [--gpus 2]
+    python benchmarks/prune_speed.py --shape tiny --placement host --device cpu --nsamples 4 --seqlen 128
 
-Prints one JSON line with per-phase seconds, total seconds and peak device memory.
+Prints one JSON line: per-phase seconds, per-layer wall seconds, peak GPU memory (torch's
+allocator high-water mark, per rank) and peak host memory (VmHWM of the pruning process).
+Disk and generated placements write nothing to keep (pruned layers are copied back to host
+memory and dropped), so the figures include the device-to-host traffic but no disk writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import (
+    SHAPES,
+    GeneratedSource,
+    config_for,
+    dump,
+    host_peak_bytes,
+    random_model,
+    write_checkpoint,
+)
 
 from slimgpt_core.pruner import PruneConfig, prune_model
 
-SHAPES = {
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32),
-    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                num_attention_heads=40, num_key_value_heads=40),
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=8),
-}
+
+def _drop(_index: int, _tensors: dict, report: dict) -> None:
+    """Pruned layers of a benchmark are not kept."""
 
 
-def random_model(shape: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=4096, **SHAPES[shape])
-    cfg._attn_implementation = "sdpa"
-    # Random numbers are drawn on the GPU when there is one (minutes faster for 7B), then the
-    # model is parked in CPU memory: the pruner brings one layer at a time to the device.
-    init_device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model = model.to_empty(device=init_device).to(dtype)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    model = model.to("cpu")
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # buffers were left empty
-    if init_device == "cuda":
-        torch.cuda.empty_cache()
-    return model.eval()
+def _spawn_helpers(world: int) -> list[subprocess.Popen]:
+    from slimgpt_core.multi_gpu import free_port, rank_env
+
+    port = free_port()
+    os.environ.update(rank_env(0, world, port))
+    procs = []
+    for rank in range(1, world):
+        env = dict(os.environ, **rank_env(rank, world, port))
+        procs.append(subprocess.Popen([sys.executable, *sys.argv], env=env))
+    return procs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=SHAPES, default="7b")
+    ap.add_argument("--placement", choices=["resident", "host", "disk", "generated"],
+                    default="host")
+    ap.add_argument("--model", type=Path, help="checkpoint folder for --placement disk")
+    ap.add_argument("--write", type=Path, help="write a random checkpoint of --shape and exit")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--min-group", type=int, default=64)
-    ap.add_argument("--offload-activations", action="store_true")
-    ap.add_argument("--resident", action="store_true",
-                    help="keep the whole model on the device (no per-layer transfers)")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--stop-after", type=int, default=None, help="prune only the first N layers")
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--label", default="")
+    ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     args = ap.parse_args()
 
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    if args.write:
+        info = write_checkpoint(args.shape, args.write)
+        dump({"wrote": str(args.write), "shape": args.shape, **info}, args.out)
+        return
+
+    rank = int(os.environ.get("RANK", "0"))
+    procs = _spawn_helpers(args.gpus) if args.gpus > 1 and rank == 0 and \
+        "WORLD_SIZE" not in os.environ else []
+    comm = None
+    if args.gpus > 1:
+        from slimgpt_core.collective import init_from_env
+
+        comm = init_from_env()
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+
     t0 = time.perf_counter()
-    model = random_model(args.shape, dtype)
+    source = None
+    shape_name = args.shape
+    if args.placement in ("resident", "host"):
+        model = random_model(args.shape, dtype)
+    elif args.placement == "disk":
+        from slimgpt_core.streaming import open_streamed
+
+        streamed = open_streamed(args.model, dtype)
+        model, source = streamed.model, streamed.source
+        shape_name = f"{args.model.name}"
+    else:
+        from slimgpt_core.streaming import build_skeleton
+
+        cfg = config_for(args.shape)
+        model = build_skeleton(cfg, dtype)
+        emb = model.model.embed_tokens
+        gen = "cuda" if cuda else "cpu"  # drawing 1B numbers on the CPU takes a while
+        emb.weight = torch.nn.Parameter(torch.empty(emb.weight.shape, dtype=dtype, device=gen)
+                                        .normal_(0, 0.02).cpu(), requires_grad=False)
+        source = GeneratedSource(cfg, dtype)
     build_s = time.perf_counter() - t0
-    ids = torch.randint(0, 32000, (args.nsamples, args.seqlen),
+    ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
                         generator=torch.Generator().manual_seed(1))
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     config = PruneConfig(target_ratio=args.ratio, batch_size=args.batch_size, device=args.device,
-                         min_group=args.min_group, offload_activations=args.offload_activations,
-                         resident=args.resident)
+                         min_group=args.min_group, resident=args.placement == "resident",
+                         prefetch=not args.no_prefetch, stop_after=args.stop_after)
+    stamps: list[float] = []
+
+    def progress(ev) -> None:
+        if ev.phase == "layer_done":
+            stamps.append(ev.elapsed_s)
+
     t0 = time.perf_counter()
-    result = prune_model(model, ids, config)
-    if args.device.startswith("cuda"):
+    result = prune_model(model, ids, config, progress=progress, source=source, comm=comm,
+                         on_layer=_drop if source is not None else None)
+    if cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
-    print(json.dumps({
-        "shape": args.shape, "ratio": args.ratio, "windows": args.nsamples,
-        "seqlen": args.seqlen, "device": args.device,
-        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-        "torch": torch.__version__, "build_model_s": round(build_s, 1),
-        "prune_s": round(total, 2),
-        "per_layer_s": round(total / model.config.num_hidden_layers, 3),
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    peaks = [peak]
+    if comm is not None:
+        peaks = comm_gather(comm, peak)
+    if comm is not None:
+        from slimgpt_core.collective import shutdown
+
+        shutdown()
+    for p in procs:
+        p.wait()
+    if rank != 0:
+        return
+    layers_done = len(result.layers)
+    per_layer = [round(b - a, 3) for a, b in zip([0.0, *stamps[:-1]], stamps)]
+    dump({
+        "label": args.label, "shape": shape_name, "placement": args.placement,
+        "gpus": args.gpus, "prefetch": not args.no_prefetch, "ratio": args.ratio,
+        "windows": args.nsamples, "seqlen": args.seqlen, "device": args.device,
+        "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
+        "layers_pruned": layers_done, "num_layers": model.config.num_hidden_layers,
+        "build_model_s": round(build_s, 1), "prune_s": round(total, 2),
+        "per_layer_s_mean": round(sum(per_layer[1:]) / max(1, len(per_layer) - 1), 3)
+        if len(per_layer) > 1 else None,
+        "first_layer_s": per_layer[0] if per_layer else None,
         "phases_s": {k: round(v, 2) for k, v in result.seconds.items()},
-        "peak_gpu_GiB": None if peak is None else round(peak, 2),
+        "peak_gpu_GiB": [None if p is None else round(p, 2) for p in peaks],
+        "peak_host_GiB": round(host_peak_bytes() / 2**30, 2),
+        "transfer_GB": {k: round(v / 1e9, 2) for k, v in result.transfer.items()},
         "params_before": result.params_before, "params_after": result.params_after,
-        "decoder_ratio": round(result.plan.achieved_ratio, 4),
-        "resident": args.resident,
+        "per_layer_s": per_layer,
         "per_layer_phases_s": {
             phase: [round(r.seconds.get(phase, 0.0), 3) for r in result.layers]
-            for phase in ("attn_pass", "ffn_pass", "heads", "ffn", "output_pass")
+            for phase in ("attn_pass", "ffn_pass", "heads", "ffn", "output_pass",
+                          "hessian_finalize")
         },
-    }))
+        "generated_s": round(getattr(source, "seconds", 0.0), 1),
+    }, args.out)
+
+
+def comm_gather(comm, value: float | None) -> list[float | None]:
+    import torch.distributed as dist
+
+    out: list[float | None] = [None] * comm.world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 if __name__ == "__main__":

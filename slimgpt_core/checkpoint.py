@@ -55,18 +55,33 @@ class LayerCheckpoints:
             count += 1
         return count
 
-    def save(self, index: int, layer: nn.Module, report: dict[str, Any]) -> None:
+    def layer_file(self, index: int) -> Path:
+        return self._paths(index)[0]
+
+    def save(self, index: int, layer: nn.Module, report: dict[str, Any],
+             prefix: str = "") -> None:
+        state = {prefix + k: v.detach().to("cpu").contiguous()
+                 for k, v in layer.state_dict().items()}
+        self.save_tensors(index, state, report)
+
+    def save_tensors(self, index: int, tensors: dict[str, torch.Tensor],
+                     report: dict[str, Any]) -> None:
+        """Write layer ``index``'s weights (CPU tensors, any key prefix), then its report.
+
+        The report is written last: its presence marks the layer as finished.
+        """
         weights, meta = self._paths(index)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
-        _atomic_write_bytes(weights, lambda p: save_file(state, str(p)))
-        # The report is written last: its presence marks the layer as finished.
+        _atomic_write_bytes(weights, lambda p: save_file(tensors, str(p)))
         _atomic_write_bytes(meta, lambda p: p.write_text(json.dumps(report)))
 
     def load_report(self, index: int) -> dict[str, Any]:
         return json.loads(self._paths(index)[1].read_text())
 
-    def load_weights(self, index: int, layer: nn.Module) -> None:
+    def load_weights(self, index: int, layer: nn.Module, prefix: str = "") -> None:
+        """Load layer ``index`` into ``layer`` (whose widths already match), dropping
+        ``prefix`` from the stored keys when they carry it."""
         state = load_file(str(self._paths(index)[0]))
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
         device = next(layer.parameters()).device
         layer.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
 

@@ -38,11 +38,20 @@ def check_args(args: argparse.Namespace) -> str:
         if args.gqa_policy == "free":
             raise UsageError("--gqa-policy free gives uneven head groups; it needs --profile "
                              "hetero")
+    if args.nsamples < 1 or args.seqlen < 2:
+        raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
+    if args.gpus < 1:
+        raise UsageError("--gpus must be >= 1")
+    if args.dry_run:
+        return schedule
+    if not args.out:
+        raise UsageError("--out is required (unless --dry-run)")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out} exists and is not an empty folder")
-    if args.nsamples < 1 or args.seqlen < 2:
-        raise UsageError("--nsamples must be >= 1 and --seqlen >= 2")
+    if (args.stream or args.gpus > 1) and args.model.lower().endswith(".gguf"):
+        raise UsageError("--stream/--gpus need safetensors weights; a .gguf file is "
+                         "dequantized into memory (prune it without them)")
     return schedule
 
 
@@ -75,8 +84,73 @@ def _summary(result: PruneResult, ppl: dict[str, float | None], out: Path) -> di
     }
 
 
+def _prune_config(args: argparse.Namespace, schedule: str, device: torch.device) -> PruneConfig:
+    return PruneConfig(
+        target_ratio=args.ratio, schedule=schedule, alpha=args.alpha,
+        gqa_policy=args.gqa_policy, head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio,
+        percdamp=args.percdamp, min_group=args.min_group, batch_size=args.batch_size,
+        device=str(device), offload_activations=args.offload_activations,
+        checkpoint_dir=args.checkpoint_dir, seed=args.seed,
+        plain_heads=args.profile == "uniform",
+    )
+
+
+def _local_folder(ref: str, revision: str | None) -> Path | None:
+    """The folder of ``ref`` (a local folder, or a Hub snapshot of its safetensors, config and
+    tokenizer files); None for a .gguf file."""
+    if ref.lower().endswith(".gguf"):
+        return None
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    from slimgpt_core.streaming import SNAPSHOT_PATTERNS
+
+    return Path(snapshot_download(ref, revision=revision, allow_patterns=SNAPSHOT_PATTERNS))
+
+
+def _model_config(ref: str, revision: str | None) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    path = Path(ref).expanduser()
+    if ref.lower().endswith(".gguf"):
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).to_dict()
+    return AutoConfig.from_pretrained(ref, revision=revision).to_dict()
+
+
+def run_dry_run(args: argparse.Namespace, schedule: str) -> int:
+    """The plan and the resources it needs, from the config alone."""
+    from slimgpt_core.costs import Workload, estimate_table
+    from slimgpt_core.schedule import ModelShape, make_plan
+    from slimgpt_core.streaming import available_host_memory
+
+    shape = ModelShape.from_config(_model_config(args.model, args.revision))
+    plan = make_plan(shape, args.ratio, schedule, args.gqa_policy, args.alpha, args.head_ratio,
+                     args.ffn_ratio, args.profile == "uniform")
+    host = args.host_memory_gb or (available_host_memory() / 1e9 or None)
+    counts = tuple(sorted({1, 2, 4, 8, args.gpus}))
+    table = estimate_table(shape, plan, Workload(args.nsamples, args.seqlen, args.batch_size),
+                           gpu_counts=counts, host_memory_gb=host)
+    doc = {"plan": plan.to_dict(), "host_memory_gb": host, "estimates": table}
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(f"{args.model}: {plan.total_params_before:,} -> {plan.total_params_after:,} "
+          f"parameters ({plan.achieved_ratio:.1%} of the decoder layers removed)")
+    print(f"{'GPU':10s} {'n':>2s} {'placement':9s} {'GPU GB':>7s} {'host GB':>8s} "
+          f"{'disk GB':>8s} {'time':>9s}  fits")
+    for e in table:
+        err = f"±{e['predicted_error']:.0%}"
+        fits = "yes" if e["fits"] else "no: " + "; ".join(e["reasons"])
+        measured = "" if e["measured_gpu_type"] else " (scaled from H200)"
+        print(f"{e['gpu_type']:10s} {e['gpus']:2d} {e['placement']:9s} {e['peak_gpu_gb']:7.1f} "
+              f"{e['peak_host_gb']:8.1f} {e['output_disk_gb']:8.1f} "
+              f"{e['predicted_s'] / 60:6.1f}min {err}{measured}  {fits}")
+    return 0
+
+
 def run_prune(args: argparse.Namespace) -> int:
-    from slimgpt_core.export import describe_calibration, export_pruned
     from slimgpt_core.loading import load_base_model
 
     try:
@@ -84,13 +158,22 @@ def run_prune(args: argparse.Namespace) -> int:
     except UsageError as err:
         print(f"slimgpt prune: error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return run_dry_run(args, schedule)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
 
+    folder = _local_folder(args.model, args.revision)
+    if folder is not None:
+        from slimgpt_core.streaming import should_stream
+
+        if args.stream or args.gpus > 1 or should_stream(folder, dtype,
+                                                          _host_bytes(args.host_memory_gb)):
+            return run_streamed(args, schedule, folder, device, dtype)
+
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer, source = load_base_model(args.model, revision=args.revision, dtype=dtype)
-    model.to(device)
     calib_text = read_text_source(args.calib) if args.calib else bundled_text(BUNDLED_CALIBRATION)
     calib = sample_windows(calib_text, tokenizer, args.nsamples, args.seqlen, args.seed)
     eval_windows = None
@@ -102,14 +185,7 @@ def run_prune(args: argparse.Namespace) -> int:
         ppl["before"] = perplexity(model, eval_windows, device=device)
         print(f"perplexity before: {ppl['before']:.3f}", file=sys.stderr)
 
-    config = PruneConfig(
-        target_ratio=args.ratio, schedule=schedule, alpha=args.alpha,
-        gqa_policy=args.gqa_policy, head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio,
-        percdamp=args.percdamp, min_group=args.min_group, batch_size=args.batch_size,
-        device=str(device), offload_activations=args.offload_activations,
-        checkpoint_dir=args.checkpoint_dir, seed=args.seed,
-        plain_heads=args.profile == "uniform",
-    )
+    config = _prune_config(args, schedule, device)
     bar, on_event = _progress_bar(model.config.num_hidden_layers)
     try:
         result = prune_model(model, calib, config, progress=on_event)
@@ -117,6 +193,75 @@ def run_prune(args: argparse.Namespace) -> int:
         bar.close()
     if eval_windows is not None:
         ppl["after"] = perplexity(model, eval_windows, device=device)
+    return _export_and_report(args, result, tokenizer, source, calib, ppl, eval_windows)
+
+
+def _host_bytes(gb: float | None) -> int | None:
+    return int(gb * 1e9) if gb else None
+
+
+def run_streamed(args: argparse.Namespace, schedule: str, folder: Path, device: torch.device,
+                 dtype: torch.dtype) -> int:
+    """Prune layer by layer from ``folder``'s shards (on ``--gpus`` GPUs) into ``--out``."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from slimgpt_core.loading import folder_source_info
+    from slimgpt_core.multi_gpu import prune_streamed
+    from slimgpt_core.pruner import Probe
+    from slimgpt_core.streaming import logits_from_hidden, open_streamed, perplexity_from_hidden
+    from slimgpt_core.verify import default_windows
+
+    print(f"streaming {args.model} from {folder} ({args.gpus} GPU(s)) ...", file=sys.stderr)
+    streamed = open_streamed(folder, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    source = folder_source_info(folder, args.revision, hub_id=None if Path(args.model).is_dir()
+                                else args.model)
+    calib_text = read_text_source(args.calib) if args.calib else bundled_text(BUNDLED_CALIBRATION)
+    calib = sample_windows(calib_text, tokenizer, args.nsamples, args.seqlen, args.seed)
+    verify_ids = default_windows(streamed.model.config.vocab_size)
+    probes = {"verify": Probe(verify_ids)}
+    eval_windows = None
+    if args.eval_file:
+        eval_windows = consecutive_windows(read_text_source(args.eval_file), tokenizer,
+                                           args.seqlen, args.eval_windows)
+        probes["eval_before"] = Probe(eval_windows, dense=True)
+        probes["eval_after"] = Probe(eval_windows)
+    config = _prune_config(args, schedule, device)
+    own_ckpt = config.checkpoint_dir is None
+    out = Path(args.out)
+    if own_ckpt:  # the pruned layers' files become the output shards (hard links)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        config.checkpoint_dir = tempfile.mkdtemp(prefix=f".{out.name}.layers-", dir=out.parent)
+    bar, on_event = _progress_bar(streamed.model.config.num_hidden_layers)
+    try:
+        result = prune_streamed(streamed, calib, config, gpus=args.gpus,
+                                work_dir=Path(config.checkpoint_dir) / "ranks",
+                                dtype=str(dtype).removeprefix("torch."), progress=on_event,
+                                probes=probes)
+    finally:
+        bar.close()
+    ppl: dict[str, float | None] = {"before": None, "after": None}
+    if eval_windows is not None:
+        ppl["before"] = perplexity_from_hidden(streamed.model, result.probe_outputs["eval_before"],
+                                               eval_windows, device)
+        ppl["after"] = perplexity_from_hidden(streamed.model, result.probe_outputs["eval_after"],
+                                              eval_windows, device)
+    verify_logits = logits_from_hidden(streamed.model, result.probe_outputs["verify"], device)
+    code = _export_and_report(args, result, tokenizer, source, calib, ppl, eval_windows,
+                              verify_ids=verify_ids, verify_logits=verify_logits)
+    if own_ckpt:
+        shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
+    return code
+
+
+def _export_and_report(args: argparse.Namespace, result: PruneResult, tokenizer: Any,
+                       source: dict[str, Any], calib: torch.Tensor,
+                       ppl: dict[str, float | None], eval_windows: torch.Tensor | None,
+                       **verify: Any) -> int:
+    from slimgpt_core.export import describe_calibration, export_pruned
 
     calibration_info = describe_calibration(
         calib, source=args.calib or f"bundled:{BUNDLED_CALIBRATION}", seed=args.seed)
@@ -130,6 +275,7 @@ def run_prune(args: argparse.Namespace) -> int:
         base_model_id=source.get("base_model_id") or args.model,
         base_revision=source.get("revision"), calibration_info=calibration_info,
         eval_metrics=eval_metrics, verify=not args.no_verify, license=source.get("license"),
+        **verify,
     )
     if report.verification is not None:
         print(f"verified: reloaded in a fresh process, max logit difference "

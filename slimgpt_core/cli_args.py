@@ -1,63 +1,170 @@
-"""Arguments of `slimgpt prune`. Torch-free, so `slimgpt --help` stays instant."""
+"""Options of `slimgpt prune`, shared by name with `slimgpt submit` (typer). Torch-free, so
+`slimgpt --help` stays instant.
+
+Each option is an ``Annotated`` alias: one flag name, one help text, wherever a command takes
+it. A local run (`prune`) gives them the algorithm's defaults; a job submission (`submit`) gives
+them ``None`` so that the server's defaults (or ``--body`` / ``--set``) apply.
+"""
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from enum import Enum
+from types import SimpleNamespace
+from typing import Annotated
 
-from slimgpt_core.schedule import GQA_POLICIES, SCHEDULES
+import typer
 
-
-def add_prune_parser(subparsers: Any) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "prune",
-        help="prune a model locally with SlimGPT and write a loadable folder",
-        description="Prune a Llama-layout model (Hub id, local folder or .gguf file) with "
-        "SlimGPT and write a Hugging Face folder that standard tools load.",
-    )
-    p.add_argument("--model", required=True, help="Hub id, local HF folder, or .gguf file")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--ratio", type=float, required=True,
-                   help="share of decoder-layer parameters to remove, in (0, 0.9]")
-    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    p.add_argument("--calib", default=None,
-                   help="calibration text (.txt or .jsonl with a 'text' field); "
-                   "default: the bundled excerpt of the Python docs")
-    p.add_argument("--eval", dest="eval_file", default=None,
-                   help="held-out text for perplexity before/after")
-    p.add_argument("--eval-windows", type=int, default=32,
-                   help="number of eval windows of --seqlen tokens (default 32)")
-    p.add_argument("--schedule", default=None, choices=SCHEDULES,
-                   help="per-layer ratio schedule (default log; uniform with --profile uniform)")
-    p.add_argument("--alpha", type=float, default=0.25, help="r_0 = alpha * r_last (log/linear)")
-    p.add_argument("--gqa-policy", default="balanced", choices=GQA_POLICIES,
-                   help="how grouped-query heads are removed (default balanced)")
-    p.add_argument("--head-ratio", type=float, default=None, help="fixed head ratio per layer")
-    p.add_argument("--ffn-ratio", type=float, default=None, help="fixed FFN ratio per layer")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--min-group", type=int, default=64,
-                   help="smallest FFN channel group (1 = exact greedy)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per layer forward")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--offload-activations", action="store_true",
-                   help="keep calibration activations in CPU memory")
-    p.add_argument("--profile", default="hetero", choices=["hetero", "uniform"],
-                   help="artifact profile (uniform implies the uniform schedule)")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="per-layer checkpoints; rerunning with the same folder resumes")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip reloading the folder in a fresh process to compare logits")
-    p.add_argument("--json", action="store_true", help="print the final report as JSON")
-    p.set_defaults(handler=_run)
-    return p
+from slimgpt_core.schedule import GQA_POLICIES
 
 
-def _run(args: argparse.Namespace) -> int:
-    from slimgpt_core.cli import run_prune
+class GqaPolicy(str, Enum):
+    balanced = "balanced"
+    group = "group"
+    free = "free"
 
-    return run_prune(args)
+
+class Profile(str, Enum):
+    hetero = "hetero"
+    uniform = "uniform"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+assert {p.value for p in GqaPolicy} == set(GQA_POLICIES)
+
+PRUNING = "Pruning"
+DATA = "Calibration and evaluation"
+SCALE = "Scale"
+
+ModelOpt = Annotated[str, typer.Option("--model", help="Hub repo id, local model folder, or "
+                                       ".gguf file")]
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", help="Hub revision (branch, tag or commit; default main)")]
+RatioOpt = Annotated[float, typer.Option(
+    "--ratio", help="share of decoder-layer parameters to remove, in (0, 0.9]")]
+ScheduleOpt = Annotated[str | None, typer.Option(
+    "--schedule", help="per-layer ratio schedule: log (default), linear, uniform, or "
+    "comma-separated per-layer ratios (submit only); uniform with --profile uniform",
+    rich_help_panel=PRUNING)]
+AlphaOpt = Annotated[float | None, typer.Option(
+    "--alpha", help="first-layer ratio = alpha * last-layer ratio (log/linear; default 0.25)",
+    rich_help_panel=PRUNING)]
+GqaPolicyOpt = Annotated[GqaPolicy | None, typer.Option(
+    "--gqa-policy", help="how grouped-query heads are removed (default balanced)",
+    rich_help_panel=PRUNING)]
+HeadRatioOpt = Annotated[float | None, typer.Option(
+    "--head-ratio", help="fixed attention-head ratio per layer", rich_help_panel=PRUNING)]
+FfnRatioOpt = Annotated[float | None, typer.Option(
+    "--ffn-ratio", help="fixed FFN-channel ratio per layer", rich_help_panel=PRUNING)]
+PercdampOpt = Annotated[float | None, typer.Option(
+    "--percdamp", help="Hessian damping, share of its mean diagonal (default 0.01)",
+    rich_help_panel=PRUNING)]
+MinGroupOpt = Annotated[int | None, typer.Option(
+    "--min-group", help="smallest FFN channel group (1 = exact greedy; default 64)",
+    rich_help_panel=PRUNING)]
+ProfileOpt = Annotated[Profile | None, typer.Option(
+    "--profile", help="artifact profile: hetero (default) or uniform (implies the uniform "
+    "schedule)", rich_help_panel=PRUNING)]
+CalibOpt = Annotated[str | None, typer.Option(
+    "--calib", metavar="FILE", help="calibration text (.txt, or .jsonl with a 'text' field)",
+    rich_help_panel=DATA)]
+EvalOpt = Annotated[str | None, typer.Option(
+    "--eval", metavar="FILE", help="held-out text for the perplexity before/after",
+    rich_help_panel=DATA)]
+EvalWindowsOpt = Annotated[int | None, typer.Option(
+    "--eval-windows", min=1, help="number of evaluation windows", rich_help_panel=DATA)]
+NsamplesOpt = Annotated[int | None, typer.Option(
+    "--nsamples", "--calib-samples", min=1, help="calibration windows (default 128)",
+    rich_help_panel=DATA)]
+SeqlenOpt = Annotated[int | None, typer.Option(
+    "--seqlen", "--seq-len", min=2, help="tokens per window (default 2048)",
+    rich_help_panel=DATA)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="sampling seed (default 0)",
+                                                rich_help_panel=DATA)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON on stdout")]
+GpusOpt = Annotated[int | None, typer.Option(
+    "--gpus", min=1, help="GPUs of one host the job runs on, one job (default 1; locally it "
+    "implies --stream)", rich_help_panel="Scale")]
+
+
+def prune(
+    model: ModelOpt,
+    ratio: RatioOpt,
+    out: Annotated[str | None, typer.Option("--out", help="output folder (must not exist or "
+                                            "be empty); not needed with --dry-run")] = None,
+    revision: RevisionOpt = None,
+    calib: CalibOpt = None,
+    eval_file: EvalOpt = None,
+    eval_windows: EvalWindowsOpt = 32,
+    schedule: ScheduleOpt = None,
+    alpha: AlphaOpt = 0.25,
+    gqa_policy: GqaPolicyOpt = GqaPolicy.balanced,
+    head_ratio: HeadRatioOpt = None,
+    ffn_ratio: FfnRatioOpt = None,
+    nsamples: NsamplesOpt = 128,
+    seqlen: SeqlenOpt = 2048,
+    seed: SeedOpt = 0,
+    percdamp: PercdampOpt = 0.01,
+    min_group: MinGroupOpt = 64,
+    batch_size: Annotated[int, typer.Option(help="windows per layer forward")] = 8,
+    device: Annotated[str | None, typer.Option(
+        help="cuda, cuda:1, cpu (default: cuda if present)")] = None,
+    dtype: Annotated[Dtype | None, typer.Option(
+        help="compute dtype (default: bfloat16 on CUDA, float32 on CPU)")] = None,
+    offload_activations: Annotated[bool, typer.Option(
+        "--offload-activations", help="keep calibration activations in CPU memory")] = False,
+    profile: ProfileOpt = Profile.hetero,
+    checkpoint_dir: Annotated[str | None, typer.Option(
+        help="per-layer checkpoints; rerunning with the same folder resumes")] = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="skip reloading the folder in a fresh process to compare "
+        "logits")] = False,
+    json: JsonOpt = False,
+    stream: Annotated[bool, typer.Option(
+        "--stream", help="stream the model layer by layer from its safetensors shards and "
+        "write the output shards as it goes (default: only when the model does not fit in "
+        "host memory)", rich_help_panel=SCALE)] = False,
+    gpus: GpusOpt = 1,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="print the plan and what it needs per GPU type and count (peak "
+        "GPU/host memory, disk, time); load no weights", rich_help_panel=SCALE)] = False,
+    host_memory_gb: Annotated[float | None, typer.Option(
+        "--host-memory-gb", help="host memory to plan with (default: what is available)",
+        rich_help_panel=SCALE)] = None,
+) -> None:
+    """Prune a model locally (no service) and write a folder that standard tools load."""
+    try:
+        from slimgpt_core.cli import run_prune
+    except ImportError as err:
+        raise MissingExtra("core", "slimgpt prune", err) from None
+    args = SimpleNamespace(
+        model=model, revision=revision, ratio=ratio, out=out, calib=calib, eval_file=eval_file,
+        eval_windows=eval_windows, schedule=schedule, alpha=alpha,
+        gqa_policy=(gqa_policy or GqaPolicy.balanced).value, head_ratio=head_ratio,
+        ffn_ratio=ffn_ratio, nsamples=nsamples, seqlen=seqlen, seed=seed, percdamp=percdamp,
+        min_group=min_group, batch_size=batch_size, device=device,
+        dtype=dtype.value if dtype else None, offload_activations=offload_activations,
+        profile=(profile or Profile.hetero).value, checkpoint_dir=checkpoint_dir,
+        no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
+        host_memory_gb=host_memory_gb)
+    raise typer.Exit(run_prune(args))  # type: ignore[arg-type]
+
+
+class MissingExtra(Exception):
+    """A command needs an optional part of the install (an "extra") that is not there."""
+
+    def __init__(self, extra: str, what: str, cause: BaseException | None = None) -> None:
+        missing = getattr(cause, "name", None)
+        because = f" (cannot import {missing})" if missing else ""
+        super().__init__(
+            f"{what} needs the `{extra}` extra{because}: "
+            f"pip install 'slimgpt-service[{extra}]'")
+        self.extra = extra
+
+
+def add_prune_command(app: typer.Typer) -> None:
+    app.command("prune", rich_help_panel="Local")(prune)

@@ -3,11 +3,13 @@
 Two profiles (see DESIGN.md, "Artifacts"):
 
 * ``hetero`` (default): exact per-layer widths. ``config.json`` is a ``slimgpt_<base>`` config
-  with the per-layer lists and an ``auto_map`` to ``modeling_slimgpt.py``, which is copied into
-  the folder; ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it.
+  with the per-layer lists, the family's layout and an ``auto_map`` to ``modeling_slimgpt.py``,
+  which is copied into the folder; ``AutoModelForCausalLM.from_pretrained(folder,
+  trust_remote_code=True)`` loads it (format: docs/HETERO_FORMAT.md).
 * ``uniform``: every layer has the same widths and the standard grouped-query layout; the folder
-  is a plain ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` checkpoint with
-  an explicit ``head_dim``, loadable without remote code.
+  is a plain checkpoint of the family's stock class (``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
+  ``Phi3ForCausalLM`` with its fused matrices, ...) with an explicit ``head_dim``, loadable
+  without remote code.
 
 Weights are sharded safetensors written by ``save_pretrained``; their keys are those of the
 standard architecture. Never pickles.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import platform
 import shutil
 import time
@@ -30,6 +33,7 @@ from torch import nn
 
 import slimgpt_core
 from slimgpt_core import modeling_slimgpt
+from slimgpt_core.families import Family, all_families, family_for_config
 from slimgpt_core.model_card import CHART_FILE, plot_layer_widths, render_model_card
 from slimgpt_core.verify import ExportVerificationError, default_windows, verify_export
 
@@ -47,16 +51,15 @@ __all__ = [
 PROFILES: tuple[str, ...] = ("hetero", "uniform")
 #: base ``model_type`` -> the standard transformers class a ``uniform`` export names.
 STANDARD_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+    model_type: family.stock_model for family in all_families() for model_type in family.model_types
 }
 MODELING_FILE = "modeling_slimgpt.py"
 PRUNING_CONFIG_FILE = "pruning_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Keys of a base config that describe the checkpoint rather than the architecture.
 _DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-              "torch_dtype", "dtype", *modeling_slimgpt._PER_LAYER_KEYS)
+              "torch_dtype", "dtype", *modeling_slimgpt._PER_LAYER_KEYS,
+              modeling_slimgpt.LAYOUT_KEY)
 
 
 class ExportError(ValueError):
@@ -80,36 +83,38 @@ class ExportReport:
 def _layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ExportError(f"{type(model).__name__} is not a Llama-layout causal LM")
+        raise ExportError(f"{type(model).__name__} is not a decoder-only causal LM "
+                          "(expected model.model.layers)")
     return layers
 
 
 def layer_widths(model: nn.Module) -> list[dict[str, Any]]:
     """Per layer, the widths the modules really have: ``num_heads``, ``num_kv_heads``,
     ``intermediate_size`` and ``kv_index`` (None for the standard grouped layout)."""
+    family = _family(model)
     out = []
     for layer in _layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        d = attn.head_dim
-        heads = attn.q_proj.out_features // d
-        kv = attn.k_proj.out_features // d
+        attn = layer.self_attn
+        heads, kv, channels = family.widths(layer)
         kv_index = getattr(attn, "kv_index_list", None)
         if kv_index is not None:
             kv_index = list(kv_index)
             if modeling_slimgpt.regular_groups(kv_index, kv) is not None:
                 kv_index = None
         out.append({"num_heads": heads, "num_kv_heads": kv,
-                    "intermediate_size": mlp.gate_proj.out_features, "kv_index": kv_index})
+                    "intermediate_size": channels, "kv_index": kv_index})
     return out
 
 
+def _family(model: nn.Module) -> Family:
+    try:
+        return family_for_config(model.config, allow_hetero=True)
+    except ValueError as err:
+        raise ExportError(f"cannot export: {err}") from None
+
+
 def _base_type(config: Any) -> str:
-    model_type = str(getattr(config, "model_type", ""))
-    base = model_type.removeprefix("slimgpt_")
-    if base not in modeling_slimgpt.HETERO_CLASSES:
-        raise ExportError(f"model_type {model_type!r} cannot be exported; supported: "
-                          + ", ".join(modeling_slimgpt.HETERO_CLASSES))
-    return base
+    return str(getattr(config, "model_type", "")).removeprefix("slimgpt_")
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -120,6 +125,11 @@ def _base_config_dict(model: nn.Module) -> dict[str, Any]:
     d = model.config.to_dict()
     for key in _DROP_KEYS:
         d.pop(key, None)
+    quant = d.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        # A GGUF source is dequantized on load and saved as plain floats; keeping its
+        # quantization_config would make vLLM and transformers expect GGUF weights.
+        d.pop("quantization_config")
     d["head_dim"] = _head_dim(model)
     return d
 
@@ -132,6 +142,7 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
     """The ``config.json`` object for ``model`` (pruned in place) in ``profile``."""
     if profile not in PROFILES:
         raise ExportError(f"unknown export profile {profile!r}; choose one of {PROFILES}")
+    family = _family(model)
     base = _base_type(model.config)
     widths = layer_widths(model)
     d = _base_config_dict(model)
@@ -156,7 +167,7 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
                 "export with profile='hetero'."
             )
         w = widths[0]
-        if d["hidden_size"] % w["num_heads"]:
+        if family.heads_divide_hidden and d["hidden_size"] % w["num_heads"]:
             raise ExportError(
                 f"profile 'uniform': transformers only accepts a plain {base} config whose "
                 f"hidden_size ({d['hidden_size']}) is a multiple of the number of heads "
@@ -168,9 +179,14 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
         from transformers import CONFIG_MAPPING
 
         config = CONFIG_MAPPING[base](**d)
-        config.architectures = [STANDARD_ARCHITECTURES[base]]
+        config.architectures = [family.stock_model]
     else:
-        config_cls, model_cls = modeling_slimgpt.HETERO_CLASSES[base]
+        config_cls = modeling_slimgpt.hetero_class(family.stock_config)
+        model_cls = modeling_slimgpt.hetero_class(family.stock_model)
+        d[modeling_slimgpt.LAYOUT_KEY] = {
+            "family": family.name, "base_model_type": base,
+            "base_architecture": family.stock_model, **family.layout.as_dict(),
+        }
         d.update(
             layer_num_heads=[w["num_heads"] for w in widths],
             layer_num_kv_heads=[w["num_kv_heads"] for w in widths],
@@ -299,6 +315,65 @@ def _save_weights(model: nn.Module, folder: Path, max_shard_size: str | int) -> 
             setattr(model.config, k, v)
 
 
+def _parse_size(size: str | int) -> int:
+    if isinstance(size, int):
+        return size
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link costs nothing and keeps the checkpoint for a retry of the export; across
+    # file systems fall back to a copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _save_streamed_weights(result: Any, folder: Path, max_shard_size: str | int) -> None:
+    """Shards of a streamed result: what lies outside the decoder layers (held by the
+    skeleton) in shards of at most ``max_shard_size``, then one shard per pruned layer, the
+    very files the pruner wrote (hard-linked), and the index over all of them."""
+    from safetensors.torch import save_file
+
+    from slimgpt_core.layer_io import layers_prefix
+    from slimgpt_core.shards import group_by_size, shard_name, write_index
+
+    model = result.model
+    prefix = layers_prefix(model) + "."
+    outside: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name.startswith(prefix) or id(tensor) in seen:
+            continue  # layers come from their files; a tied alias is stored once
+        seen.add(id(tensor))
+        if tensor.is_meta:
+            raise ExportError(f"{name} was never loaded (still on the meta device)")
+        outside[name] = tensor.detach()
+    if len(result.layer_files) != len(_layers(model)):
+        raise ExportError(f"the streamed result has {len(result.layer_files)} layer files for "
+                          f"{len(_layers(model))} layers")
+    groups = group_by_size({k: v.numel() * v.element_size() for k, v in outside.items()},
+                           _parse_size(max_shard_size))
+    total = len(groups) + len(result.layer_files)
+    files = []
+    for n, names in enumerate(groups, start=1):
+        path = folder / shard_name(n, total)
+        save_file({k: outside[k].contiguous().cpu() for k in names}, str(path),
+                  metadata={"format": "pt"})
+        files.append(path)
+    for n, src in enumerate(result.layer_files, start=len(groups) + 1):
+        path = folder / shard_name(n, total)
+        _link_or_copy(Path(src), path)
+        files.append(path)
+    write_index(folder, files)
+
+
 def _write_generation_config(model: nn.Module, folder: Path) -> None:
     if (folder / "generation_config.json").exists():
         return
@@ -337,6 +412,7 @@ def export_pruned(
     verify_ids: torch.Tensor | None = None,
     repo_id: str | None = None,
     overwrite: bool = False,
+    verify_logits: torch.Tensor | None = None,
 ) -> ExportReport:
     """Write ``result.model`` (a :class:`~slimgpt_core.pruner.PruneResult`) to ``out_dir``.
 
@@ -344,6 +420,11 @@ def export_pruned(
     ``ppl_before``/``ppl_after``/``dataset``. ``license``: the base model's licence (``other``
     when unknown). ``verify_ids``: token windows for the fresh-process check (default: two
     random windows of 32 tokens). ``repo_id``: the name the loading snippet in the card uses.
+
+    A streamed result (``result.placement == "stream"``: the model is a skeleton whose pruned
+    layers are files) is written from those files, and verified against ``verify_logits``,
+    the logits the pruner computed for ``verify_ids`` (a pruned :class:`Probe`), by a fresh
+    process that loads the folder one layer at a time.
 
     The folder is written under a staging name and renamed into place only when complete (and
     verified, when ``verify``); a failed verification raises :class:`ExportVerificationError`
@@ -367,6 +448,10 @@ def export_pruned(
             raise ExportError(f"layer {r.index}: the pruning report and the model's modules "
                               "disagree on the kept widths (was the model changed after pruning?)")
     architecture = config.architectures[0]
+    streamed = getattr(result, "placement", None) == "stream"
+    if streamed and verify and (verify_ids is None or verify_logits is None):
+        raise ExportError("verifying a streamed result needs verify_ids and verify_logits "
+                          "(the pruned model is not in memory to compute them)")
 
     staging = out_dir.parent / f".{out_dir.name}.partial"
     if staging.exists():
@@ -375,7 +460,10 @@ def export_pruned(
     was_training = model.training
     model.eval()
     try:
-        _save_weights(model, staging, max_shard_size)
+        if streamed:
+            _save_streamed_weights(result, staging, max_shard_size)
+        else:
+            _save_weights(model, staging, max_shard_size)
         config.save_pretrained(staging)  # replaces the dense config save_pretrained wrote
         _write_generation_config(model, staging)
         if profile == "hetero":
@@ -403,7 +491,9 @@ def export_pruned(
                 model.config.vocab_size)
             try:
                 verification = verify_export(staging, model, ids,
-                                             trust_remote_code=(profile == "hetero"))
+                                             trust_remote_code=(profile == "hetero"),
+                                             reference_logits=verify_logits if streamed else None,
+                                             streamed=streamed)
             except ExportVerificationError as err:
                 pcfg["verification"] = {"passed": False, "error": str(err)}
                 write_docs()

@@ -29,8 +29,11 @@ class HessianAccumulator:
         self.tokens = 0
         self.name = name
         self.mixed_precision = True  # until this torch build shows it lacks mm(out_dtype=)
+        self._finished: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
+        if self._finished is not None:
+            raise RuntimeError(f"{self.name}: the Hessian was already taken")
         x = x.reshape(-1, x.shape[-1])
         self.tokens += x.shape[0]
         if self.mixed_precision and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
@@ -43,9 +46,15 @@ class HessianAccumulator:
         self.sum.addmm_(x.T, x)
 
     def hessian(self) -> torch.Tensor:
+        """``2 X^T X / n``, scaled in place: at FFN widths a second full-size fp32 matrix is
+        gigabytes. The accumulator is finished afterwards (later calls return the same
+        matrix; adding more tokens is an error)."""
+        if self._finished is not None:
+            return self._finished
         if self.tokens == 0:
             raise ValueError(f"{self.name}: no calibration tokens reached this layer")
         # Checked once, where the Hessian is finished: a NaN would otherwise surface much
         # later as an "indefinite" Cholesky failure that invites pointless damping retries.
         check_finite(self.sum, self.name)
-        return self.sum * (2.0 / self.tokens)
+        self._finished = self.sum.mul_(2.0 / self.tokens)
+        return self._finished

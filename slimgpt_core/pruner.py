@@ -6,11 +6,15 @@ For each decoder layer ``i`` (inputs produced by the already-pruned layers ``0..
   2. run the pruned attention block (keeping its output ``h``), collecting ``H`` of
      ``down_proj``'s input; prune FFN channels (dynamic groups) and compensate ``down_proj``;
   3. run the pruned FFN block on ``h``: the inputs of layer ``i + 1``.
-Only the current layer and the activations sit on the compute device.
+Only the current layer (and the next one, arriving) and the activations sit on the compute
+device. Where the layers live and how they move is :mod:`slimgpt_core.layer_store`'s job
+(resident on the device, in host memory, or streamed from the checkpoint's shards); how
+several GPUs share one job is :mod:`slimgpt_core.collective`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,21 +26,21 @@ from torch import nn
 
 from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
+from slimgpt_core.collective import Collective
 from slimgpt_core.compact import compact_attention, compact_mlp
+from slimgpt_core.families import Family, family_for_config
 from slimgpt_core.heads import prune_heads
 from slimgpt_core.hessian import HessianAccumulator
 from slimgpt_core.layer_io import (
     LayerContext,
-    attention_block,
     capture_layer_inputs,
-    check_uniform_attention,
-    decoder_layers,
-    ffn_block,
-    ffn_hidden,
+    contexts_to,
+    layers_prefix,
     micro_batches,
 )
+from slimgpt_core.layer_store import LayerSource, LayerStore
 from slimgpt_core.modeling_slimgpt import resize_layer
-from slimgpt_core.obs import output_error
+from slimgpt_core.obs import output_errors
 from slimgpt_core.schedule import LayerPlan, ModelShape, PruningPlan, make_plan
 
 METHODS: tuple[str, ...] = ("slimgpt", "no_compensation", "magnitude")
@@ -73,6 +77,9 @@ class PruneConfig:
     #: False (one layer at a time, for models larger than the GPU), or None = when the model
     #: takes less than half of the free device memory. Measured on 7B/H200: 26 s vs 38 s.
     resident: bool | None = None
+    #: Bring the next layer to the device while the current one is pruned (and write the
+    #: previous one back), on a side CUDA stream. Off only to measure what overlap buys.
+    prefetch: bool = True
     #: False keeps full-size layers with zeroed columns (the "masked" model; for testing).
     compact: bool = True
     checkpoint_dir: str | Path | None = None
@@ -82,6 +89,8 @@ class PruneConfig:
     method: str = "slimgpt"
     #: Only head counts that divide hidden_size (what the `uniform` export profile needs).
     plain_heads: bool = False
+    #: Prune only the first N layers (the rest stay dense): partial runs for benchmarks.
+    stop_after: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -113,6 +122,8 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+#: ``on_layer(index, tensors, report=...)``: a pruned layer's host tensors and its report.
+LayerSink = Callable[..., None]
 
 
 class PruningCancelled(Exception):
@@ -161,6 +172,17 @@ class LayerReport:
 
 
 @dataclass
+class Probe:
+    """Token windows that ride along the pruning pass (the leader only): ``dense`` ones go
+    through every layer before it is pruned, the others after. Their final hidden states
+    give perplexities before/after, or reference outputs, without a second pass over a
+    model that may not fit anywhere."""
+
+    input_ids: torch.Tensor
+    dense: bool = False
+
+
+@dataclass
 class PruneResult:
     model: nn.Module
     plan: PruningPlan
@@ -169,6 +191,14 @@ class PruneResult:
     params_after: int
     seconds: dict[str, float]
     resumed_from: int = 0
+    #: "resident", "host" or "stream": where the layers lived while being pruned.
+    placement: str = "resident"
+    #: Stream placement: per layer, the safetensors file holding the pruned layer (full keys).
+    layer_files: list[Path] = field(default_factory=list)
+    #: Final hidden states (before the final norm) of each probe, on the CPU.
+    probe_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Bytes moved host -> device and back, and GPU peak memory when measured.
+    transfer: dict[str, float] = field(default_factory=dict)
 
     def damping_raised(self) -> list[dict[str, Any]]:
         """Every projection whose Hessian needed more damping than asked (empty when none):
@@ -183,6 +213,7 @@ class PruneResult:
             "params_after": self.params_after,
             "seconds": self.seconds,
             "resumed_from": self.resumed_from,
+            "placement": self.placement,
             "damping_raised": self.damping_raised(),
         }
 
@@ -191,24 +222,44 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config.to_dict())
 
 
+def model_family(model: nn.Module) -> Family:
+    """The family adapter of ``model`` (raises for a model type without one)."""
+    return family_for_config(model.config)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _should_be_resident(model: nn.Module, device: torch.device, resident: bool | None) -> bool:
-    if device.type != "cuda" or resident is False:
-        return False
+def _model_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def choose_placement(model: nn.Module, device: torch.device, resident: bool | None,
+                     streamed: bool) -> str:
+    """``stream`` for a skeleton model, else ``resident`` when the model is (or will be
+    moved) on the device, else ``host``."""
+    if streamed:
+        return "stream"
+    devices = {p.device for p in model.parameters()}
+    if devices == {device} or device.type != "cuda":
+        return "resident"
+    if resident is False:
+        return "host"
     if resident:
-        return True
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
+        return "resident"
     free, _total = torch.cuda.mem_get_info(device)
-    return size < free / 2
+    return "resident" if _model_bytes(model) < free / 2 else "host"
 
 
 def _resolve_device(name: str | None) -> torch.device:
     if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class _Clock:
@@ -224,8 +275,9 @@ class _Clock:
 
 
 def _sync(device: torch.device) -> None:
+    # Only the compute stream: copies running on the side stream must not be waited for.
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class _Phase:
@@ -245,6 +297,35 @@ class _Phase:
         self.clock.add(self.name, dt)
 
 
+@dataclass
+class _ProbeState:
+    acts: torch.Tensor
+    contexts: list[LayerContext]
+    dense: bool
+
+
+@torch.no_grad()
+def _layer_forward(layer: nn.Module, acts: torch.Tensor, ctx: LayerContext, batch_size: int,
+                   device: torch.device, family: Family) -> None:
+    """``acts <- layer(acts)`` in place, micro-batch by micro-batch."""
+    for sl in micro_batches(acts.shape[0], batch_size):
+        h = family.attention_block(layer, acts[sl].to(device), ctx)
+        acts[sl] = family.ffn_block(layer, h).to(acts.device)
+
+
+def _hessian(acc: HessianAccumulator, comm: Collective) -> torch.Tensor | None:
+    """The layer's Hessian over every rank's windows, on the leader (None elsewhere)."""
+    comm.reduce_sum_(acc.sum)
+    acc.tokens = comm.reduce_count(acc.tokens)
+    if not comm.is_leader:
+        del acc.sum
+        return None
+    H = acc.hessian()
+    del acc.sum  # the caller owns the only reference to the matrix
+    acc._finished = None
+    return H
+
+
 @torch.no_grad()
 def _prune_layer(
     layer: nn.Module,
@@ -257,79 +338,100 @@ def _prune_layer(
     device: torch.device,
     clock: _Clock,
     emit: Callable[[str, str, dict[str, float]], None],
+    comm: Collective,
+    *,
+    family: Family,
 ) -> LayerReport:
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
+    o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
     n = acts.shape[0]
     batches = list(micro_batches(n, config.batch_size))
+    leader = comm.is_leader
 
     # 1. Attention: Hessian of o_proj's input, then batched greedy head removal.
     emit("attention", f"layer {lp.index}: attention Hessian", {})
-    h_attn = HessianAccumulator(attn.o_proj.in_features, device,
+    h_attn = HessianAccumulator(o_proj.in_features, device,
                                 name=f"layer {lp.index} self_attn.o_proj")
-    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
+    hook = o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
     try:
         with _Phase(clock, seconds, "attn_pass", device):
             for sl in batches:
-                attention_block(layer, acts[sl].to(device), ctx)
+                family.attention_block(layer, acts[sl].to(device), ctx)
     finally:
         hook.remove()
     with _Phase(clock, seconds, "hessian_finalize", device):
-        H = h_attn.hessian()
+        H = _hessian(h_attn, comm)
     with _Phase(clock, seconds, "heads", device):
-        W0 = attn.o_proj.weight.detach().float()
-        W = W0.clone()
-        heads = prune_heads(
-            W, _selection_hessian(H, config.method), num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim, heads_to_remove=lp.heads_removed,
-            policy=config.gqa_policy, percdamp=config.percdamp,
-        )
-        if len(heads.kept_kv_heads) != lp.kv_heads_kept:
-            raise RuntimeError(f"layer {lp.index}: kept {len(heads.kept_kv_heads)} KV heads, "
-                               f"the plan says {lp.kv_heads_kept}")
-        pruned_cols = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
-        for h in heads.kept_heads:
-            pruned_cols[h * shape.head_dim:(h + 1) * shape.head_dim] = False
-        W = _apply_method(W0, W, pruned_cols, config.method)
-        attn_err_nc = output_error(W0, W0.masked_fill(pruned_cols[None, :], 0.0), H)
-        attn_err = output_error(W0, W, H)
+        W = torch.empty(o_proj.weight.shape, dtype=torch.float32, device=device)
+        if leader:
+            assert H is not None
+            W0 = o_proj.weight.detach().float()
+            W.copy_(W0)
+            heads = prune_heads(
+                W, _selection_hessian(H, config.method), num_heads=shape.num_heads,
+                num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+                heads_to_remove=lp.heads_removed, policy=config.gqa_policy,
+                percdamp=config.percdamp,
+            )
+            if len(heads.kept_kv_heads) != lp.kv_heads_kept:
+                raise RuntimeError(f"layer {lp.index}: kept {len(heads.kept_kv_heads)} KV heads, "
+                                   f"the plan says {lp.kv_heads_kept}")
+            pruned_cols = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
+            for h in heads.kept_heads:
+                pruned_cols[h * shape.head_dim:(h + 1) * shape.head_dim] = False
+            W = _apply_method(W0, W, pruned_cols, config.method)
+            attn_err_nc, attn_err = output_errors(W0, W, pruned_cols, H)
+            del W0, H
+            info = (heads, attn_err_nc, attn_err)
+        heads, attn_err_nc, attn_err = comm.broadcast_object(info if leader else None)
+        W = comm.broadcast_(W.contiguous())
         if config.compact:
-            compact_attention(attn, heads.kept_heads, heads.kept_kv_heads, heads.kv_index, W)
+            compact_attention(attn, family.layout.as_dict(), heads.kept_heads,
+                              heads.kept_kv_heads, heads.kv_index, W)
         else:
-            attn.o_proj.weight.data.copy_(W)
-        del W0, W, H
+            o_proj.weight.data.copy_(W)
+        del W
     emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads"
          + _damping_note(heads.retries, heads.percdamp),
          {"attn_error": attn_err, "attn_error_uncompensated": attn_err_nc,
           "attn_damping_retries": float(heads.retries), "attn_percdamp": heads.percdamp})
 
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
-    h_ffn = HessianAccumulator(mlp.down_proj.in_features, device,
+    h_ffn = HessianAccumulator(down_proj.in_features, device,
                                name=f"layer {lp.index} mlp.down_proj")
     with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
-            h = attention_block(layer, acts[sl].to(device), ctx)
+            h = family.attention_block(layer, acts[sl].to(device), ctx)
             residual[sl] = h.to(residual.device)
-            h_ffn.add(ffn_hidden(layer, h))
+            h_ffn.add(family.ffn_hidden(layer, h))
+            del h
     with _Phase(clock, seconds, "hessian_finalize", device):
-        H = h_ffn.hessian()
+        H = _hessian(h_ffn, comm)
     with _Phase(clock, seconds, "ffn", device):
-        W0 = mlp.down_proj.weight.detach().float()
-        W = W0.clone()
-        channels = prune_channels(
-            W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed, percdamp=config.percdamp,
-            min_group=config.min_group, max_group=config.max_group,
-        )
-        kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
-        kept[channels.kept_channels] = True
-        W = _apply_method(W0, W, ~kept, config.method)
-        ffn_err_nc = output_error(W0, W0.masked_fill(~kept[None, :], 0.0), H)
-        ffn_err = output_error(W0, W, H)
+        W = torch.empty(down_proj.weight.shape, dtype=torch.float32, device=device)
+        if leader:
+            assert H is not None
+            W0 = down_proj.weight.detach().float()
+            W.copy_(W0)
+            channels = prune_channels(
+                W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed,
+                percdamp=config.percdamp, min_group=config.min_group,
+                max_group=config.max_group,
+            )
+            kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
+            kept[channels.kept_channels] = True
+            W = _apply_method(W0, W, ~kept, config.method)
+            ffn_err_nc, ffn_err = output_errors(W0, W, ~kept, H)
+            del W0, H
+            info = (channels, ffn_err_nc, ffn_err)
+        channels, ffn_err_nc, ffn_err = comm.broadcast_object(info if leader else None)
+        W = comm.broadcast_(W.contiguous())
         if config.compact:
-            compact_mlp(mlp, channels.kept_channels, W)
+            compact_mlp(mlp, family.layout.as_dict(), channels.kept_channels, W)
         else:
-            mlp.down_proj.weight.data.copy_(W)
-        del W0, W, H
+            down_proj.weight.data.copy_(W)
+        del W
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
          f"{shape.intermediate_size} channels" + _damping_note(channels.retries, channels.percdamp),
          {"ffn_error": ffn_err, "ffn_error_uncompensated": ffn_err_nc,
@@ -338,7 +440,7 @@ def _prune_layer(
     # 3. The pruned layer's outputs become the next layer's inputs.
     with _Phase(clock, seconds, "output_pass", device):
         for sl in batches:
-            acts[sl] = ffn_block(layer, residual[sl].to(device)).to(acts.device)
+            acts[sl] = family.ffn_block(layer, residual[sl].to(device)).to(acts.device)
 
     return LayerReport(
         index=lp.index, ratio=lp.ratio,
@@ -361,21 +463,28 @@ def _damping_note(retries: int, percdamp: float) -> str:
             "mean diag H" + ("; OBS is close to magnitude pruning here)" if percdamp >= 1 else ")"))
 
 
-@torch.no_grad()
-def _replay_layer(layer: nn.Module, acts: torch.Tensor, ctx: LayerContext, batch_size: int,
-                  device: torch.device) -> None:
-    """Recompute a finished layer's outputs exactly as :func:`_prune_layer` produced them."""
-    for sl in micro_batches(acts.shape[0], batch_size):
-        h = attention_block(layer, acts[sl].to(device), ctx)
-        acts[sl] = ffn_block(layer, h).to(acts.device)
+def _resize_to_report(layer: nn.Module, report: dict[str, Any], family: Family) -> None:
+    resize_layer(layer, family.layout.as_dict(), len(report["heads_kept"]),
+                 len(report["kv_heads_kept"]), len(report["channels_kept"]), report["kv_index"])
 
 
-def _restore_layer(layer: nn.Module, report: dict[str, Any], ckpt: LayerCheckpoints,
-                   compact: bool) -> None:
-    if compact:
-        resize_layer(layer, len(report["heads_kept"]), len(report["kv_heads_kept"]),
-                     len(report["channels_kept"]), report["kv_index"])
-    ckpt.load_weights(report["index"], layer)
+class _CheckpointSource:
+    """A finished layer's weights from its checkpoint file (resume in the stream placement)."""
+
+    def __init__(self, ckpt: LayerCheckpoints, prefix: str) -> None:
+        self.ckpt, self.prefix = ckpt, prefix
+
+    def read_layer(self, index: int, alloc: Any) -> dict[str, torch.Tensor]:
+        from slimgpt_core.shards import ShardedCheckpoint, read_header
+
+        path = self.ckpt.layer_file(index)
+        reader = ShardedCheckpoint.from_files([path])
+        strip = f"{self.prefix}{index}."
+        try:
+            return {name.removeprefix(strip): reader.read_into(name, alloc(info.shape, info.dtype))
+                    for name, info in read_header(path).items()}
+        finally:
+            reader.close()
 
 
 @torch.no_grad()
@@ -385,26 +494,51 @@ def prune_model(
     config: PruneConfig,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    *,
+    source: LayerSource | None = None,
+    comm: Collective | None = None,
+    probes: dict[str, Probe] | None = None,
+    on_layer: LayerSink | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in place with SlimGPT on ``calibration`` windows (N x seqlen token ids)."""
+    """Prune ``model`` in place with SlimGPT on ``calibration`` windows (N x seqlen token ids).
+
+    ``source``: the model is a skeleton (decoder-layer parameters on ``meta``, as
+    :func:`slimgpt_core.streaming.open_streamed` builds it) whose layers are read from
+    ``source`` one at a time; each pruned layer is written to ``config.checkpoint_dir``
+    (required) and the skeleton keeps only its new widths. ``comm``: this process's place in
+    a multi-GPU job (every rank calls this with the same arguments; the leader's result is
+    the one to keep). ``probes``: windows whose final hidden states are returned.
+    ``on_layer(index, tensors, report)``: receives each pruned layer's tensors in host memory
+    (on a writer thread, leader only) instead of the checkpoint directory.
+    """
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise ValueError("calibration must be a non-empty (num_windows, seqlen) tensor of ids")
+    comm = comm or Collective()
+    streamed = source is not None
+    if streamed and config.checkpoint_dir is None and on_layer is None:
+        raise ValueError("pruning a streamed model needs checkpoint_dir (or on_layer): pruned "
+                         "layers are written there as they finish")
     model.eval()
-    check_uniform_attention(model)
+    family = model_family(model)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                      config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
-    layers = decoder_layers(model)
+    layers = family.decoder_layers(model)
     n_layers = len(layers)
+    prefix = layers_prefix(model) + "."
     device = _resolve_device(config.device)
-    if _should_be_resident(model, device, config.resident):
+    placement = choose_placement(model, device, config.resident, streamed)
+    if placement == "resident":
         model.to(device)
-    store = torch.device("cpu") if config.offload_activations else device
+    dtype = next(layers[0].parameters()).dtype
+    store_device = torch.device("cpu") if config.offload_activations else device
     clock = _Clock()
     params_before = count_parameters(model)
+    leader = comm.is_leader
+    probes = probes if leader else None
 
     def emit(phase: str, message: str, metrics: dict[str, float], layer: int | None = None) -> None:
-        if progress is not None:
+        if progress is not None and leader:
             progress(ProgressEvent(phase, layer, n_layers, message, clock.elapsed(), metrics))
 
     ckpt: LayerCheckpoints | None = None
@@ -417,67 +551,127 @@ def prune_model(
             "plan": plan.to_dict()["layers"],
             "config": config.fingerprint(),
             "calibration": tensor_digest(calibration),
-            "dtype": str(next(model.parameters()).dtype),
+            "dtype": str(dtype),
         }
+        if not leader:
+            comm.barrier()  # the leader creates (or checks) the manifest first
         ckpt = LayerCheckpoints(config.checkpoint_dir, fingerprint)
-        done = min(ckpt.finished_layers(), n_layers)
+        if leader:
+            comm.barrier()
+        done = comm.broadcast_object(min(ckpt.finished_layers(), n_layers) if leader else None)
         for i in range(done):
             report = ckpt.load_report(i)
-            _restore_layer(layers[i], report, ckpt, config.compact)
             reports.append(LayerReport(**report))
+            if placement == "stream":
+                _resize_to_report(layers[i], report, family)
+            else:
+                if config.compact:
+                    _resize_to_report(layers[i], report, family)
+                ckpt.load_weights(i, layers[i], prefix=f"{prefix}{i}.")
 
-    emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
-    t0 = time.perf_counter()
-    acts, ctx = capture_layer_inputs(model, calibration, device, config.batch_size, store)
-    ctx = ctx.to(device)
-    clock.add("capture", time.perf_counter() - t0)
-    residual = torch.empty_like(acts)
+    store = LayerStore(layers, device, placement, source=source,
+                       dtype=dtype if streamed else None, prefetch=config.prefetch)
+    resume_source = _CheckpointSource(ckpt, prefix) if (ckpt is not None and streamed) else None
 
-    if done:
-        emit("resumed", f"resuming after {done} finished layers", {}, done)
+    def source_for(i: int) -> LayerSource | None:
+        return resume_source if i < done else None
+
+    layer_files: list[Path] = []
+    last = n_layers if config.stop_after is None else min(n_layers, config.stop_after)
+    probe_states: dict[str, _ProbeState] = {}
+    try:
+        store.prefetch(0, source_for(0))
+        emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
         t0 = time.perf_counter()
-        for i in range(done):
-            home = next(layers[i].parameters()).device
-            layers[i].to(device)
-            _replay_layer(layers[i], acts, ctx, config.batch_size, device)
-            layers[i].to(home)
-        clock.add("replay", time.perf_counter() - t0)
+        local = comm.share(calibration)
+        acts, contexts = capture_layer_inputs(model, local, device, config.batch_size,
+                                              store_device)
+        contexts = contexts_to(contexts, device)
+        for name, probe in (probes or {}).items():
+            p_acts, p_contexts = capture_layer_inputs(model, probe.input_ids, device,
+                                                      config.batch_size, store_device)
+            probe_states[name] = _ProbeState(p_acts, contexts_to(p_contexts, device),
+                                             probe.dense)
+        clock.add("capture", time.perf_counter() - t0)
+        residual = torch.empty_like(acts)
 
-    for i in range(done, n_layers):
-        if should_cancel is not None and should_cancel():
-            raise PruningCancelled(i)
-        layer = layers[i]
-        home = next(layer.parameters()).device
-        t0 = time.perf_counter()
-        layer.to(device)
-        clock.add("transfer", time.perf_counter() - t0)
+        if done:
+            emit("resumed", f"resuming after {done} finished layers", {}, done)
+            t0 = time.perf_counter()
+            for i in range(done):
+                store.prefetch(i + 1, source_for(i + 1))
+                layer = store.acquire(i, source_for(i))
+                _layer_forward(layer, acts, contexts[i], config.batch_size, device, family)
+                for state in probe_states.values():
+                    _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                   device, family)
+                store.release(i, layer, changed=False)
+            clock.add("replay", time.perf_counter() - t0)
 
-        def layer_emit(phase: str, message: str, metrics: dict[str, float], _i: int = i) -> None:
-            emit(phase, message, metrics, _i)
+        for i in range(done, last):
+            cancel = bool(should_cancel()) if (leader and should_cancel is not None) else False
+            if comm.broadcast_object(cancel if leader else None):
+                raise PruningCancelled(i)
+            if i + 1 < last:
+                store.prefetch(i + 1, source_for(i + 1))
+            layer = store.acquire(i, source_for(i))
 
-        report = _prune_layer(layer, plan.layers[i], shape, acts, residual, ctx, config, device,
-                              clock, layer_emit)
-        t0 = time.perf_counter()
-        layer.to(home)
-        clock.add("transfer", time.perf_counter() - t0)
-        reports.append(report)
-        if ckpt is not None:
-            ckpt.save(i, layer, asdict(report))
-        raised = report.damping_raised()
-        note = "; damping raised on " + ", ".join(
-            f"{d['module']} ({d['retries']}x, {d['percdamp_used']:.3g})" for d in raised
-        ) if raised else ""
-        emit("layer_done", f"layer {i + 1}/{n_layers} done{note}", {
-            "attn_error": report.attn_error, "ffn_error": report.ffn_error,
-            "heads_kept": float(len(report.heads_kept)),
-            "channels_kept": float(len(report.channels_kept)),
-            "damping_retries": float(report.damping_retries),
-            "attn_percdamp": report.attn_percdamp, "ffn_percdamp": report.ffn_percdamp,
-        }, i)
+            def layer_emit(phase: str, message: str, metrics: dict[str, float],
+                           _i: int = i) -> None:
+                emit(phase, message, metrics, _i)
 
-    del acts, residual
+            with _Phase(clock, {}, "probes", device):
+                for state in probe_states.values():
+                    if state.dense:
+                        _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                       device, family)
+            report = _prune_layer(layer, plan.layers[i], shape, acts, residual, contexts[i],
+                                  config, device, clock, layer_emit, comm, family=family)
+            with _Phase(clock, {}, "probes", device):
+                for state in probe_states.values():
+                    if not state.dense:
+                        _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                       device, family)
+            reports.append(report)
+            on_host = None
+            if on_layer is not None and leader:
+                on_host = functools.partial(on_layer, i, report=asdict(report))
+            elif ckpt is not None and leader:
+                on_host = _checkpoint_writer(ckpt, i, f"{prefix}{i}.", asdict(report))
+            store.release(i, layer, changed=True, on_host=on_host)
+            raised = report.damping_raised()
+            note = "; damping raised on " + ", ".join(
+                f"{d['module']} ({d['retries']}x, {d['percdamp_used']:.3g})" for d in raised
+            ) if raised else ""
+            emit("layer_done", f"layer {i + 1}/{n_layers} done{note}", {
+                "attn_error": report.attn_error, "ffn_error": report.ffn_error,
+                "heads_kept": float(len(report.heads_kept)),
+                "channels_kept": float(len(report.channels_kept)),
+                "damping_retries": float(report.damping_retries),
+                "attn_percdamp": report.attn_percdamp, "ffn_percdamp": report.ffn_percdamp,
+            }, i)
+        store.flush()
+        del acts, residual
+    finally:
+        store.close()
+    if ckpt is not None and streamed:
+        layer_files = [ckpt.layer_file(i) for i in range(last)]
+    clock.add("transfer_wait", store.stats.wait_s)
     clock.add("total", clock.elapsed())
     return PruneResult(
         model=model, plan=plan, layers=reports, params_before=params_before,
         params_after=count_parameters(model), seconds=dict(clock.totals), resumed_from=done,
+        placement=placement, layer_files=layer_files,
+        probe_outputs={k: v.acts.cpu() for k, v in probe_states.items()},
+        transfer={"bytes_in": float(store.stats.bytes_in),
+                  "bytes_out": float(store.stats.bytes_out)},
     )
+
+
+def _checkpoint_writer(ckpt: LayerCheckpoints, index: int, prefix: str,
+                       report: dict[str, Any]) -> Callable[[dict[str, torch.Tensor]], None]:
+    def write(tensors: dict[str, torch.Tensor]) -> None:
+        ckpt.save_tensors(index, {prefix + k: v.contiguous() for k, v in tensors.items()},
+                          report)
+
+    return write

@@ -72,6 +72,100 @@ with open(args["meta"], "w") as fh:
 """
 
 
+# The streamed loader builds the model from the folder's config with parameters on ``meta``
+# and loads each decoder layer from the shards just before its forward (strict: every tensor
+# the architecture expects, nothing else, right shapes), so a model larger than host memory
+# can be checked. It uses transformers, accelerate and safetensors only.
+_STREAMED_LOADER = r"""
+import json, os, sys
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+args = json.loads(sys.argv[1])
+folder, device = args["folder"], torch.device(args["device"])
+dtype = getattr(torch, args["dtype"])
+trc = args["trust_remote_code"]
+config = AutoConfig.from_pretrained(folder, trust_remote_code=trc)
+if args["attn_implementation"]:
+    config._attn_implementation = args["attn_implementation"]
+with init_empty_weights(include_buffers=False):
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trc)
+model.eval()
+index = os.path.join(folder, "model.safetensors.index.json")
+if os.path.exists(index):
+    weight_map = json.load(open(index))["weight_map"]
+else:
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as fh:
+        weight_map = {k: "model.safetensors" for k in fh.keys()}
+handles = {}
+def get(key):
+    name = weight_map[key]
+    if name not in handles:
+        handles[name] = safe_open(os.path.join(folder, name), "pt", device="cpu")
+    return handles[name].get_tensor(key)
+
+layers = model.model.layers
+prefix = next(n for n, m in model.named_modules() if m is layers) + "."
+state = {}
+seen = set()
+for k, v in model.state_dict(keep_vars=True).items():
+    if id(v) in seen:
+        continue  # a tied alias is stored once
+    seen.add(id(v))
+    state[k] = v
+expected = set(state)
+missing = sorted(expected - set(weight_map))
+unexpected = sorted(set(weight_map) - expected)
+mismatched = []
+outside = {k: get(k) for k in state if not k.startswith(prefix) and k in weight_map}
+model.load_state_dict(outside, strict=False, assign=True)
+model.tie_weights()
+for name, module in model.named_children():
+    if name != "model":
+        module.to(device)
+for name, module in model.model.named_children():
+    if name != "layers":
+        module.to(device)
+num_parameters = sum(p.numel() for p in model.parameters())
+
+def pre(module, _args):
+    i = int(module._slimgpt_index)
+    p = f"{prefix}{i}."
+    tensors = {k[len(p):]: get(k) for k in weight_map if k.startswith(p)}
+    own = set(module.state_dict())
+    for k in own & set(tensors):
+        if tuple(module.state_dict()[k].shape) != tuple(tensors[k].shape):
+            mismatched.append(f"{p}{k}")
+    module.load_state_dict(tensors, strict=True, assign=True)
+    module.to(device=device, dtype=dtype)
+
+def post(module, _args, _out):
+    module.to("meta")
+
+for i, layer in enumerate(layers):
+    layer._slimgpt_index = i
+    layer.register_forward_pre_hook(pre)
+    layer.register_forward_hook(post)
+ids = load_file(args["inputs"])["input_ids"].to(device)
+with torch.no_grad():
+    logits = model(ids).logits.float().cpu()
+save_file({"logits": logits.contiguous()}, args["output"])
+meta = {
+    "class": type(model).__name__,
+    "num_parameters": num_parameters,
+    "missing_keys": missing,
+    "unexpected_keys": unexpected,
+    "mismatched_keys": mismatched,
+    "streamed": True,
+}
+with open(args["meta"], "w") as fh:
+    json.dump(meta, fh)
+"""
+
+
 def default_windows(vocab_size: int, num_windows: int = 2, seqlen: int = 32,
                     seed: int = 0) -> torch.Tensor:
     """Deterministic random token windows, used when the caller gives none."""
@@ -96,17 +190,33 @@ def verify_export(
     device: str | torch.device | None = None,
     timeout_s: float = 900.0,
     raise_on_failure: bool = True,
+    reference_logits: torch.Tensor | None = None,
+    streamed: bool = False,
 ) -> dict[str, Any]:
     """Load ``folder`` in a separate process and compare its logits on ``input_ids`` with
-    ``model``'s. Returns the result dict (also on failure when ``raise_on_failure`` is False)."""
+    ``model``'s. Returns the result dict (also on failure when ``raise_on_failure`` is False).
+
+    ``streamed``: ``model`` is a skeleton whose layers are not in memory; the caller gives
+    the logits it computed for ``input_ids`` while pruning (``reference_logits``), and the
+    fresh process loads the folder one layer at a time (so the check fits any model size).
+    """
     folder = Path(folder)
     dtype = _model_dtype(model)
-    device = torch.device(device) if device is not None else _model_device(model)
+    if streamed:
+        if reference_logits is None:
+            raise ValueError("a streamed model needs reference_logits to be verified")
+        default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        default_device = _model_device(model)
+    device = torch.device(device) if device is not None else default_device
     input_ids = input_ids.long().cpu().contiguous()
     attn_impl = getattr(model.config, "_attn_implementation", None)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        reference = model(input_ids.to(_model_device(model))).logits.float().cpu()
+    if reference_logits is not None:
+        reference = reference_logits.float().cpu()
+    else:
+        with torch.no_grad():
+            reference = model(input_ids.to(_model_device(model))).logits.float().cpu()
 
     with tempfile.TemporaryDirectory(prefix="slimgpt-verify-") as tmp:
         from safetensors.torch import load_file, save_file
@@ -125,7 +235,9 @@ def verify_export(
         # the folder has to stand on its own.
         env.pop("PYTHONPATH", None)
         try:
-            proc = subprocess.run([sys.executable, "-c", _LOADER, json.dumps(args)], env=env,
+            loader = _STREAMED_LOADER if streamed else _LOADER
+            proc = subprocess.run([sys.executable, "-c", loader, json.dumps(args)], check=False,
+                                  env=env,
                                   cwd=tmp, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             raise ExportVerificationError(
@@ -167,6 +279,7 @@ def verify_export(
         "trust_remote_code": trust_remote_code,
         "loaded_class": meta["class"],
         "loaded_num_parameters": meta["num_parameters"],
+        "streamed": streamed,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if key_problems:

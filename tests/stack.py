@@ -148,6 +148,8 @@ class Stack:
             # production (hours): recovery must not depend on it.
             "job_lease_s": 3, "sweep_interval_s": 0.5, "retry_backoff_base_s": 0.5,
             "retry_backoff_max_s": 1.0,
+            # Fault tests measure recovery; the per-tenant limits have tests of their own.
+            "rate_limit_per_minute": 0, "max_queued_jobs_per_tenant": 0,
         }
         values.update(overrides)
         self.settings = Settings(**values)
@@ -265,3 +267,72 @@ class Stack:
                     client.delete(key)
             finally:
                 client.close()
+
+
+def _postgres_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of this test only (initdb + pg_ctl on a free port in a temp dir):
+    stop, start and kill it freely; the shared server on 5432 is never touched.
+
+    As root (CI, the dev machines) the server runs as the ``postgres`` user, which initdb
+    requires; its data directory is a fresh temp dir owned by that user.
+    """
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+        if self.initdb is None or self.pg_ctl is None:
+            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="slimgpt-pg-"))
+        self.port = free_port()
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError as err:
+                raise RuntimeError("running as root and there is no `postgres` user") from err
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._run([self.initdb, "-D", str(self.dir / "data"), "-U", "postgres", "-A", "trust",
+                   "-E", "UTF8", "--no-sync", "--no-instructions"])
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, argv: list[str]) -> None:
+        done = subprocess.run([*self._as, *argv], capture_output=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {done.stderr.decode(errors='replace')}")
+
+    def start(self) -> PrivatePostgres:
+        self._run([str(self.pg_ctl), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"),
+                   "-w", "-t", "30", "-o", (f"-p {self.port} -k {self.dir} -c fsync=off "
+                   "-c listen_addresses=127.0.0.1 -c max_connections=200"), "start"])
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: what a clean restart or failover does (connections are closed);
+        ``immediate``: a crash."""
+        self._run([str(self.pg_ctl), "-D", str(self.dir / "data"), "-m", mode, "-w", "stop"])
+
+    def running(self) -> bool:
+        return (self.dir / "data" / "postmaster.pid").exists()
+
+    def close(self) -> None:
+        if self.running():
+            try:
+                self.stop("immediate")
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)

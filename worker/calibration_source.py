@@ -1,9 +1,11 @@
-"""Calibration text for a job, and a cache of its tokenized windows.
+"""Calibration and evaluation text for a job, and a cache of its tokenized windows.
 
-Sources: ``c4`` (shard 0 of allenai/c4, as in SparseGPT/SlimGPT), ``wikitext2`` (the train split
-of Salesforce/wikitext, wikitext-2-raw-v1), or an uploaded ``.txt`` / ``.jsonl`` file. The
-windowing itself is a plug-in (``slimgpt_core.calibration.sample_windows`` in production), so
-this module owns only fetching, reading and caching.
+Calibration sources: ``c4`` (train shard 0 of allenai/c4, as in SparseGPT/SlimGPT),
+``wikitext2`` (the train split of Salesforce/wikitext, wikitext-2-raw-v1), or an uploaded
+``.txt`` / ``.jsonl`` file. Evaluation sources are the held-out splits of the same datasets
+(WikiText-2 test, C4 validation shard 0, as in the GPTQ/SparseGPT perplexity protocol) or an
+uploaded file. The windowing itself is a plug-in (``slimgpt_core.calibration.sample_windows`` /
+``consecutive_windows`` in production), so this module owns only fetching, reading and caching.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ from safetensors.torch import load_file, save_file
 
 from worker.errors import (
     CalibrationSourceError,
+    EvaluationSourceError,
+    HubOfflineError,
     WorkerError,
     call_hub_with_retries,
     hub_error_to_worker_error,
+    hub_offline,
 )
 from worker.retry import RetryPolicy
 from worker.settings import WorkerSettings
@@ -51,11 +56,22 @@ class HubTextDataset:
     repo_id: str
     filename: str
     revision: str | None = None
+    config: str | None = None
+    split: str = "train"
 
 
-C4 = HubTextDataset("allenai/c4", "en/c4-train.00000-of-01024.json.gz")
-WIKITEXT2 = HubTextDataset("Salesforce/wikitext", "wikitext-2-raw-v1/train-00000-of-00001.parquet")
+C4 = HubTextDataset("allenai/c4", "en/c4-train.00000-of-01024.json.gz", config="en")
+WIKITEXT2 = HubTextDataset("Salesforce/wikitext", "wikitext-2-raw-v1/train-00000-of-00001.parquet",
+                           config="wikitext-2-raw-v1")
 HUB_SOURCES: dict[str, HubTextDataset] = {"c4": C4, "wikitext2": WIKITEXT2}
+C4_VALIDATION = HubTextDataset("allenai/c4", "en/c4-validation.00000-of-00008.json.gz",
+                               config="en", split="validation")
+WIKITEXT2_TEST = HubTextDataset("Salesforce/wikitext",
+                                "wikitext-2-raw-v1/test-00000-of-00001.parquet",
+                                config="wikitext-2-raw-v1", split="test")
+EVAL_SOURCES: dict[str, HubTextDataset] = {"c4": C4_VALIDATION, "wikitext2": WIKITEXT2_TEST}
+#: ``make_windows(text, tokenizer, seq_len, max_windows) -> LongTensor[<=max_windows, seq_len]``
+MakeEvalWindows = Callable[[str, Any, int, int], torch.Tensor]
 UPLOAD_SUFFIXES = (".txt", ".jsonl")
 
 
@@ -64,6 +80,30 @@ class CalibrationWindows:
     input_ids: torch.Tensor
     cache_path: Path
     cache_hit: bool
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    """Evaluation windows and what they were measured on (stated in the job's result)."""
+
+    input_ids: torch.Tensor
+    cache_path: Path
+    cache_hit: bool
+    source: str  # `c4`, `wikitext2` or `upload`
+    dataset: HubTextDataset | None  # the Hub dataset file, for a Hub source
+    sha256: str | None  # an upload's content hash
+
+    def describe(self) -> dict[str, Any]:
+        windows, seq_len = (int(n) for n in self.input_ids.shape)
+        out: dict[str, Any] = {"source": self.source, "windows": windows, "seq_len": seq_len,
+                               "tokens": windows * seq_len}
+        if self.dataset is not None:
+            out.update(dataset=self.dataset.repo_id, config=self.dataset.config,
+                       split=self.dataset.split, file=self.dataset.filename,
+                       revision=self.dataset.revision or "main")
+        if self.sha256 is not None:
+            out["sha256"] = self.sha256
+        return out
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -142,14 +182,29 @@ def read_c4_shard(path: Path, *, num_docs: int, seed: int) -> str:
     return "\n\n".join(texts)
 
 
-def read_wikitext_parquet(path: Path) -> str:
+def read_c4_head(path: Path, *, num_docs: int) -> str:
+    """The first ``num_docs`` documents of a C4 shard joined with spaces (the GPTQ/SparseGPT C4
+    perplexity text: deterministic, from the start of validation shard 0)."""
+    texts: list[str] = []
+    with gzip.open(path, "rb") as lines:
+        for line in lines:
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("text"), str):
+                texts.append(record["text"])
+                if len(texts) >= num_docs:
+                    break
+    return " ".join(texts)
+
+
+def read_wikitext_parquet(path: Path, separator: str = " ") -> str:
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:  # pragma: no cover - pyarrow is in the worker extra
         raise CalibrationSourceError("reading WikiText-2 needs pyarrow (pip install pyarrow)") from exc
     rows = pq.read_table(path, columns=["text"]).column("text").to_pylist()
-    # Joined like the GPTQ/SparseGPT WikiText-2 calibration loader.
-    return " ".join(r for r in rows if isinstance(r, str))
+    # Joined like the GPTQ/SparseGPT WikiText-2 loaders: " " for calibration, "\n\n" for the
+    # test split's perplexity.
+    return separator.join(r for r in rows if isinstance(r, str))
 
 
 def c4_docs_for(num_samples: int, seq_len: int) -> int:
@@ -209,7 +264,13 @@ class CalibrationSource:
             ".txt/.jsonl file"
         )
 
-    def _download(self, dataset: HubTextDataset, *, token: str | None) -> Path:
+    def eval_windows(self, name: str | Path, tokenizer: Any, **kw: Any) -> EvalWindows:
+        """See :func:`eval_windows`."""
+        return eval_windows(self, name, tokenizer, **kw)
+
+    def _download(self, dataset: HubTextDataset, *, token: str | None,
+                  purpose: str = "calibration") -> Path:
+        error = EvaluationSourceError if purpose == "evaluation" else CalibrationSourceError
         def fetch() -> str:
             return self._hub_download(
                 dataset.repo_id,
@@ -231,9 +292,14 @@ class CalibrationSource:
         except WorkerError:
             raise
         except LocalEntryNotFoundError as exc:
-            raise CalibrationSourceError(
-                f"calibration dataset {dataset.repo_id} is not in the local cache and the Hub "
-                "cannot be reached (HF_HUB_OFFLINE or no network)"
+            if hub_offline():
+                raise HubOfflineError(
+                    f"{purpose} dataset {dataset.repo_id} ({dataset.filename}) is not in the "
+                    "local Hub cache and HF_HUB_OFFLINE is set, so it cannot be downloaded"
+                ) from exc
+            raise error(
+                f"{purpose} dataset {dataset.repo_id} is not in the local cache and the Hub "
+                "cannot be reached (no network)"
             ) from exc
         except Exception as exc:
             mapped = hub_error_to_worker_error(
@@ -241,9 +307,9 @@ class CalibrationSource:
             )
             if mapped is None:
                 raise
-            if mapped.retryable:
+            if mapped.retryable or isinstance(mapped, HubOfflineError):
                 raise mapped from exc
-            raise CalibrationSourceError(f"calibration dataset: {mapped.message}") from exc
+            raise error(f"{purpose} dataset: {mapped.message}") from exc
 
     # windows ------------------------------------------------------------------------------
 
@@ -315,7 +381,77 @@ class CalibrationSource:
         return CalibrationWindows(ids, path, cache_hit=False)
 
 
-def _load_cached(path: Path, num_samples: int, seq_len: int) -> torch.Tensor | None:
+# -- evaluation -------------------------------------------------------------------------------
+def c4_eval_docs_for(num_windows: int, seq_len: int) -> int:
+    # ~400 tokens per C4 document; twice what the windows need, at least GPTQ's 1100-doc text
+    # when that is enough.
+    return max(64, math.ceil(num_windows * seq_len / 200))
+
+
+def _eval_text(source: CalibrationSource, name: str | Path, *, num_windows: int, seq_len: int,
+               token: str | None) -> str:
+    if isinstance(name, str) and name in EVAL_SOURCES:
+        dataset = EVAL_SOURCES[name]
+        path = source._download(dataset, token=token, purpose="evaluation")
+        if dataset.repo_id == C4.repo_id:
+            return read_c4_head(path, num_docs=c4_eval_docs_for(num_windows, seq_len))
+        return read_wikitext_parquet(path, separator="\n\n")
+    path = Path(name)
+    if path.suffix in UPLOAD_SUFFIXES and path.is_file():
+        try:
+            return read_uploaded_text(path)
+        except CalibrationSourceError as exc:
+            raise EvaluationSourceError(exc.message.replace("calibration", "evaluation")) from exc
+    raise EvaluationSourceError(
+        f"unknown evaluation source {str(name)!r}: use 'c4', 'wikitext2', or an uploaded "
+        ".txt/.jsonl file"
+    )
+
+
+def eval_windows(
+    source: CalibrationSource,
+    name: str | Path,
+    tokenizer: Any,
+    *,
+    num_windows: int,
+    seq_len: int,
+    make_windows: MakeEvalWindows,
+    token: str | None = None,
+    tokenizer_id: str | None = None,
+) -> EvalWindows:
+    """Up to ``num_windows`` consecutive windows of ``seq_len`` tokens of evaluation text, from
+    the cache or fetched, built and cached (like calibration windows)."""
+    if num_windows <= 0 or seq_len <= 0:
+        raise EvaluationSourceError("evaluate.num_windows and seq_len must be positive")
+    is_hub = isinstance(name, str) and name in EVAL_SOURCES
+    label = str(name) if is_hub else "upload"
+    dataset = EVAL_SOURCES[str(name)] if is_hub else None
+    if not is_hub and not Path(name).is_file():
+        raise EvaluationSourceError(f"evaluation file {Path(name).name} does not exist")
+    sha = None if is_hub else hashlib.sha256(Path(name).read_bytes()).hexdigest()
+    tok_id = tokenizer_id or tokenizer_fingerprint(tokenizer)
+    sid = (f"hub:{dataset.repo_id}/{dataset.filename}@{dataset.revision or 'main'}"
+           if dataset is not None else f"file:{sha}")
+    key = json.dumps({"format": CACHE_FORMAT, "purpose": "evaluation", "source": sid,
+                      "tokenizer": tok_id, "num_windows": num_windows, "seq_len": seq_len},
+                     sort_keys=True)
+    path = source.cache_dir / "evaluation" / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
+    cached = _load_cached(path, None, seq_len, max_rows=num_windows)
+    if cached is not None:
+        logger.info("evaluation windows from cache %s", path.name)
+        return EvalWindows(cached, path, True, label, dataset, sha)
+    text = _eval_text(source, name, num_windows=num_windows, seq_len=seq_len, token=token)
+    try:
+        ids = make_windows(text, tokenizer, seq_len, num_windows)
+    except ValueError as exc:  # e.g. "fewer tokens than one window"
+        raise EvaluationSourceError(f"evaluation data: {exc}") from exc
+    _save_atomically(path, ids, {"source": sid, "tokenizer": tok_id, "purpose": "evaluation",
+                                 "num_windows": str(num_windows), "seq_len": str(seq_len)})
+    return EvalWindows(ids, path, False, label, dataset, sha)
+
+
+def _load_cached(path: Path, num_samples: int | None, seq_len: int, *,
+                 max_rows: int | None = None) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
@@ -323,7 +459,11 @@ def _load_cached(path: Path, num_samples: int, seq_len: int) -> torch.Tensor | N
     except Exception:  # noqa: BLE001 - a truncated or foreign file: rebuild, do not fail the job
         logger.warning("ignoring unreadable calibration cache %s", path.name)
         return None
-    if ids.dtype != torch.long or tuple(ids.shape) != (num_samples, seq_len):
+    if ids.dtype != torch.long or ids.dim() != 2 or ids.shape[1] != seq_len:
+        return None
+    if num_samples is not None and ids.shape[0] != num_samples:
+        return None
+    if max_rows is not None and not 0 < ids.shape[0] <= max_rows:
         return None
     return ids
 

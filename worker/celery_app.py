@@ -21,11 +21,15 @@ from celery.signals import (
     after_setup_task_logger,
     worker_init,
     worker_process_init,
+    worker_ready,
+    worker_shutdown,
     worker_shutting_down,
 )
 
+from app.core.logging import adopt_handlers
 from app.db.session import forget_inherited_connections
-from worker.liveness import Heartbeat
+from worker import fleet
+from worker.liveness import LivenessFile
 from worker.redact import install_redaction
 from worker.settings import WorkerSettings
 from worker.tasks import RUNNER_CONF_KEY, register_tasks
@@ -87,8 +91,9 @@ def make_celery(settings: WorkerSettings | None = None) -> Celery:
     settings = settings if settings is not None else WorkerSettings()
     app = Celery("slimgpt", set_as_current=False)
     app.conf.update(celery_config(settings))
+    app.slimgpt_settings = settings  # type: ignore[attr-defined]  # read by the task and the heartbeat
     register_tasks(app)
-    app.steps["worker"].add(Heartbeat)
+    app.steps["worker"].add(LivenessFile)
     install_redaction()
     return app
 
@@ -112,7 +117,11 @@ def worker_argv(settings: WorkerSettings, *, hostname: str | None = None) -> lis
 
 
 def _redact_celery_logs(logger: logging.Logger | None = None, **_: Any) -> None:
-    install_redaction(logger)
+    """Celery built its handlers: our format (JSON under SLIMGPT_LOG_JSON=1) and redaction."""
+    if logger is None:
+        install_redaction()
+        return
+    adopt_handlers(logger, WorkerSettings().log_json)
 
 
 def _forward_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:
@@ -138,6 +147,38 @@ def _preload_runner(**_: Any) -> None:
     torch only inside a job, so the parent stays free of CUDA."""
     import worker.runner  # noqa: F401
 
+
+_heartbeats: dict[str, fleet.Heartbeat] = {}
+
+
+def _settings_of(sender: Any) -> WorkerSettings | None:
+    return getattr(getattr(sender, "app", None), "slimgpt_settings", None)
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    """In the parent, before the pool forks: children inherit the node name as their worker id."""
+    if _settings_of(sender) is not None:
+        fleet.set_process_worker_id(sender.hostname)
+
+
+def _on_worker_ready(sender: Any = None, **_: Any) -> None:
+    settings = _settings_of(sender)
+    if settings is None:
+        return
+    node = sender.hostname
+    _heartbeats[node] = fleet.Heartbeat(settings, kind="celery", worker_id=node,
+                                        queue=settings.queue).start()
+
+
+def _on_worker_shutdown(sender: Any = None, **_: Any) -> None:
+    heartbeat = _heartbeats.pop(getattr(sender, "hostname", ""), None)
+    if heartbeat is not None:
+        heartbeat.stop()
+
+
+worker_init.connect(_on_worker_init, weak=False)
+worker_ready.connect(_on_worker_ready, weak=False)
+worker_shutdown.connect(_on_worker_shutdown, weak=False)
 
 # Celery rebuilds handlers when the worker starts; attach the filter to the new ones.
 after_setup_logger.connect(_redact_celery_logs, weak=False)

@@ -11,6 +11,7 @@ and resumed from its checkpoints when the service starts again.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -24,9 +25,12 @@ from app.db import notify
 from app.db.base import utcnow
 from app.db.models import Job
 from app.db.session import get_session_factory
+from worker import fleet
 
 log = logging.getLogger("slimgpt.embedded")
 
+#: What the job pipeline imports beyond the API's own dependencies (the `worker` extra).
+WORKER_MODULES = ("torch", "transformers", "safetensors", "huggingface_hub")
 #: Longest sleep between looks at the database when nothing woke the worker.
 POLL_S = 2.0
 #: A job the runner returned without taking is not offered again for this long.
@@ -56,6 +60,7 @@ class EmbeddedWorker:
         self._stop = threading.Event()
         #: Set when the worker stops; the runner hands its job back at the next layer.
         self.stop_event = self._stop
+        self._default_runner = runner is None
         self.runner = runner or _default_runner(settings, self._stop)
         self.poll_s = poll_s
         self._wake = notify.subscribe()
@@ -64,9 +69,26 @@ class EmbeddedWorker:
         # Jobs a runner returned without taking (a runner may decline) -> when to offer them
         # again, so that the loop never spins on them.
         self._declined: dict[str, float] = {}
+        #: The worker's row in the fleet table (dashboard, metrics), while it runs.
+        self.heartbeat: fleet.Heartbeat | None = None
+
+    def unavailable_reason(self) -> str | None:
+        """Why this worker could not run a job, or None: the job pipeline needs the `worker`
+        extra (torch, transformers, ...), which an API-only install lacks. Checked without
+        importing anything (the API process stays torch-free)."""
+        if not self._default_runner:
+            return None
+        missing = [m for m in WORKER_MODULES if importlib.util.find_spec(m) is None]
+        if not missing:
+            return None
+        return ("this server cannot run jobs: its embedded worker needs the `worker` extra "
+                f"(missing {', '.join(missing)}); pip install 'slimgpt-service[worker]', or "
+                "run Celery workers (SLIMGPT_BROKER_URL)")
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        if self.heartbeat is None:
+            self.heartbeat = fleet.Heartbeat(self.settings, kind="embedded").start()
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="slimgpt-embedded-worker",
@@ -86,6 +108,9 @@ class EmbeddedWorker:
                 log.warning("the embedded worker did not stop within %s s; its job's lease will "
                             "expire and the job will be resumed on the next start", timeout)
         notify.unsubscribe(self._wake)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -131,6 +156,8 @@ class EmbeddedWorker:
         self._running = job_id
         try:
             with job_context(job_id):  # every log line of the job carries its id
+                if self.heartbeat is not None:  # the fleet page shows which worker runs what
+                    fleet.starting(self.settings, self.heartbeat.worker_id, job_id)
                 self.runner(job_id)
         except Exception as err:
             log.exception("the runner raised", extra={"job_id": job_id})

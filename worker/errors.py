@@ -11,9 +11,11 @@ import sys
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple, TypeVar
 
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -77,6 +79,10 @@ class CalibrationSourceError(WorkerError):
     code = "invalid_calibration_source"
 
 
+class EvaluationSourceError(WorkerError):
+    code = "invalid_eval_source"
+
+
 class HubUnavailableError(WorkerError):
     """Rate limits, 5xx and network errors that outlived the retries; a later attempt may work."""
 
@@ -85,7 +91,14 @@ class HubUnavailableError(WorkerError):
 
 
 class HubOfflineError(WorkerError):
+    """HF_HUB_OFFLINE is set and what the job needs is not in the local Hub cache."""
+
     code = "hub_offline"
+
+
+def hub_offline() -> bool:
+    """Whether the Hub client runs in offline mode (``HF_HUB_OFFLINE``)."""
+    return bool(hub_constants.is_offline_mode())
 
 
 class PublishError(WorkerError):
@@ -118,6 +131,9 @@ def is_transient_hub_error(exc: BaseException) -> bool:
         return False
     if isinstance(exc, HfHubHTTPError):
         return http_status(exc) in TRANSIENT_STATUS
+    if isinstance(exc, LocalEntryNotFoundError):
+        # Online, this means the download failed (network) and the cache had no copy.
+        return not hub_offline()
     return isinstance(exc, (_http.TransportError, ConnectionError, TimeoutError))
 
 
@@ -163,10 +179,12 @@ def hub_error_to_worker_error(
         return ModelNotFoundError(f"{kind} repository {repo_id} was not found on the Hub{hint}")
     if status in (401, 403):
         return HubAuthError(f"the Hub rejected the token for {repo_id} (HTTP {status})")
-    if isinstance(exc, OfflineModeIsEnabled):
+    if isinstance(exc, OfflineModeIsEnabled) or (
+            isinstance(exc, LocalEntryNotFoundError) and hub_offline()):
         return HubOfflineError(
-            f"{repo_id} is not in the local cache and HF_HUB_OFFLINE is set, so it cannot be "
-            "downloaded"
+            f"{kind} {repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set, so it "
+            "cannot be downloaded: unset HF_HUB_OFFLINE or fill the cache "
+            "(SLIMGPT_HF_CACHE_DIR) first"
         )
     if is_transient_hub_error(exc):
         what = f"HTTP {status}" if status else type(exc).__name__
@@ -223,7 +241,8 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
         return ErrorDescription(
             "out_of_memory", "the worker ran out of host memory while running the job", False
         )
-    if isinstance(exc, (HfHubHTTPError, OfflineModeIsEnabled)) or is_transient_hub_error(exc):
+    if isinstance(exc, (HfHubHTTPError, OfflineModeIsEnabled, LocalEntryNotFoundError)) or \
+            is_transient_hub_error(exc):
         repo = getattr(exc, "repo_id", None) or "the Hub repository"
         mapped = hub_error_to_worker_error(exc, repo_id=str(repo), has_token=True)
         if mapped is not None:

@@ -35,6 +35,7 @@ from sqlalchemy.exc import OperationalError
 from app.crud import jobs as crud
 from app.db.session import session_scope
 from worker.errors import JobCancelled
+from worker.retry import retry_while
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +52,8 @@ T = TypeVar("T")
 def retry_db(fn: Callable[[], T], *, budget_s: float, what: str) -> T:
     """``fn()``, retried while the database is unreachable for up to ``budget_s`` (a Postgres
     restart or failover), so that a short outage does not cost a running job its attempt."""
-    deadline = time.monotonic() + budget_s
-    delay = 0.2
-    while True:
-        try:
-            return fn()
-        except OperationalError:
-            if time.monotonic() + delay > deadline:
-                raise
-            logger.warning("database unreachable while %s; retrying in %.1f s", what, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    return retry_while(fn, retryable=OperationalError, budget_s=budget_s,
+                       what=f"database access while {what}")
 
 
 class LeaseLost(Exception):

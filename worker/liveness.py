@@ -30,7 +30,7 @@ def beat(path: Path) -> None:
     path.touch()  # sets the modification time to now, creating the file the first time
 
 
-class Heartbeat(bootsteps.StartStopStep):
+class LivenessFile(bootsteps.StartStopStep):
     """Worker bootstep: refreshes the heartbeat file on the worker's timer."""
 
     requires: ClassVar[set[str]] = {"celery.worker.components:Timer"}

@@ -1,4 +1,4 @@
-"""Retry with exponential backoff, honouring a server's Retry-After when it gives one."""
+"""Retry with exponential backoff (tenacity), honouring a server's Retry-After when it gives one."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -38,18 +40,41 @@ def call_with_retries(
     what: str = "call",
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn`` until it succeeds, a non-retryable error occurs, or attempts run out."""
-    attempt = 1
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            if attempt >= policy.max_attempts or not is_retryable(exc):
-                raise
-            delay = policy.delay_s(attempt, retry_after_s(exc))
-            logger.warning(
-                "%s failed (attempt %d/%d, %s); retrying in %.1fs",
-                what, attempt, policy.max_attempts, type(exc).__name__, delay,
-            )
-            sleep(delay)
-            attempt += 1
+    """Call ``fn`` until it succeeds, a non-retryable error occurs, or attempts run out (then
+    the last error is raised as it was)."""
+
+    def wait(state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        return policy.delay_s(state.attempt_number,
+                              retry_after_s(exc) if exc is not None else None)
+
+    def log(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        logger.warning("%s failed (attempt %d/%d, %s); retrying in %.1fs", what,
+                       state.attempt_number, policy.max_attempts, type(exc).__name__,
+                       state.upcoming_sleep)
+
+    retrying = Retrying(stop=stop_after_attempt(policy.max_attempts), wait=wait,
+                        retry=retry_if_exception(is_retryable), before_sleep=log, sleep=sleep,
+                        reraise=True)
+    return retrying(fn)
+
+
+def retry_while(fn: Callable[[], T], *, retryable: type[BaseException] | tuple[type[BaseException], ...],
+                budget_s: float, what: str, first_delay_s: float = 0.2, max_delay_s: float = 5.0,
+                sleep: Callable[[float], None] = time.sleep) -> T:
+    """``fn()``, retried on ``retryable`` errors with doubling delays until ``budget_s`` would be
+    exceeded (then the last error is raised)."""
+    from tenacity import retry_if_exception_type, stop_before_delay, wait_exponential
+
+    def log(state: RetryCallState) -> None:
+        logger.warning("%s failed (%s); retrying in %.1f s", what,
+                       type(state.outcome.exception()).__name__ if state.outcome else "?",
+                       state.upcoming_sleep)
+
+    retrying = Retrying(stop=stop_before_delay(budget_s),
+                        wait=wait_exponential(multiplier=first_delay_s, min=first_delay_s,
+                                              max=max_delay_s, exp_base=2),
+                        retry=retry_if_exception_type(retryable), before_sleep=log,
+                        sleep=sleep, reraise=True)
+    return retrying(fn)

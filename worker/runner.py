@@ -29,6 +29,7 @@ job in the middle of a known layer. It is not a setting; production never sets i
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ from app.core.config import Settings
 from app.crud import jobs as crud
 from app.db.models import JobEvent
 from app.db.session import session_scope
+from worker import fleet
 from worker.errors import JobCancelled, describe_exception
 from worker.lifecycle import (
     STOP,
@@ -71,9 +73,13 @@ PHASE_PERCENT = {"loading": 0.0, "calibrating": 5.0, "pruning": 10.0, "verifying
 PRUNING_SPAN = (10.0, 85.0)
 #: Sub-layer progress (attention/ffn of a layer) is written at most this often.
 SUBLAYER_EVENT_INTERVAL_S = 10.0
-#: Evaluation windows of the perplexity before/after.
-EVAL_MAX_WINDOWS = 16
-EVAL_MAX_SEQ_LEN = 512
+#: Evaluation defaults (the request's `evaluate` section overrides them; app/schemas.py).
+DEFAULT_EVAL_SOURCE = "wikitext2"
+DEFAULT_EVAL_WINDOWS = 16
+DEFAULT_EVAL_SEQ_LEN = 512
+#: Without a GPU, the dense-vs-pruned speed measurement runs only for models up to this size
+#: (SmolLM2-135M takes seconds on two CPU cores; a 7B model would take minutes).
+SPEED_MAX_CPU_PARAMS = 1_000_000_000
 
 HubPublisherFactory = Callable[[str], Publisher]
 
@@ -174,6 +180,7 @@ class JobRunner:
         max_attempts = self.settings.job_max_attempts
         state = _State()
         token: str | None = None
+        fleet.reset_gpu_peak()
         try:
             with self.db() as s:
                 token = crud.get_hub_token_for_job(s, job_id, self.settings)
@@ -216,7 +223,8 @@ class JobRunner:
                 failed = crud.finish_job(s, job_id, "failed",
                                          error=f"{desc.code}: {desc.message}",
                                          metrics={"seconds": state.seconds,
-                                                  "error_code": desc.code},
+                                                  "error_code": desc.code,
+                                                  **fleet.gpu_figures()},
                                          worker_id=self.worker_id)
             if failed is not None:
                 remove_partial_files(self.settings, job_id)
@@ -230,22 +238,25 @@ class JobRunner:
                 logger.info("job %s handed back; it resumes from its checkpoints", job_id)
 
     def _retry(self, job_id: str, exc: Exception, desc: Any, state: _State) -> None:
-        """Record the retry, count it as an attempt, and adjust what it needs (more damping)."""
+        """Start another attempt in this process (counted, recorded once), adjusting what it
+        needs (more damping). The lease stays this worker's: this is no takeover."""
         if desc.code == "cholesky_failed":
             state.percdamp_boost *= 10.0
             shutil.rmtree(checkpoint_dir(self.settings, job_id), ignore_errors=True)
-        logger.warning("job %s: retrying after %s", job_id, desc.code)
-        self.event(job_id, "loading", f"retrying after a transient error ({desc.code}): "
-                   f"{desc.message}", metrics={"error_code": desc.code})
+        logger.warning("job %s: retrying in place after %s", job_id, desc.code)
         time.sleep(min(5.0, self.settings.hub_backoff_base_s))
         with self.db() as s:
-            job = crud.claim_job(s, job_id, self.worker_id, self.settings.job_lease_s)
+            job = crud.retry_in_place(
+                s, job_id, self.worker_id, self.settings.job_lease_s,
+                f"retrying after a transient error ({desc.code}): {desc.message}",
+                metrics={"error_code": desc.code, "kind": "retry"})
         if job is None:
             raise LeaseLost() from exc
 
     def _finish_cancelled(self, job_id: str, state: _State) -> None:
         with self.db() as s:
-            done = crud.finish_job(s, job_id, "cancelled", metrics={"seconds": state.seconds},
+            done = crud.finish_job(s, job_id, "cancelled",
+                                   metrics={"seconds": state.seconds, **fleet.gpu_figures()},
                                    message="job cancelled; partial files removed",
                                    worker_id=self.worker_id)
         if done is not None:
@@ -254,12 +265,10 @@ class JobRunner:
 
     # phases -----------------------------------------------------------------------------------
     def _pipeline(self, job_id: str, token: str | None, ctl: JobControl, state: _State) -> None:
-        import torch
-
         from slimgpt_core.calibration import sample_windows
         from slimgpt_core.export import describe_calibration, export_pruned
-        from slimgpt_core.loading import load_base_model
-        from slimgpt_core.pruner import PruneConfig, PruningCancelled, prune_model
+        from slimgpt_core.pruner import PruneConfig, PruningCancelled
+        from worker.model_handle import open_model, requested_gpus
 
         with self.db() as s:
             job = crud.get_job(s, job_id)
@@ -291,12 +300,20 @@ class JobRunner:
             if resolved.kind == "hub" and resolved.revision:
                 with self.db() as s:
                     crud.set_model_commit(s, job_id, resolved.revision)
-            model, tokenizer, info = load_base_model(str(resolved.path))
+            gpus = requested_gpus(req, self.settings.worker_gpus)
+            handle = open_model(Path(resolved.path), resolved.kind,
+                                stream_setting=self.settings.stream_models, gpus=gpus,
+                                work_dir=job_dir(self.settings, job_id) / "ranks")
+            model, tokenizer, info = handle.model, handle.tokenizer, handle.info
+            # pruning works in place: keep the dense shape for the speed comparison
+            dense_config = copy.deepcopy(model.config)
             base_model_id = model_id if resolved.kind == "hub" else (
                 info.get("base_model_id") or model_id)
             base_revision = resolved.revision if resolved.kind == "hub" else info.get("revision")
             num_layers = int(model.config.num_hidden_layers)
-            self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers)",
+            how = (f"streamed from its shards on {gpus} GPU(s)" if handle.streamed
+                   else "in memory")
+            self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers, {how})",
                        num_layers=num_layers, percent=PHASE_PERCENT["loading"] + 4)
 
         # calibrating --------------------------------------------------------------------
@@ -311,10 +328,18 @@ class JobRunner:
             ).input_ids
             eval_windows = None
             if evaluate.get("perplexity", True):
-                eval_windows = self._eval_windows(eval_path, tokenizer, seq_len, model)
-                from slimgpt_core.evaluate import perplexity
-
-                state.metrics["perplexity_before"] = round(perplexity(model, eval_windows), 4)
+                ev = self._eval_windows(eval_path, evaluate, tokenizer, model, token)
+                eval_windows = ev.input_ids
+                self.event(job_id, "calibrating", f"perplexity of the base model on {ev.source} "
+                           f"({eval_windows.shape[0]} windows of {eval_windows.shape[1]} "
+                           "tokens)" + (", measured along the pruning pass" if handle.streamed
+                                        else ""), percent=PHASE_PERCENT["calibrating"] + 2)
+                before = handle.perplexity_before(eval_windows)
+                if before is not None:
+                    state.metrics["perplexity_before"] = round(before, 4)
+                state.metrics["evaluation"] = {
+                    **ev.describe(),
+                    **({"file_id": evaluate.get("eval_source")} if eval_path else {})}
 
         # pruning ------------------------------------------------------------------------
         ckpt = checkpoint_dir(self.settings, job_id)
@@ -337,12 +362,15 @@ class JobRunner:
         with phase("pruning", f"pruning {num_layers} layers to target ratio "
                    f"{config.target_ratio}"):
             try:
-                result = _prune_resuming(prune_model, model, windows, config, progress, ckpt,
+                result = _prune_resuming(handle.prune, model, windows, config, progress, ckpt,
                                          self, job_id)
             except PruningCancelled as exc:
                 # The finished layers are checkpointed: lease lost, hand back or cancel.
                 ctl.raise_reason(throttle=False, cause=exc)
                 raise JobCancelled() from exc
+        if handle.streamed and eval_windows is not None:
+            state.metrics["perplexity_before"] = round(
+                handle.probe_perplexity(result, "eval_before"), 4)
         state.metrics.update(params_before=result.params_before, params_after=result.params_after,
                              resumed_from=result.resumed_from,
                              damping_raised=result.damping_raised())
@@ -355,11 +383,11 @@ class JobRunner:
             report = export_pruned(
                 result, out, tokenizer=tokenizer, profile=export.get("profile", "hetero"),
                 base_model_id=base_model_id, base_revision=base_revision,
-                calibration_info=describe_calibration(
-                    windows, source="upload" if calibration_path else str(calib_source),
-                    dataset=None if calibration_path else str(calib_source), seed=seed),
+                calibration_info=_calibration_info(describe_calibration, windows,
+                                                   calibration_path, calib_source, seed),
                 eval_metrics=None, verify=True, license=info.get("license"),
                 repo_id=destination.get("hub_repo_id"), overwrite=True,
+                **handle.export_kwargs(result),
             )
             state.metrics["achieved_ratio"] = report.achieved_ratio
             state.metrics["verification"] = _small(report.verification)
@@ -367,18 +395,24 @@ class JobRunner:
         # evaluating ---------------------------------------------------------------------
         if eval_windows is not None:
             with phase("evaluating", f"perplexity on {eval_windows.shape[0]} windows"):
-                from slimgpt_core.evaluate import perplexity
-
-                with torch.no_grad():
-                    state.metrics["perplexity_after"] = round(perplexity(model, eval_windows), 4)
-                _record_eval_in_export(out, {
+                state.metrics["perplexity_after"] = round(
+                    handle.perplexity_after(eval_windows, result), 4)
+                evaluation = state.metrics["evaluation"]
+                evaluation.update(perplexity_before=state.metrics["perplexity_before"],
+                                  perplexity_after=state.metrics["perplexity_after"])
+                _record_in_export(out, evaluation={
                     "ppl_before": state.metrics["perplexity_before"],
                     "ppl_after": state.metrics["perplexity_after"],
-                    "dataset": "upload" if eval_path else "bundled wikitext excerpt",
-                    "num_windows": int(eval_windows.shape[0]),
-                    "seq_len": int(eval_windows.shape[1]),
+                    **evaluation,
                 }, repo_id=destination.get("hub_repo_id"))
-        del model, result
+        if self.settings.speed_benchmark:
+            with phase("evaluating", "measuring inference speed, dense vs pruned"):
+                state.metrics["speed"] = (
+                    {"skipped": "the model was streamed from its shards (larger than memory)"}
+                    if handle.streamed else _measure_speed(model, dense_config))
+                _record_in_export(out, speed=state.metrics["speed"],
+                                  repo_id=destination.get("hub_repo_id"))
+        del model, result, handle
 
         # publishing ---------------------------------------------------------------------
         with phase("publishing", "publishing the model"):
@@ -411,7 +445,8 @@ class JobRunner:
         shutil.rmtree(stage, ignore_errors=True)
         with self.db() as s:
             done = crud.finish_job(s, job_id, "succeeded", result=result_doc,
-                                   metrics={**state.metrics, "seconds": state.seconds},
+                                   metrics={**state.metrics, "seconds": state.seconds,
+                                            **fleet.gpu_figures()},
                                    message="job succeeded", worker_id=self.worker_id)
         if done is None:
             raise LeaseLost()
@@ -435,25 +470,41 @@ class JobRunner:
             self._calibration_source = CalibrationSource.from_settings(self.settings)
         return self._calibration_source
 
-    def _eval_windows(self, eval_path: str | None, tokenizer: Any, seq_len: int,
-                      model: Any) -> Any:
-        from slimgpt_core.calibration import (
-            BUNDLED_EVALUATION,
-            bundled_text,
-            consecutive_windows,
-            read_text_source,
-        )
+    def _eval_windows(self, eval_path: str | None, evaluate: dict[str, Any], tokenizer: Any,
+                      model: Any, token: str | None) -> Any:
+        """The evaluation windows the request asks for (source, count, length), fetched and
+        cached like calibration data; the length is capped at the model's context."""
+        from slimgpt_core.calibration import consecutive_windows
 
-        text = read_text_source(eval_path) if eval_path else bundled_text(BUNDLED_EVALUATION)
-        max_pos = int(getattr(model.config, "max_position_embeddings", seq_len) or seq_len)
-        length = max(16, min(seq_len, EVAL_MAX_SEQ_LEN, max_pos))
-        return consecutive_windows(text, tokenizer, length, max_windows=EVAL_MAX_WINDOWS)
+        max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        seq_len = int(evaluate.get("seq_len") or DEFAULT_EVAL_SEQ_LEN)
+        if max_pos:
+            seq_len = min(seq_len, max_pos)
+        return self._calibration().eval_windows(
+            eval_path or evaluate.get("eval_source") or DEFAULT_EVAL_SOURCE, tokenizer,
+            num_windows=int(evaluate.get("num_windows") or DEFAULT_EVAL_WINDOWS),
+            seq_len=seq_len, token=token,
+            make_windows=lambda text, tok, length, count: consecutive_windows(
+                text, tok, length, max_windows=count))
 
     def _hub_publisher(self, token: str | None) -> Publisher:
         if self._hub_publisher_factory is not None:
             return self._hub_publisher_factory(token or "")
         return HubPublisher(token=token or "", endpoint=self.settings.hub_endpoint,
                             retry_policy=self.settings.hub_retry_policy())
+
+
+def _calibration_info(describe: Callable[..., dict[str, Any]], windows: Any,
+                      calibration_path: str | None, source: Any, seed: int) -> dict[str, Any]:
+    """What the export records about calibration: a Hub source by its dataset id (e.g.
+    ``allenai/c4``, with config, split and file), an upload as `upload`."""
+    from worker.calibration_source import HUB_SOURCES
+
+    hub = None if calibration_path else HUB_SOURCES.get(str(source))
+    if hub is None:
+        return describe(windows, source="upload" if calibration_path else str(source), seed=seed)
+    return describe(windows, source=str(source), dataset=hub.repo_id, seed=seed,
+                    config=hub.config, split=hub.split, file=hub.filename)
 
 
 def _small(doc: Any) -> Any:
@@ -546,23 +597,47 @@ class _PruneProgress:
         return self.ctl.should_stop()
 
 
-def _record_eval_in_export(folder: Path, eval_metrics: dict[str, Any], *,
-                           repo_id: str | None) -> None:
-    """Put the perplexities into the exported ``pruning_config.json`` and model card."""
+def _measure_speed(model: Any, dense_config: Any) -> dict[str, Any]:
+    """Dense vs pruned tokens/s on this worker's device; never fails the job."""
+    import torch
+
+    from slimgpt_core.speed import SpeedSkipped, compare_speed
+
+    try:
+        if torch.cuda.is_available():
+            model.to("cuda")
+        elif sum(p.numel() for p in model.parameters()) > SPEED_MAX_CPU_PARAMS:
+            raise SpeedSkipped("no GPU on this worker and the model is too large to time on "
+                               "its CPU cheaply")
+        return compare_speed(model, dense_config)
+    except SpeedSkipped as exc:
+        return {"skipped": str(exc)}
+    except (RuntimeError, ValueError) as exc:  # e.g. out of memory: the model is already made
+        logger.warning("speed measurement failed: %s", exc)
+        return {"skipped": f"measurement failed: {exc}"[:300]}
+
+
+def _record_in_export(folder: Path, *, evaluation: dict[str, Any] | None = None,
+                      speed: dict[str, Any] | None = None, repo_id: str | None) -> None:
+    """Put perplexities / measured speed into the exported ``pruning_config.json`` and card."""
     import slimgpt_core
     from slimgpt_core.export import PRUNING_CONFIG_FILE
     from slimgpt_core.model_card import render_model_card
 
     path = folder / PRUNING_CONFIG_FILE
     pcfg = json.loads(path.read_text())
-    pcfg["evaluation"] = eval_metrics
+    if evaluation is not None:
+        pcfg["evaluation"] = evaluation
+    if speed is not None:
+        pcfg["speed"] = speed
     path.write_text(json.dumps(pcfg, indent=2, default=str) + "\n")
     base = pcfg.get("base_model") or {}
     card = render_model_card(
         base_model_id=str(base.get("id")), base_revision=base.get("revision"),
         license=str(base.get("license") or "other"), profile=str(pcfg.get("profile")),
-        pruning=pcfg, calibration=pcfg.get("calibration") or {}, eval_metrics=eval_metrics,
-        library_version=slimgpt_core.__version__, repo_or_path=repo_id or str(folder))
+        pruning=pcfg, calibration=pcfg.get("calibration") or {},
+        eval_metrics=pcfg.get("evaluation"), library_version=slimgpt_core.__version__,
+        repo_or_path=repo_id or str(folder))
     (folder / "README.md").write_text(card)
 
 

@@ -24,6 +24,7 @@ from celery.worker.request import Request
 from sqlalchemy.exc import OperationalError
 
 from app.core.logging import job_context
+from worker import fleet
 from worker.ids import is_valid_job_id
 from worker.lifecycle import process_prefix, stop_on_sigterm
 
@@ -63,6 +64,9 @@ def register_tasks(app: Celery) -> Task:
         runner = load_runner(str(app.conf.get(RUNNER_CONF_KEY) or "worker.runner:run_job"))
         with job_context(job_id), stop_on_sigterm():  # job lines carry its id; SIGTERM hands back
             logger.info("running job %s", job_id)
+            settings = getattr(app, "slimgpt_settings", None)
+            if settings is not None:  # the fleet page shows which worker runs what
+                fleet.starting(settings, fleet.process_worker_id(), job_id)
             try:
                 runner(job_id)
             except OperationalError as err:

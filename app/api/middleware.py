@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -68,35 +73,122 @@ class BodyLimitMiddleware:
 
 
 async def _send_json(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    from app.api.errors import PROBLEM_JSON, problem_body
+
+    body = json.dumps(problem_body(status, detail)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
+                "headers": [(b"content-type", PROBLEM_JSON.encode()),
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
 
+class RouteTemplates:
+    """Path -> route template (``/v1/jobs/{job_id}``) for requests that never reached the
+    router (a 413 from the body limit) or a mount that the router does not record in the
+    scope. Built from the routers the app includes."""
+
+    def __init__(self, routes: Sequence[Any] = (), mounts: Sequence[str] = (),
+                 paths: Sequence[str | None] = ()) -> None:
+        self.routes = [(r.path_regex, str(r.path)) for r in routes
+                       if getattr(r, "path_regex", None) is not None and getattr(r, "path", None)]
+        self.routes += [(re.compile(f"^{re.escape(p)}$"), p) for p in paths if p]
+        self.mounts = [m.rstrip("/") for m in mounts]
+
+    def lookup(self, path: str) -> str | None:
+        for mount in self.mounts:
+            if path.startswith(mount + "/"):
+                return f"{mount}/{{path}}"
+        return next((template for regex, template in self.routes if regex.match(path)), None)
+
+
+def route_template(scope: Scope, templates: RouteTemplates | None = None) -> str:
+    """The matched route's path template, never the raw path, so label values stay few;
+    ``unmatched`` only for paths no route serves."""
+    route = scope.get("route")
+    if isinstance(route, Mount):  # static files: one series for the whole folder
+        return f"{route.path.rstrip('/')}/{{path}}"
+    path = getattr(route, "path", None)
+    if path:
+        return str(path)
+    found = templates.lookup(scope.get("path", "")) if templates is not None else None
+    return found or "unmatched"
+
+
 class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Any) -> None:
+    """Counts every request by route template; observes latency except for event streams,
+    which are tracked as open streams instead."""
+
+    def __init__(self, app: ASGIApp, metrics: Any, templates: RouteTemplates | None = None
+                 ) -> None:
         self.app = app
         self.metrics = metrics
+        self.templates = templates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        status = {"code": 500}
+        state: dict[str, Any] = {"code": 500, "stream": None}
 
         async def capture(message: Message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                state["code"] = message["status"]
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if content_type.startswith(b"text/event-stream"):
+                    state["stream"] = route_template(scope, self.templates)
+                    self.metrics.streams.labels(state["stream"]).inc()
             await send(message)
 
         try:
             await self.app(scope, receive, capture)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(scope.get("method", "GET"), template, status["code"],
-                                         time.perf_counter() - start)
+            if state["stream"] is not None:
+                self.metrics.streams.labels(state["stream"]).dec()
+            self.metrics.observe_request(scope.get("method", "GET"),
+                                         route_template(scope, self.templates),
+                                         state["code"], time.perf_counter() - start,
+                                         stream=state["stream"] is not None)
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+access_log = logging.getLogger("slimgpt.access")
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the caller's ``X-Request-ID`` when it is sane, else a new one),
+    returns it as ``X-Request-ID``, puts it on every log line logged while the request is
+    handled, and logs one access line per request (method, path, status, duration)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from app.core.logging import request_context
+
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with request_context(request_id):
+            try:
+                await self.app(scope, receive, with_id)
+            finally:
+                access_log.info("%s %s %d", scope.get("method", ""), scope.get("path", ""),
+                                status["code"], extra={
+                                    "method": scope.get("method"), "path": scope.get("path"),
+                                    "status": status["code"],
+                                    "duration_ms": round((time.perf_counter() - start) * 1e3,
+                                                         1)})

@@ -32,8 +32,14 @@ def resolve_model(settings: Settings, model_id: str, field: str = "model_id") ->
     root_setting = settings.local_models_dir
     if root_setting is not None:
         root = Path(root_setting).resolve()
-        candidate = (root / model_id).resolve()
-        if candidate.exists():
+        try:
+            candidate = (root / model_id).resolve()
+            exists = candidate.exists()
+        except (OSError, ValueError):
+            # A name longer than the filesystem allows, or one it cannot encode (a lone
+            # surrogate): not a local model.
+            exists = False
+        if exists:
             if candidate != root and root not in candidate.parents:
                 raise _unprocessable(
                     field, "path escapes the local models root (SLIMGPT_LOCAL_MODELS_DIR)")
@@ -49,3 +55,17 @@ def resolve_model(settings: Settings, model_id: str, field: str = "model_id") ->
     raise _unprocessable(
         field, f"{model_id!r} is neither a valid Hub repo id (`owner/name`) nor a folder under "
         "the local models root")
+
+
+def check_local_family(path: Path, field: str = "model_id") -> str:
+    """The family name of a local model; 422 naming the supported model types otherwise.
+
+    Hub models are checked by the worker as soon as it has their config.json (kilobytes, before
+    any weights): the API does not download from the Hub.
+    """
+    from slimgpt_core.model_type import ModelTypeError, local_model_family
+
+    try:
+        return local_model_family(path).name
+    except (ModelTypeError, ValueError) as err:  # UnsupportedFamilyError is a ValueError
+        raise _unprocessable(field, str(err)) from None

@@ -31,6 +31,9 @@
 | SLIMGPT_RETRY_BACKOFF_BASE_S    | 10                               | delay before the retry of a lost job (doubles, jittered) |
 | SLIMGPT_RETRY_BACKOFF_MAX_S     | 600                              | longest delay before a retry                  |
 | SLIMGPT_EMBEDDED_WORKER         | worker.embedded:EmbeddedWorker   | embedded mode: the in-process worker (empty = none) |
+| SLIMGPT_GPU_POOLS               | unset = one pool: the queue, SLIMGPT_WORKER_GPUS GPUs | worker pools `queue=COUNTxTYPE[@GB]`, comma-separated; jobs are routed by `resources` |
+| SLIMGPT_WORKER_GPUS             | 1                                | GPUs a worker may use for one job             |
+| SLIMGPT_STREAM_MODELS           | auto                             | worker: `auto` streams models larger than host memory from disk; `always`, `never` |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_WORKER_MAX_TASKS_PER_CHILD | 1                             | worker: jobs per pool process (0 = no limit)  |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
@@ -39,6 +42,16 @@
 | SLIMGPT_AUTO_MIGRATE            | unset = true for SQLite          | run `alembic upgrade head` at API startup     |
 | SLIMGPT_SSE_HEARTBEAT_S         | 15                               | SSE comment line when no event arrived        |
 | SLIMGPT_SSE_POLL_S              | 0.5                              | how often the SSE stream polls the event table |
+| SLIMGPT_WORKER_HEARTBEAT_S      | 15                               | worker: fleet-table heartbeat; lost after 3 missed |
+| SLIMGPT_UI_SESSION_TTL_S        | 43200 (12 h)                     | dashboard sign-in lifetime                    |
+| SLIMGPT_UI_COOKIE_SECURE        | unset = only over https          | `Secure` flag on the dashboard session cookie |
+| SLIMGPT_DB_TIMEOUT_S            | 2                                | api: longest wait for the database: connecting, a pooled connection, a lock |
+| SLIMGPT_DB_STATEMENT_TIMEOUT_S  | 10                               | api: Postgres statement_timeout               |
+| SLIMGPT_HEALTH_TIMEOUT_S        | 1.5                              | /readyz: longest wait for each dependency     |
+| SLIMGPT_RATE_LIMIT_PER_MINUTE   | 600                              | API requests per tenant per minute, all replicas together (0 = no limit) |
+| SLIMGPT_RATE_LIMIT_BURST        | 100                              | requests a tenant may send at once before the rate applies |
+| SLIMGPT_MAX_QUEUED_JOBS_PER_TENANT | 100                           | queued jobs per tenant; more submissions get 429 (0 = no limit) |
+| SLIMGPT_UPLOAD_BYTES_PER_DAY    | 10737418240 (10 GiB)             | upload bytes per tenant in any 24 h (0 = no limit) |
 
 The API and the workers read this one class (``worker.settings.WorkerSettings`` derives from it
 and only adds checks), so every variable means the same thing in both processes.
@@ -50,6 +63,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -92,6 +106,7 @@ class Settings(BaseSettings):
         3, ge=1, validation_alias=AliasChoices("SLIMGPT_JOB_MAX_ATTEMPTS", "SLIMGPT_MAX_ATTEMPTS"))
     job_lease_s: float = Field(120, gt=0)
     runner: str = "worker.runner:run_job"
+    speed_benchmark: bool = True
     # A fresh process per job returns all GPU memory; CPU-only fleets (and tests) may reuse.
     worker_max_tasks_per_child: int = Field(1, ge=0)
 
@@ -104,6 +119,9 @@ class Settings(BaseSettings):
     # Embedded mode only: the in-process worker the API starts ("module:attr"; "" = none).
     # A setting rather than an import so that `app` does not depend on `worker`.
     embedded_worker: str = "worker.embedded:EmbeddedWorker"
+    gpu_pools: str = ""
+    worker_gpus: int = Field(1, ge=1, le=64)
+    stream_models: Literal["auto", "always", "never"] = "auto"
 
     log_json: bool = False
     log_level: str = "INFO"
@@ -111,6 +129,21 @@ class Settings(BaseSettings):
     auto_migrate: bool | None = None
     sse_heartbeat_s: float = Field(15.0, gt=0)
     sse_poll_s: float = Field(0.5, gt=0)
+    worker_heartbeat_s: float = Field(15.0, gt=0)
+    ui_session_ttl_s: int = Field(12 * 3600, gt=0)
+    ui_cookie_secure: bool | None = None
+
+    # Bounded waits (docs/RELIABILITY.md, "Request path"): a request gives up on a dead or hung
+    # dependency and answers 503, instead of holding a thread.
+    db_timeout_s: float = Field(2.0, gt=0)
+    db_statement_timeout_s: float = Field(10.0, gt=0)
+    health_timeout_s: float = Field(1.5, gt=0)
+    # Per-tenant limits (429 + Retry-After), counted in the database so that every API replica
+    # shares them. 0 turns a limit off.
+    rate_limit_per_minute: int = Field(600, ge=0)
+    rate_limit_burst: int = Field(100, ge=1)
+    max_queued_jobs_per_tenant: int = Field(100, ge=0)
+    upload_bytes_per_day: int = Field(10 * 1024**3, ge=0)
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

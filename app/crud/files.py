@@ -12,3 +12,12 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> UploadedFile | N
     return session.scalars(
         select(UploadedFile).where(UploadedFile.id == file_id, UploadedFile.tenant_id == tenant_id)
     ).first()
+
+
+def list_files(session: Session, tenant_id: str, *, sha256: str | None = None,
+               limit: int = 100) -> list[UploadedFile]:
+    stmt = select(UploadedFile).where(UploadedFile.tenant_id == tenant_id)
+    if sha256 is not None:
+        stmt = stmt.where(UploadedFile.sha256 == sha256)
+    stmt = stmt.order_by(UploadedFile.created_at.desc(), UploadedFile.id.desc()).limit(limit)
+    return list(session.scalars(stmt))

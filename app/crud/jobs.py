@@ -119,6 +119,25 @@ def try_claim(session: Session, job_id: str, worker_id: str,
     return job, ""
 
 
+def retry_in_place(session: Session, job_id: str, worker_id: str, lease_seconds: float,
+                   message: str, metrics: dict[str, Any] | None = None) -> Job | None:
+    """The worker holding the job's lease starts another attempt itself (a transient error):
+    counts the attempt, renews the lease and records ``message``. Not a claim: nobody took the
+    job over. None when the lease is no longer this worker's (then it must stop)."""
+    job = _lock_job(session, job_id)
+    if job is None or job.state != "running" or job.lease_owner != worker_id:
+        session.rollback()
+        return None
+    job.attempts = (job.attempts or 0) + 1
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_seconds)
+    _append_event(session, job, phase=job.phase, message=f"{message} (attempt {job.attempts})",
+                  state="running", metrics=metrics)
+    session.commit()
+    log.info("job retried in place by %s, attempt %d", worker_id, job.attempts,
+             extra=_extra(job_id))
+    return job
+
+
 def claim_job(session: Session, job_id: str, worker_id: str, lease_seconds: float) -> Job | None:
     """:func:`try_claim` without the reason."""
     return try_claim(session, job_id, worker_id, lease_seconds)[0]

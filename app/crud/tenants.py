@@ -57,6 +57,14 @@ def revoke_api_key(session: Session, key_id: str) -> bool:
     return True
 
 
+def list_api_keys(session: Session, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every API key (of one tenant) with its tenant's name, oldest first; never the secrets."""
+    stmt = select(ApiKey, Tenant.name).join(Tenant, ApiKey.tenant_id == Tenant.id)
+    if tenant_name is not None:
+        stmt = stmt.where(Tenant.name == tenant_name)
+    return [(k, n) for k, n in session.execute(stmt.order_by(ApiKey.created_at, ApiKey.id))]
+
+
 def authenticate(session: Session, full_key: str) -> Tenant | None:
     """The tenant of a valid, unrevoked key, else None."""
     key_id = parse_api_key(full_key)
@@ -68,6 +76,12 @@ def authenticate(session: Session, full_key: str) -> Tenant | None:
     if not digest_matches(full_key, record.key_hash):
         return None
     return record.tenant
+
+
+def api_key_active(session: Session, key_id: str) -> bool:
+    """The key exists and is not revoked (re-checked during long requests)."""
+    record = session.get(ApiKey, key_id)
+    return record is not None and record.revoked_at is None
 
 
 def count_api_keys(session: Session) -> int:

@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Double,
     Float,
     ForeignKey,
     Index,
@@ -110,6 +111,8 @@ class Job(Base):
 
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     body_hash: Mapped[str | None] = mapped_column(String(64))
+    #: id of the API key that submitted the job (shown on the dashboard; keys are never deleted)
+    submitted_by: Mapped[str | None] = mapped_column(String(32))
 
     # progress
     phase: Mapped[str | None] = mapped_column(String(32), default="queued")
@@ -189,3 +192,45 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class RateLimit(Base):
+    """A tenant's request-rate state (GCRA): ``tat`` is the theoretical arrival time of its next
+    request, in Unix seconds. One row per tenant and limit, updated by one atomic upsert per
+    request, so every API replica shares the limit (app.api.limits)."""
+
+    __tablename__ = "rate_limits"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"),
+                                           primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tat: Mapped[float] = mapped_column(Double)
+
+
+class Worker(Base):
+    """One worker process (a Celery worker node or the embedded in-process worker), written by
+    its heartbeat thread. The API reads it for the fleet page and the Prometheus metrics."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery node name or kind:host:pid
+    kind: Mapped[str] = mapped_column(String(16))  # celery | embedded
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str | None] = mapped_column(String(255))
+    gpu_name: Mapped[str | None] = mapped_column(String(255))
+    gpu_count: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # per GPU
+    build: Mapped[dict[str, Any]] = mapped_column(JSONType)  # package versions of the process
+    current_job_id: Mapped[str | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    current_job_since: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    jobs_done: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# The metrics collector reads jobs that started / finished since its last scrape.
+Index("ix_jobs_started_at", Job.started_at)
+Index("ix_jobs_finished_at", Job.finished_at)

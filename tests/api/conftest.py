@@ -56,9 +56,7 @@ class TempPostgres:
         self.url = make_url(admin_url).set(database=self.name).render_as_string(hide_password=False)
 
     def close(self) -> None:
-        engine = db_session._engines.pop(self.url, None)
-        if engine is not None:
-            engine.dispose()
+        db_session.dispose_engines(self.url)
         with self.admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
         self.admin.dispose()
@@ -80,9 +78,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         url = f"sqlite:///{path}"
         upgrade(url)
         yield url
-        engine = db_session._engines.pop(url, None)
-        if engine is not None:
-            engine.dispose()
+        db_session.dispose_engines(url)
         return
     admin = request.getfixturevalue("pg_admin_url")
     db = TempPostgres(admin)

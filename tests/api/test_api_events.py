@@ -6,6 +6,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from app.crud import jobs as crud
 
 
@@ -100,3 +102,28 @@ def test_live_stream_sends_heartbeats_and_new_events_then_ends(client, tenant, s
     assert any(i.get("comment") == "heartbeat" for i in items)
     assert [int(i["id"]) for i in items if "id" in i] == [1, 2, 3, 4]
     assert items[-1]["event"] == "end" and json.loads(items[-1]["data"])["state"] == "cancelled"
+
+
+@pytest.mark.timeout(60)
+def test_stream_ends_when_its_api_key_is_revoked(client, tenant, submit, db, settings):
+    from app.crud.tenants import revoke_api_key
+
+    job = submit()  # stays queued: only the revocation can end this stream
+
+    def revoke() -> None:
+        time.sleep(settings.sse_heartbeat_s * 2)
+        with db() as s:
+            revoke_api_key(s, tenant.key_id)
+
+    t = threading.Thread(target=revoke)
+    t.start()
+    start = time.monotonic()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events", headers=tenant.headers) as r:
+        text = "".join(r.iter_text())
+    t.join()
+    items = parse_sse(text)
+    # Closed without `end` (the job did not end): a client reconnects and gets its 401.
+    assert items[-1] == {"comment": "API key revoked"}
+    assert not any(i.get("event") == "end" for i in items)
+    assert time.monotonic() - start < settings.sse_heartbeat_s * 2 + 5
+    assert client.get(f"/v1/jobs/{job['id']}/events", headers=tenant.headers).status_code == 401

@@ -73,3 +73,23 @@ def test_embedded_mode_generates_a_secret_key_once(tmp_path):
     key = s.fernet_key()
     assert (tmp_path / "secret.key").read_bytes().strip() == key
     assert Settings(data_dir=tmp_path).fernet_key() == key
+
+
+def test_without_the_worker_extra_the_server_is_not_ready_and_refuses_jobs(settings,
+                                                                           monkeypatch):
+    """An API-only install in embedded mode: the in-process worker cannot run jobs, so the
+    server says so instead of accepting jobs that would all fail."""
+    import sys
+
+    from app.main import create_app
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    app = create_app(settings.model_copy(update={
+        "embedded_worker": "worker.embedded:EmbeddedWorker", "auth_disabled": True}))
+    with TestClient(app) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503
+        assert "`worker` extra" in r.json()["checks"]["worker"]
+        r = c.post("/v1/jobs", json={"model_id": "a/b", "target_ratio": 0.2})
+        assert r.status_code == 503 and "`worker` extra" in r.text
+    assert app.state.embedded_worker is None  # never started: it would fail every job

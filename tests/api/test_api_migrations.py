@@ -10,7 +10,7 @@ from app.db.migrate import current_heads, downgrade, upgrade
 from app.db.models import Base
 
 TABLES = {"tenants", "api_keys", "hub_tokens", "uploaded_files", "jobs", "job_events",
-          "artifacts"}
+          "artifacts", "workers"}
 
 
 def _tables(url: str) -> set[str]:

@@ -177,9 +177,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         server.should_exit = True
         thread.join(10)
         sock.close()
-        engine = db_session._engines.pop(url, None)
-        if engine is not None:
-            engine.dispose()
+        db_session.dispose_engines(url)
 
 
 @pytest.fixture

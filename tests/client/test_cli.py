@@ -19,7 +19,9 @@ def cli(live_server, api_key, capsys):
 
     def run(*argv: str, key: str | None = api_key) -> tuple[int, str, str]:
         conn = ["--url", live_server.url] + (["--api-key", key] if key else [])
-        code = main([argv[0], *conn, *argv[1:]])
+        # After the subcommand (a group's options come after its own subcommand's name).
+        n = 2 if argv[0] in ("files", "hub-token") else 1
+        code = main([*argv[:n], *conn, *argv[n:]])
         out, err = capsys.readouterr()
         return code, out, err
 
@@ -202,10 +204,11 @@ def test_bad_arguments_exit_2(cli, capsys):
     for argv in (["submit", "--model", "a/b", "--ratio", "1.5"],
                  ["submit", "--model", "a/b"],
                  ["batch", "f.yaml", "--concurrency", "0"],
-                 ["list", "--state", "sleeping"]):
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        assert exc.value.code == EXIT_USAGE
+                 ["list", "--state", "sleeping"],
+                 ["submit", "--model", "a/b", "--ratio", "0.2", "--set", "novalue"],
+                 ["frobnicate"]):
+        assert main(argv) == EXIT_USAGE, argv
+        assert capsys.readouterr().err
     code, _, err = cli("submit", "--model", "not a repo!", "--ratio", "0.2")
     assert code == EXIT_USAGE and "model_id" in err
     code, _, err = cli("submit", "--model", "a/b", "--ratio", "0.2", "--schedule", "fast")
@@ -250,10 +253,157 @@ def test_api_key_from_env_and_from_the_embedded_data_dir(live_server, api_key, c
 
 
 def test_help_documents_exit_codes(capsys):
-    with pytest.raises(SystemExit):
-        main(["submit", "--help"])
+    assert main(["submit", "--help"]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "exit codes" in out and "3  API or connection error" in out
-    with pytest.raises(SystemExit):
-        main(["batch", "--help"])
+    assert "exit codes" in out and "API or connection error" in out
+    assert main(["batch", "--help"]) == EXIT_OK
     assert "matrix:" in capsys.readouterr().out
+
+
+def test_submit_body_file_flags_and_set_compose_in_that_order(cli, tmp_path):
+    body = tmp_path / "job.json"
+    body.write_text(json.dumps({"model_id": "test/ok", "target_ratio": 0.5,
+                                "pruning": {"percdamp": 0.2, "min_group": 32}}))
+    code, out, err = cli("submit", "--json", "--body", str(body), "--ratio", "0.3",
+                         "--gqa-policy", "group", "--private", "--set", "pruning.percdamp=0.05",
+                         "--set", "calibration.source=wikitext2", "--set", "revision=v1.0")
+    assert code == EXIT_OK, err
+    req = json.loads(out)["request"]
+    assert req["target_ratio"] == 0.3  # a flag beats the body file
+    assert req["pruning"] == {**req["pruning"], "percdamp": 0.05, "min_group": 32,
+                              "gqa_policy": "group"}  # --set beats both
+    assert req["calibration"]["source"] == "wikitext2" and req["revision"] == "v1.0"
+    assert req["destination"]["private"] is True
+
+
+def test_submit_shares_flag_names_with_prune():
+    from app.cli import command
+
+    commands = command().commands
+    prune = {o for p in commands["prune"].params for o in p.opts}
+    submit = {o for p in commands["submit"].params for o in p.opts}
+    local_only = {"--out", "--batch-size", "--device", "--dtype", "--offload-activations",
+                  "--checkpoint-dir", "--no-verify", "--stream", "--dry-run", "--host-memory-gb"}
+    assert prune - local_only <= submit, sorted(prune - local_only - submit)
+
+
+def test_submit_eval_file_is_uploaded_once_and_reused(cli, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("held-out text\n" * 20)
+    ids = set()
+    for _ in range(2):
+        code, out, err = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.2",
+                             "--eval", str(text), "--eval-windows", "4")
+        assert code == EXIT_OK, err
+        ids.add(json.loads(out)["request"]["evaluate"]["eval_source"])
+    assert len(ids) == 1  # same content: the earlier upload is reused
+
+
+def test_batch_rerun_resumes_with_the_same_jobs(cli, live_server, tmp_path):
+    _, key = live_server.new_key()
+    calib = tmp_path / "c.txt"
+    calib.write_text("calibration text " * 40)
+    path = tmp_path / "batch.yaml"
+    path.write_text("defaults: {calib_file: c.txt}\n"
+                    "matrix: {models: [test/ok], ratios: [0.1, 0.2]}\n")
+    code, out, _ = cli("batch", str(path), "--poll", "0.02", "--json", key=key)
+    first = json.loads(out)
+    assert code == EXIT_OK and first["resumed"] == 0
+    code, out, err = cli("batch", str(path), "--poll", "0.02", "--json", key=key)
+    again = json.loads(out)
+    assert code == EXIT_OK, err
+    assert [j["job_id"] for j in again["jobs"]] == [j["job_id"] for j in first["jobs"]]
+    assert again["resumed"] == 2
+    code, out, _ = cli("list", "--json", key=key)
+    assert len(json.loads(out)) == 2  # nothing submitted twice
+    code, out, _ = cli("files", "list", "--json", key=key)
+    assert len(json.loads(out)) == 1  # nor uploaded twice
+    # An edited row is a new job, the unchanged one is resumed.
+    path.write_text("defaults: {calib_file: c.txt}\n"
+                    "matrix: {models: [test/ok], ratios: [0.1, 0.25]}\n")
+    code, out, _ = cli("batch", str(path), "--poll", "0.02", "--json", key=key)
+    third = json.loads(out)
+    assert third["jobs"][0]["job_id"] == first["jobs"][0]["job_id"]
+    assert third["jobs"][1]["job_id"] not in {j["job_id"] for j in first["jobs"]}
+
+
+def test_estimate_artifacts_files_and_hub_token_commands(cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4,
+                                  "hidden_size": 64, "num_attention_heads": 4,
+                                  "num_key_value_heads": 2, "intermediate_size": 128,
+                                  "vocab_size": 100}))
+    code, out, err = cli("estimate", "--config", str(config), "--ratio", "0.2", "--json",
+                         "--set", "schedule=linear")
+    assert code == EXIT_OK, err
+    plan = json.loads(out)
+    assert plan["total_params_after"] < plan["total_params_before"]
+    assert plan["schedule"] == "linear"
+    code, out, _ = cli("estimate", "--config", str(config), "--ratio", "0.2")
+    assert code == EXIT_OK and "parameters:" in out
+
+    code, out, _ = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.2", "--wait",
+                       "--poll", "0.02")
+    job_id = json.loads(out)["id"]
+    code, out, _ = cli("artifacts", job_id, "--json")
+    assert sorted(a["name"] for a in json.loads(out)) == sorted(ARTIFACTS)
+    code, out, _ = cli("download", job_id, str(tmp_path / "one"), "--name", "config.json")
+    assert code == EXIT_OK and [p.name for p in (tmp_path / "one").iterdir()] == ["config.json"]
+
+    upload = tmp_path / "u.jsonl"
+    upload.write_text('{"text": "a"}\n')
+    code, out, _ = cli("files", "upload", str(upload))
+    file_id = out.strip()
+    code, out, _ = cli("files", "show", file_id, "--json")
+    assert json.loads(out)["filename"] == "u.jsonl"
+
+    code, out, _ = cli("hub-token", "status")
+    assert out.strip() == "not configured"
+    code, out, _ = cli("hub-token", "set", "--token", "hf_" + "y" * 30)
+    assert code == EXIT_OK and "hf_" not in out
+    code, out, _ = cli("hub-token", "status", "--json")
+    assert json.loads(out)["configured"] is True
+    assert cli("hub-token", "delete")[0] == EXIT_OK
+
+    code, out, _ = cli("ready", "--json")
+    assert code == EXIT_OK and json.loads(out)["status"] == "ready"
+
+
+def test_version_and_shell_completion(capsys, monkeypatch):
+    from app import __version__
+
+    assert main(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == f"slimgpt {__version__}"
+    # What the script `slimgpt --install-completion` installs asks: complete "slimgpt hub-t".
+    monkeypatch.setenv("_SLIMGPT_COMPLETE", "complete_bash")
+    monkeypatch.setenv("COMP_WORDS", "slimgpt hub-t")
+    monkeypatch.setenv("COMP_CWORD", "1")
+    assert main([]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["hub-token"]
+    monkeypatch.setenv("COMP_WORDS", "slimgpt submit --gqa")
+    monkeypatch.setenv("COMP_CWORD", "2")
+    assert main([]) == EXIT_OK
+    assert "--gqa-policy" in capsys.readouterr().out.split()
+
+
+def test_a_missing_extra_is_named_not_a_traceback(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "celery", None)  # what an install without it looks like
+    assert main(["worker"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "needs the `worker` extra" in err and "pip install 'slimgpt-service[worker]'" in err
+    assert "Traceback" not in err
+
+
+def test_submit_gpus_becomes_the_jobs_resources(cli):
+    code, out, err = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.2",
+                         "--gpus", "1")
+    assert code == EXIT_OK, err
+    assert json.loads(out)["request"]["resources"] == {"gpus": 1, "min_gpu_memory_gb": None}
+
+
+def test_submit_asking_for_more_gpus_than_any_worker_has_says_why(cli):
+    code, _out, err = cli("submit", "--model", "test/ok", "--ratio", "0.2", "--gpus", "2")
+    assert code != EXIT_OK
+    assert "fewer than 2 GPUs" in err

@@ -7,18 +7,10 @@ import hashlib
 import httpx
 import pytest
 
-from app.client import ApiError, ConnectionFailed, SlimGPTClient, parse_sse
+from app.client import ApiError, ConnectionFailed, SlimGPTClient
 from app.schemas import JobCreate
 
 from .conftest import ARTIFACTS, free_port
-
-
-def test_parse_sse_handles_ids_events_comments_and_multiline_data():
-    text = "retry: 3000\n\n: heartbeat\n\nid: 1\nevent: progress\ndata: {\"a\":\ndata: 1}\n\n" \
-           "event: end\ndata: {\"state\": \"succeeded\"}\n\n"
-    events = list(parse_sse(iter(text.split("\n"))))
-    assert [(e.id, e.event, e.data) for e in events] == [
-        (1, "progress", {"a": 1}), (None, "end", {"state": "succeeded"})]
 
 
 def test_submit_wait_events_and_download(live_server, api_key, tmp_path):
@@ -149,3 +141,34 @@ def test_upload_and_hub_token_and_estimate(live_server, api_key, tmp_path):
                                       "num_key_value_heads": 2, "intermediate_size": 128,
                                       "vocab_size": 100}, "target_ratio": 0.2})
         assert plan["export_profile"] == "hetero"
+
+
+def _answers(*responses: httpx.Response) -> tuple[httpx.MockTransport, list[float]]:
+    """A transport that answers with ``responses`` in turn and records when it was called."""
+    queue, times = list(responses), []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        import time
+
+        times.append(time.monotonic())
+        return queue.pop(0)
+
+    return httpx.MockTransport(handler), times
+
+
+def test_client_waits_the_retry_after_of_a_429_then_retries():
+    transport, times = _answers(
+        httpx.Response(429, headers={"Retry-After": "1"}, json={"detail": "rate limit"}),
+        httpx.Response(200, json={"items": [], "next_cursor": None}))
+    with SlimGPTClient("http://api.test", "sgk_a_b", backoff_s=0.01, transport=transport) as c:
+        assert list(c.list_jobs()) == []
+    assert len(times) == 2 and times[1] - times[0] >= 1.0
+
+
+def test_client_gives_up_at_once_when_retry_after_is_far_away():
+    transport, times = _answers(
+        httpx.Response(429, headers={"Retry-After": "86400"}, json={"detail": "upload limit"}))
+    with SlimGPTClient("http://api.test", "sgk_a_b", backoff_s=0.01, transport=transport) as c, \
+            pytest.raises(ApiError) as err:
+        c.get_job("00000000-0000-0000-0000-000000000000")
+    assert err.value.status == 429 and len(times) == 1

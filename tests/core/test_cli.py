@@ -72,3 +72,50 @@ def test_existing_non_empty_output_is_refused(model_dir: Path, tmp_path: Path) -
     (tmp_path / "out" / "keep.txt").write_text("mine")
     assert main(_args(model_dir, tmp_path)) == 2
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_stream_flag_prunes_from_the_shards_into_a_verified_folder(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--stream", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    out = tmp_path / "out"
+    pruning = json.loads((out / "pruning_config.json").read_text())
+    assert pruning["verification"]["passed"] and pruning["verification"]["streamed"]
+    assert summary["perplexity_before"] > 0 and summary["perplexity_after"] > 0
+    assert (out / "model.safetensors.index.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.layers")]
+
+
+def test_stream_gives_the_same_model_and_perplexities_as_in_memory(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from slimgpt_core.shards import ShardedCheckpoint
+
+    args = _args(model_dir, tmp_path, "--json", "--no-verify")
+    assert main(args) == 0
+    memory = json.loads(capsys.readouterr().out)
+    streamed_args = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in args]
+    assert main([*streamed_args, "--stream"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert streamed["perplexity_before"] == pytest.approx(memory["perplexity_before"], rel=1e-5)
+    assert streamed["perplexity_after"] == pytest.approx(memory["perplexity_after"], rel=1e-5)
+    a, b = ShardedCheckpoint(tmp_path / "out"), ShardedCheckpoint(tmp_path / "out2")
+    assert set(a.tensors) == set(b.tensors)
+    for key in a.tensors:
+        assert (a.read(key) == b.read(key)).all(), key
+
+
+def test_dry_run_prints_resources_per_gpu_without_loading_weights(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    weights = next(model_dir.glob("*.safetensors"))
+    saved = weights.read_bytes()
+    weights.write_bytes(b"not weights")  # a dry run must not read them
+    try:
+        code = main(["prune", "--model", str(model_dir), "--ratio", "0.3", "--dry-run", "--json",
+                     "--host-memory-gb", "64"])
+    finally:
+        weights.write_bytes(saved)
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    h200 = [e for e in doc["estimates"] if e["gpu_type"] == "h200"]
+    assert [e["gpus"] for e in h200] == [1, 2, 4, 8]
+    assert all(e["fits"] and e["peak_gpu_gb"] > 0 and e["predicted_s"] > 0 for e in h200)

@@ -137,8 +137,14 @@ def test_health_checks(services):
         assert services[name]["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.liveness"]
 
 
-def test_only_the_api_publishes_a_host_port(services):
-    assert {name for name, s in services.items() if s.get("ports")} == {"api"}
+def test_only_the_api_publishes_a_port_beyond_the_loopback(services):
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert "api" in published
+    for name in ("postgres", "redis", *WORKERS):
+        assert name not in published
+    for name, ports in published.items():
+        if name != "api":
+            assert all(p.startswith("127.0.0.1:") for p in ports), (name, ports)
 
 
 def test_start_order(services):

@@ -29,10 +29,11 @@ def test_every_setting_is_in_the_one_configuration_table():
 
 
 def test_cli_commands_in_the_readme_exist():
-    from app.cli import build_parser
+    from app.cli import command
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    for command in ("serve", "db", "keys", "worker", "submit", "batch", "status", "list",
-                    "cancel", "logs", "download"):
-        assert command in sub.choices
-        assert f"slimgpt {command}" in README
+    commands = command().commands
+    for name in ("serve", "db", "keys", "worker", "submit", "batch", "status", "list",
+                 "cancel", "logs", "download", "artifacts", "estimate", "files", "hub-token",
+                 "ready", "prune", "demo", "dispatcher"):
+        assert name in commands
+        assert f"slimgpt {name}" in README

@@ -41,7 +41,9 @@ def job_body(model_id: str, calibration_file_id: str, **extra: Any) -> dict[str,
         "target_ratio": 0.3,
         "calibration": {"source": calibration_file_id, "num_samples": 4, "seq_len": 32},
         "pruning": {"min_group": 16},
-        "evaluate": {"perplexity": True},
+        # Offline: evaluate on the uploaded text (the default, wikitext2, needs the Hub).
+        "evaluate": {"perplexity": True, "eval_source": calibration_file_id, "num_windows": 4,
+                     "seq_len": 32},
     }
     body.update(extra)
     return body

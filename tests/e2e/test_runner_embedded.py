@@ -42,6 +42,10 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
         m = job["metrics"]
         assert m["params_after"] < m["params_before"]
         assert m["perplexity_before"] > 1 and m["perplexity_after"] > 1
+        # The result states what was measured.
+        assert m["evaluation"] == {**m["evaluation"], "source": "upload", "file_id": file_id,
+                                   "windows": 4, "seq_len": 32, "tokens": 128,
+                                   "perplexity_after": m["perplexity_after"]}
         assert 0 < m["achieved_ratio"] < 1
         assert set(PHASES) <= set(m["seconds"])
         assert job["progress"]["percent"] == 100.0
@@ -85,6 +89,12 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
     assert out.shape[-1] == model.config.vocab_size
     card = (download / "README.md").read_text()
     assert f"{m['perplexity_after']:.2f}"[:4] in card
+    # the measured speed-up of this job's own model (on this CPU), in the metrics and the card
+    speed = m["speed"]
+    assert speed["pruned_prefill_tok_s"] > 0 and speed["dense_prefill_tok_s"] > 0
+    assert speed["param_ratio"] > 1
+    assert f"({speed['prefill_speedup']:.2f}x)" in card
+    assert "vllm serve" in card
 
 
 def test_runner_embedded_nan_in_a_layer_fails_once_naming_the_layer(

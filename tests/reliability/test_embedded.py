@@ -71,4 +71,4 @@ def test_stopping_the_embedded_worker_hands_the_job_back_and_a_restart_resumes_i
             assert row.result["digest"] == expected_digest(job_id, 4)
             assert row.metrics["resumed_from"] == done and row.attempts == 2
     finally:
-        db_session._engines.pop(str(settings.database_url)).dispose()
+        db_session.dispose_engines(str(settings.database_url))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -13,8 +14,21 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 
-from worker.calibration_source import C4, WIKITEXT2, CalibrationSource, tokenizer_fingerprint
-from worker.errors import CalibrationSourceError, HubUnavailableError
+from worker.calibration_source import (
+    C4,
+    C4_VALIDATION,
+    WIKITEXT2,
+    WIKITEXT2_TEST,
+    CalibrationSource,
+    tokenizer_fingerprint,
+)
+from worker.errors import (
+    CalibrationSourceError,
+    EvaluationSourceError,
+    HubOfflineError,
+    HubUnavailableError,
+    describe_exception,
+)
 from worker.retry import RetryPolicy
 
 from .hub_fakes import hub_http_error
@@ -190,6 +204,72 @@ def test_dataset_download_errors(tmp_path: Path) -> None:
     download.errors = [hub_http_error(404, error_code="RepoNotFound")]
     with pytest.raises(CalibrationSourceError, match="dataset repository"):
         source.load_text("wikitext2", num_samples=1, seq_len=1, seed=0)
-    download.errors = [LocalEntryNotFoundError("not cached")]
-    with pytest.raises(CalibrationSourceError, match="local cache"):
+    download.errors = [LocalEntryNotFoundError("not cached")]  # HF_HUB_OFFLINE (conftest)
+    with pytest.raises(HubOfflineError, match="HF_HUB_OFFLINE") as err:
         source.load_text("wikitext2", num_samples=1, seq_len=1, seed=0)
+    assert describe_exception(err.value).code == "hub_offline"
+
+
+def _eval_windows(text: str, tokenizer: Any, seq_len: int, count: int) -> torch.Tensor:
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    n = min(count, ids.numel() // seq_len)
+    if n == 0:
+        raise ValueError("fewer tokens than one window")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def test_wikitext2_evaluation_uses_the_test_split_and_is_cached(tmp_path: Path) -> None:
+    parquet = tmp_path / "test.parquet"
+    pq.write_table(pa.table({"text": [" = Heading = \n", " held-out words " * 30]}), parquet)
+    download = FakeDownload({WIKITEXT2_TEST.filename: parquet})
+    source = make_source(tmp_path, download)
+    ev = source.eval_windows("wikitext2", CharTokenizer(), num_windows=3, seq_len=16,
+                             make_windows=_eval_windows)
+    assert download.calls[0]["repo_id"] == "Salesforce/wikitext"
+    assert download.calls[0]["filename"].startswith("wikitext-2-raw-v1/test-")
+    assert ev.input_ids.shape == (3, 16) and not ev.cache_hit
+    assert ev.describe() == {"source": "wikitext2", "windows": 3, "seq_len": 16, "tokens": 48,
+                             "dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1",
+                             "split": "test", "file": WIKITEXT2_TEST.filename,
+                             "revision": "main"}
+    again = source.eval_windows("wikitext2", CharTokenizer(), num_windows=3, seq_len=16,
+                                make_windows=_eval_windows)
+    assert again.cache_hit and len(download.calls) == 1
+    assert torch.equal(again.input_ids, ev.input_ids)
+    # Calibration windows of the same dataset are another cache entry (train split).
+    assert ev.cache_path.parent.name == "evaluation"
+
+
+def test_c4_evaluation_reads_the_validation_shard_from_its_start(tmp_path: Path) -> None:
+    shard = tmp_path / "c4-val.json.gz"
+    with gzip.open(shard, "wt") as f:
+        for i in range(300):
+            f.write(json.dumps({"text": f"validation document {i:03d}."}) + "\n")
+    download = FakeDownload({C4_VALIDATION.filename: shard})
+    ev = make_source(tmp_path, download).eval_windows(
+        "c4", CharTokenizer(), num_windows=2, seq_len=20, make_windows=_eval_windows)
+    assert download.calls[0]["filename"] == "en/c4-validation.00000-of-00008.json.gz"
+    text = "".join(chr(int(i)) for i in ev.input_ids.flatten())
+    assert text == "validation document 000. validation docu"  # 2 x 20, from the start
+    assert ev.describe()["split"] == "validation" and ev.describe()["dataset"] == "allenai/c4"
+
+
+def test_uploaded_evaluation_file_and_its_errors(tmp_path: Path) -> None:
+    upload = tmp_path / "eval.jsonl"
+    upload.write_text('{"text": "' + "x" * 100 + '"}\n')
+    source = make_source(tmp_path)
+    ev = source.eval_windows(upload, CharTokenizer(), num_windows=50, seq_len=30,
+                             make_windows=_eval_windows)
+    assert ev.describe() == {"source": "upload", "windows": 3, "seq_len": 30, "tokens": 90,
+                             "sha256": hashlib.sha256(upload.read_bytes()).hexdigest()}
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(EvaluationSourceError, match="evaluation data") as err:
+        source.eval_windows(short, CharTokenizer(), num_windows=1, seq_len=64,
+                            make_windows=_eval_windows)
+    assert describe_exception(err.value).code == "invalid_eval_source"
+    download = FakeDownload({})
+    download.errors = [LocalEntryNotFoundError("not cached")]
+    with pytest.raises(HubOfflineError, match="evaluation dataset allenai/c4"):
+        make_source(tmp_path, download).eval_windows(
+            "c4", CharTokenizer(), num_windows=1, seq_len=8, make_windows=_eval_windows)

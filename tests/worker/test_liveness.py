@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from worker.celery_app import make_celery
-from worker.liveness import Heartbeat, heartbeat_age_s, main
+from worker.liveness import LivenessFile, heartbeat_age_s, main
 
 from .conftest import RedisNamespace
 
@@ -57,7 +57,7 @@ def wait_for_heartbeat(path: Path, proc: subprocess.Popen[bytes], log: Path) -> 
 
 
 def test_the_worker_app_runs_the_heartbeat_step() -> None:
-    assert Heartbeat in make_celery().steps["worker"]
+    assert LivenessFile in make_celery().steps["worker"]
 
 
 def test_a_running_worker_is_alive_and_a_killed_one_is_not(

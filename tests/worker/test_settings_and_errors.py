@@ -131,3 +131,15 @@ def test_non_finite_hessian_is_a_distinct_error_that_is_not_retried() -> None:
         NonFiniteHessianError("layer 4 mlp.down_proj", 12, 2_359_296))
     assert code == "non_finite_hessian" and not retryable
     assert message.startswith("layer 4 mlp.down_proj:") and "NaN or Inf" in message
+
+
+def test_a_cache_miss_under_hf_hub_offline_is_hub_offline_not_internal_error(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    miss = LocalEntryNotFoundError("Cannot find the requested files in the disk cache")
+    code, message, retryable = describe_exception(miss)  # the conftest sets HF_HUB_OFFLINE
+    assert code == "hub_offline" and "HF_HUB_OFFLINE" in message and not retryable
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    code, _, retryable = describe_exception(miss)  # online: the download failed, try again
+    assert code == "hub_unavailable" and retryable

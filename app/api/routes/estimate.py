@@ -9,14 +9,14 @@ from fastapi import APIRouter, HTTPException
 
 from app.api.deps import SettingsDep, TenantDep
 from app.api.resolve import resolve_model
-from app.schemas import ErrorOut, EstimateRequest
+from app.schemas import ErrorOut, EstimateOut, EstimateRequest
 
 router = APIRouter(prefix="/v1", tags=["estimate"])
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-@router.post("/estimate", responses={422: {"model": ErrorOut}},
+@router.post("/estimate", response_model=EstimateOut, responses={422: {"model": ErrorOut}},
              summary="Per-layer widths and parameter counts a job would produce (dry run)")
 def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) -> dict[str, Any]:
     from slimgpt_core.schedule import PlanError
@@ -48,7 +48,39 @@ def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) ->
     except PlanError as err:
         raise HTTPException(422, detail=str(err)) from None
     plan["export_profile"] = body.export.profile
+    plan["resources"] = _resources(body, config, settings)
     if body.export.profile == "uniform" and not plan.get("uniform_widths", True):
         plan.setdefault("notes", []).append(
             "export profile 'uniform' needs equal widths in every layer; this plan has not")
     return plan
+
+
+def _resources(body: EstimateRequest, config: dict[str, Any],
+               settings: Any) -> dict[str, Any]:
+    """Peak GPU/host memory, disk and predicted time per GPU type and count (cost model
+    fitted on H200 runs), and which worker pool a job with ``body.resources`` would use."""
+    from app.routing import NoWorkerPool, pools_from_settings, route
+    from slimgpt_core.costs import COEFFICIENTS, Workload, estimate_table
+    from slimgpt_core.schedule import ModelShape, make_plan
+
+    shape = ModelShape.from_config(config)
+    plan = make_plan(shape, body.target_ratio, body.schedule, body.pruning.gqa_policy,
+                     body.pruning.alpha, body.pruning.heads, body.pruning.ffn,
+                     body.export.profile == "uniform")
+    work = Workload(body.calibration.num_samples, body.calibration.seq_len)
+    out: dict[str, Any] = {
+        "estimates": estimate_table(shape, plan, work),
+        "model": {"fitted_on": "H200 benchmark runs (docs/BENCHMARKS.md)",
+                  "time_error_on_fitted_runs": COEFFICIENTS.error_fit,
+                  "time_error_leave_one_shape_out": COEFFICIENTS.error_leave_one_out,
+                  "other_gpu_types": "scaled from the H200 by datasheet ratios; not measured"},
+    }
+    if body.resources is not None:
+        request = body.model_dump(mode="json")
+        try:
+            pool = route(request, pools_from_settings(settings), config)
+            out["route"] = {"queue": pool.queue, "pool": pool.describe(), "fits": True}
+        except NoWorkerPool as err:
+            out["route"] = {"queue": None, "fits": False, "reason": str(err),
+                            "estimates": err.estimates}
+    return out

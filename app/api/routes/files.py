@@ -17,10 +17,11 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.limits import UploadAllowance, check_upload_total, upload_allowance
 from app.api.middleware import BodyTooLarge
-from app.crud.files import get_file
+from app.crud.files import get_file, list_files
 from app.db.models import UploadedFile, new_id
-from app.schemas import UUID_RE, ErrorOut, FileOut
+from app.schemas import UUID_RE, ErrorOut, FileList, FileOut
 
 log = logging.getLogger("slimgpt.api.files")
 router = APIRouter(prefix="/v1/files", tags=["files"])
@@ -32,12 +33,15 @@ CHUNK = 64 * 1024
 class _Checker:
     """Streams bytes to disk, hashing, counting, checking UTF-8 and jsonl lines as they pass."""
 
-    def __init__(self, fmt: str, limit: int) -> None:
+    def __init__(self, fmt: str, limit: int, allowance: UploadAllowance | None = None) -> None:
         self.fmt, self.limit = fmt, limit
+        self.allowance = allowance  # the tenant's upload budget (app.api.limits)
         self.size = 0
         self.sha = hashlib.sha256()
         self.decoder = codecs.getincrementaldecoder("utf-8")()
-        self.pending = ""
+        # The unfinished last line, as the pieces that arrived: joined only once its newline
+        # comes, so a long line costs linear time (re-scanning a growing string was quadratic).
+        self.pending: list[str] = []
         self.line_no = 0
         self.records = 0
 
@@ -45,16 +49,23 @@ class _Checker:
         self.size += len(chunk)
         if self.size > self.limit:
             raise BodyTooLarge(self.limit)
+        if self.allowance is not None and self.size > self.allowance.remaining:
+            raise self.allowance.refusal(self.size)
         self.sha.update(chunk)
         try:
             text = self.decoder.decode(chunk)
         except UnicodeDecodeError:
             raise HTTPException(422, detail="file: is not UTF-8 text") from None
         if self.fmt == "jsonl":
-            self.pending += text
-            *lines, self.pending = self.pending.split("\n")
+            first, newline, rest = text.partition("\n")
+            self.pending.append(first)
+            if not newline:
+                return
+            self._line("".join(self.pending))
+            *lines, last = rest.split("\n")
             for line in lines:
                 self._line(line)
+            self.pending = [last]
 
     def _line(self, line: str) -> None:
         self.line_no += 1
@@ -62,7 +73,7 @@ class _Checker:
             return
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested too deeply
             raise HTTPException(422, detail=f"file: line {self.line_no} is not valid JSON") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise HTTPException(
@@ -75,7 +86,7 @@ class _Checker:
         except UnicodeDecodeError:
             raise HTTPException(422, detail="file: is not UTF-8 text") from None
         if self.fmt == "jsonl":
-            self._line(self.pending + tail)
+            self._line("".join(self.pending) + tail)
             if self.records == 0:
                 raise HTTPException(422, detail="file: has no jsonl records")
         elif self.size == 0:
@@ -97,10 +108,25 @@ async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     "",
     status_code=201,
     response_model=FileOut,
-    responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut}},
-    summary="Upload a calibration file (text or jsonl with a `text` field per line)",
-    description="Send `multipart/form-data` with a `file` field, or the raw bytes with "
-    "`?filename=name.txt`. The body is streamed to disk and cut off at SLIMGPT_MAX_UPLOAD_BYTES.",
+    responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut},
+               429: {"model": ErrorOut, "description": "the tenant's upload bytes per 24 h "
+                     "(SLIMGPT_UPLOAD_BYTES_PER_DAY) are spent; see Retry-After"}},
+    summary="Upload a calibration or evaluation file (text, or jsonl with a `text` field per "
+    "line)",
+    description="Send `multipart/form-data` with a `file` field, or the raw UTF-8 text as the "
+    "body (`?filename=name.jsonl` names it; a `.jsonl`/`.ndjson` name or `format=jsonl` makes "
+    "it jsonl). The body is streamed to disk and cut off at SLIMGPT_MAX_UPLOAD_BYTES.",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "text/plain": {"schema": {"type": "string", "minLength": 1,
+                                  "description": "UTF-8 text (jsonl: one JSON object with a "
+                                  "`text` field per line)"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                "description": "the same, as raw bytes"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "additionalProperties": False,
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "UTF-8 text or jsonl"}}}},
+    }}},
 )
 async def upload_file(
     request: Request,
@@ -111,6 +137,11 @@ async def upload_file(
     format: Annotated[Literal["text", "jsonl"] | None, Query()] = None,
 ) -> FileOut:
     ctype = request.headers.get("content-type", "")
+    # Database calls go to the threadpool: on the event loop a hung database would stall every
+    # request of this process, /healthz included.
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() and not ctype.startswith("multipart/") else None
+    allowance = await run_in_threadpool(upload_allowance, session, tenant.id, settings, declared)
     uploads = Path(settings.uploads_dir)  # type: ignore[arg-type]
     uploads.mkdir(parents=True, exist_ok=True)
     file_id = new_id()
@@ -125,13 +156,10 @@ async def upload_file(
             name = upload.filename or filename or "upload.txt"
             chunks: AsyncIterator[bytes] = _upload_chunks(upload)
         else:
-            if not filename:
-                raise HTTPException(
-                    422, detail="filename: required for a raw upload (or send multipart/form-data)")
-            name = filename
+            name = filename or "upload.txt"
             chunks = request.stream()
         fmt = _format_for(name, format)
-        checker = _Checker(fmt, settings.max_upload_bytes)
+        checker = _Checker(fmt, settings.max_upload_bytes, allowance)
         fh = await run_in_threadpool(open, tmp, "wb")  # disk I/O off the event loop
         try:
             async for chunk in chunks:
@@ -153,8 +181,17 @@ async def upload_file(
     record = UploadedFile(id=file_id, tenant_id=tenant.id, filename=safe_name, format=fmt,
                           path=str(final.resolve()), size=checker.size,
                           sha256=checker.sha.hexdigest())
-    session.add(record)
-    session.commit()
+
+    def store() -> None:
+        check_upload_total(session, tenant.id, settings, checker.size)  # others finished meanwhile
+        session.add(record)
+        session.commit()
+
+    try:
+        await run_in_threadpool(store)
+    except BaseException:
+        final.unlink(missing_ok=True)
+        raise
     request.app.state.metrics.uploads.inc(checker.size)
     log.info("stored upload %s (%d bytes, %s)", file_id, checker.size, fmt)
     return _file_out(record)
@@ -163,6 +200,18 @@ async def upload_file(
 def _file_out(f: UploadedFile) -> FileOut:
     return FileOut(id=f.id, filename=f.filename, format=f.format,  # type: ignore[arg-type]
                    size=f.size, sha256=f.sha256, created_at=f.created_at)
+
+
+@router.get("", response_model=FileList, summary="The tenant's uploaded files, newest first")
+def files_list(
+    tenant: TenantDep,
+    session: SessionDep,
+    sha256: Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$",
+                                        description="only files with this content hash")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> FileList:
+    return FileList(items=[_file_out(f) for f in list_files(session, tenant.id, sha256=sha256,
+                                                             limit=limit)])
 
 
 @router.get("/{file_id}", response_model=FileOut, responses={404: {"model": ErrorOut}},

@@ -1,0 +1,79 @@
+"""Rewrite a pruned checkpoint's tensors into the served layout of :mod:`slimgpt_core.served_layout`.
+
+Each tensor is rewritten on its own (no layer has to be complete first), so this works on the
+stream of (name, tensor) pairs that vLLM's loaders produce shard by shard. Names are those of the
+Hugging Face checkpoint (``model.layers.<i>.self_attn.q_proj.weight`` ...); anything else passes
+through untouched. Torch only: usable without vLLM (the tests check the rewrite in transformers).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from slimgpt_core.served_layout import LayerLayout
+
+__all__ = ["rewrite_tensor", "rewrite_weights"]
+
+_LAYER_TENSOR = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
+    r"\.(weight|bias)$")
+
+
+def _gather_heads(t: torch.Tensor, source: Sequence[int | None], head_dim: int,
+                  dim: int) -> torch.Tensor:
+    """Heads of ``t`` along ``dim`` (blocks of ``head_dim``) in ``source`` order; None -> zeros."""
+    heads = t.unflatten(dim, (-1, head_dim))
+    index = torch.tensor([0 if s is None else s for s in source], dtype=torch.long,
+                         device=t.device)
+    out = heads.index_select(dim, index)
+    missing = [i for i, s in enumerate(source) if s is None]
+    if missing:
+        out = out.clone()
+        out.index_fill_(dim, torch.tensor(missing, dtype=torch.long, device=t.device), 0)
+    return out.flatten(dim, dim + 1).contiguous()
+
+
+def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    extra = size - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def rewrite_tensor(name: str, tensor: torch.Tensor, layouts: Sequence[LayerLayout],
+                   head_dim: int) -> torch.Tensor:
+    """``tensor`` as the served layout of its layer needs it (unchanged if not a layer tensor
+    or if the layer is served as it is)."""
+    m = _LAYER_TENSOR.search(name)
+    if m is None:
+        return tensor
+    layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
+    if layer >= len(layouts):
+        return tensor
+    lay = layouts[layer]
+    if lay.is_identity:
+        return tensor
+    proj = module.rsplit(".", 1)[1]
+    if proj == "q_proj":  # rows are query heads (weight and bias)
+        return _gather_heads(tensor, lay.q_source, head_dim, 0)
+    if proj in ("k_proj", "v_proj"):
+        return _gather_heads(tensor, lay.kv_source, head_dim, 0)
+    if proj == "o_proj":  # columns are query heads; its bias (if any) is per hidden unit
+        return tensor if kind == "bias" else _gather_heads(tensor, lay.q_source, head_dim, 1)
+    if proj in ("gate_proj", "up_proj"):
+        return _pad(tensor, lay.intermediate_size, 0)
+    # down_proj: columns are channels; its bias is per hidden unit
+    return tensor if kind == "bias" else _pad(tensor, lay.intermediate_size, 1)
+
+
+def rewrite_weights(weights: Iterable[tuple[str, torch.Tensor]],
+                    layouts: Sequence[LayerLayout], head_dim: int
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`rewrite_tensor` over a stream of checkpoint tensors."""
+    for name, tensor in weights:
+        yield name, rewrite_tensor(name, tensor, layouts, head_dim)

@@ -1,0 +1,77 @@
+"""The cost model behind /v1/estimate: it reproduces the recorded H200 runs within its stated
+error, and its answers move the right way with GPUs and memory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimgpt_core.costs import (
+    COEFFICIENTS,
+    GiB,
+    Workload,
+    estimate_resources,
+    gpu_peak_bytes,
+    predict_seconds,
+)
+from slimgpt_core.schedule import ModelShape, make_plan
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+LLAMA3_70B = {"model_type": "llama", "num_hidden_layers": 80, "hidden_size": 8192,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 28672,
+              "vocab_size": 128256}
+
+
+@pytest.fixture(scope="module")
+def runs() -> list[dict]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from fit_costs import load
+    finally:
+        sys.path.remove(str(BENCH))
+    return load(BENCH / "results" / "h200_scale.jsonl")
+
+
+def test_time_model_reproduces_the_recorded_runs_within_its_stated_error(runs) -> None:
+    assert len(runs) >= 10
+    for r in runs:
+        pred = predict_seconds(r["shape_obj"], r["plan"], r["work"], gpus=r["gpus"],
+                               placement=r["place"], layers=r["k"])["total_s"]
+        assert abs(pred / r["prune_s"] - 1) <= COEFFICIENTS.error_fit, r["label"]
+
+
+def test_gpu_memory_model_reproduces_the_recorded_peaks(runs) -> None:
+    for r in runs:
+        pred = gpu_peak_bytes(r["shape_obj"], r["work"], gpus=r["gpus"], placement=r["place"],
+                              include_base=False) / GiB
+        assert abs(pred / r["peak_gpu_GiB"][0] - 1) <= 0.1, r["label"]
+
+
+def _shape_plan():
+    shape = ModelShape.from_config(LLAMA3_70B)
+    return shape, make_plan(shape, 0.2)
+
+
+def test_a_70b_model_streams_on_one_h200_within_the_issue_targets() -> None:
+    shape, plan = _shape_plan()
+    est = estimate_resources(shape, plan, gpu_type="h200", gpus=1)
+    assert est.placement == "stream" and est.fits
+    assert est.peak_gpu_gb <= 80 and est.peak_host_gb <= 32
+    assert est.output_disk_gb < 141
+
+
+def test_more_gpus_take_less_time_and_less_memory_each() -> None:
+    shape, plan = _shape_plan()
+    one, two = (estimate_resources(shape, plan, gpus=n) for n in (1, 2))
+    assert two.predicted_s < one.predicted_s
+    assert two.peak_gpu_gb < one.peak_gpu_gb
+
+
+def test_a_gpu_too_small_for_the_job_is_reported_with_the_reason() -> None:
+    shape, plan = _shape_plan()
+    est = estimate_resources(shape, plan, gpu_type="a100-40gb", gpus=1,
+                             work=Workload(num_samples=512))
+    assert not est.fits and "busiest GPU" in est.reasons[0]
+    assert est.predicted_error >= 0.5 and not est.measured_gpu_type
