@@ -28,16 +28,13 @@ from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
 from slimgpt_core.collective import Collective
 from slimgpt_core.compact import compact_attention, compact_mlp
+from slimgpt_core.families import Family, family_for_config
 from slimgpt_core.heads import prune_heads
 from slimgpt_core.hessian import HessianAccumulator
 from slimgpt_core.layer_io import (
     LayerContext,
-    attention_block,
     capture_layer_inputs,
-    check_uniform_attention,
-    decoder_layers,
-    ffn_block,
-    ffn_hidden,
+    contexts_to,
     layers_prefix,
     micro_batches,
 )
@@ -225,6 +222,11 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config.to_dict())
 
 
+def model_family(model: nn.Module) -> Family:
+    """The family adapter of ``model`` (raises for a model type without one)."""
+    return family_for_config(model.config)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -298,17 +300,17 @@ class _Phase:
 @dataclass
 class _ProbeState:
     acts: torch.Tensor
-    ctx: LayerContext
+    contexts: list[LayerContext]
     dense: bool
 
 
 @torch.no_grad()
 def _layer_forward(layer: nn.Module, acts: torch.Tensor, ctx: LayerContext, batch_size: int,
-                   device: torch.device) -> None:
+                   device: torch.device, family: Family) -> None:
     """``acts <- layer(acts)`` in place, micro-batch by micro-batch."""
     for sl in micro_batches(acts.shape[0], batch_size):
-        h = attention_block(layer, acts[sl].to(device), ctx)
-        acts[sl] = ffn_block(layer, h).to(acts.device)
+        h = family.attention_block(layer, acts[sl].to(device), ctx)
+        acts[sl] = family.ffn_block(layer, h).to(acts.device)
 
 
 def _hessian(acc: HessianAccumulator, comm: Collective) -> torch.Tensor | None:
@@ -337,31 +339,34 @@ def _prune_layer(
     clock: _Clock,
     emit: Callable[[str, str, dict[str, float]], None],
     comm: Collective,
+    *,
+    family: Family,
 ) -> LayerReport:
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
+    o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
     n = acts.shape[0]
     batches = list(micro_batches(n, config.batch_size))
     leader = comm.is_leader
 
     # 1. Attention: Hessian of o_proj's input, then batched greedy head removal.
     emit("attention", f"layer {lp.index}: attention Hessian", {})
-    h_attn = HessianAccumulator(attn.o_proj.in_features, device,
+    h_attn = HessianAccumulator(o_proj.in_features, device,
                                 name=f"layer {lp.index} self_attn.o_proj")
-    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
+    hook = o_proj.register_forward_pre_hook(lambda _m, args: h_attn.add(args[0]))
     try:
         with _Phase(clock, seconds, "attn_pass", device):
             for sl in batches:
-                attention_block(layer, acts[sl].to(device), ctx)
+                family.attention_block(layer, acts[sl].to(device), ctx)
     finally:
         hook.remove()
     with _Phase(clock, seconds, "hessian_finalize", device):
         H = _hessian(h_attn, comm)
     with _Phase(clock, seconds, "heads", device):
-        W = torch.empty(attn.o_proj.weight.shape, dtype=torch.float32, device=device)
+        W = torch.empty(o_proj.weight.shape, dtype=torch.float32, device=device)
         if leader:
             assert H is not None
-            W0 = attn.o_proj.weight.detach().float()
+            W0 = o_proj.weight.detach().float()
             W.copy_(W0)
             heads = prune_heads(
                 W, _selection_hessian(H, config.method), num_heads=shape.num_heads,
@@ -382,9 +387,10 @@ def _prune_layer(
         heads, attn_err_nc, attn_err = comm.broadcast_object(info if leader else None)
         W = comm.broadcast_(W.contiguous())
         if config.compact:
-            compact_attention(attn, heads.kept_heads, heads.kept_kv_heads, heads.kv_index, W)
+            compact_attention(attn, family.layout.as_dict(), heads.kept_heads,
+                              heads.kept_kv_heads, heads.kv_index, W)
         else:
-            attn.o_proj.weight.data.copy_(W)
+            o_proj.weight.data.copy_(W)
         del W
     emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads"
          + _damping_note(heads.retries, heads.percdamp),
@@ -392,21 +398,21 @@ def _prune_layer(
           "attn_damping_retries": float(heads.retries), "attn_percdamp": heads.percdamp})
 
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
-    h_ffn = HessianAccumulator(mlp.down_proj.in_features, device,
+    h_ffn = HessianAccumulator(down_proj.in_features, device,
                                name=f"layer {lp.index} mlp.down_proj")
     with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
-            h = attention_block(layer, acts[sl].to(device), ctx)
+            h = family.attention_block(layer, acts[sl].to(device), ctx)
             residual[sl] = h.to(residual.device)
-            h_ffn.add(ffn_hidden(layer, h))
+            h_ffn.add(family.ffn_hidden(layer, h))
             del h
     with _Phase(clock, seconds, "hessian_finalize", device):
         H = _hessian(h_ffn, comm)
     with _Phase(clock, seconds, "ffn", device):
-        W = torch.empty(mlp.down_proj.weight.shape, dtype=torch.float32, device=device)
+        W = torch.empty(down_proj.weight.shape, dtype=torch.float32, device=device)
         if leader:
             assert H is not None
-            W0 = mlp.down_proj.weight.detach().float()
+            W0 = down_proj.weight.detach().float()
             W.copy_(W0)
             channels = prune_channels(
                 W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed,
@@ -422,9 +428,9 @@ def _prune_layer(
         channels, ffn_err_nc, ffn_err = comm.broadcast_object(info if leader else None)
         W = comm.broadcast_(W.contiguous())
         if config.compact:
-            compact_mlp(mlp, channels.kept_channels, W)
+            compact_mlp(mlp, family.layout.as_dict(), channels.kept_channels, W)
         else:
-            mlp.down_proj.weight.data.copy_(W)
+            down_proj.weight.data.copy_(W)
         del W
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
          f"{shape.intermediate_size} channels" + _damping_note(channels.retries, channels.percdamp),
@@ -434,7 +440,7 @@ def _prune_layer(
     # 3. The pruned layer's outputs become the next layer's inputs.
     with _Phase(clock, seconds, "output_pass", device):
         for sl in batches:
-            acts[sl] = ffn_block(layer, residual[sl].to(device)).to(acts.device)
+            acts[sl] = family.ffn_block(layer, residual[sl].to(device)).to(acts.device)
 
     return LayerReport(
         index=lp.index, ratio=lp.ratio,
@@ -457,9 +463,9 @@ def _damping_note(retries: int, percdamp: float) -> str:
             "mean diag H" + ("; OBS is close to magnitude pruning here)" if percdamp >= 1 else ")"))
 
 
-def _resize_to_report(layer: nn.Module, report: dict[str, Any]) -> None:
-    resize_layer(layer, len(report["heads_kept"]), len(report["kv_heads_kept"]),
-                 len(report["channels_kept"]), report["kv_index"])
+def _resize_to_report(layer: nn.Module, report: dict[str, Any], family: Family) -> None:
+    resize_layer(layer, family.layout.as_dict(), len(report["heads_kept"]),
+                 len(report["kv_heads_kept"]), len(report["channels_kept"]), report["kv_index"])
 
 
 class _CheckpointSource:
@@ -513,11 +519,11 @@ def prune_model(
         raise ValueError("pruning a streamed model needs checkpoint_dir (or on_layer): pruned "
                          "layers are written there as they finish")
     model.eval()
-    check_uniform_attention(model)
+    family = model_family(model)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                      config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
-    layers = decoder_layers(model)
+    layers = family.decoder_layers(model)
     n_layers = len(layers)
     prefix = layers_prefix(model) + "."
     device = _resolve_device(config.device)
@@ -557,10 +563,10 @@ def prune_model(
             report = ckpt.load_report(i)
             reports.append(LayerReport(**report))
             if placement == "stream":
-                _resize_to_report(layers[i], report)
+                _resize_to_report(layers[i], report, family)
             else:
                 if config.compact:
-                    _resize_to_report(layers[i], report)
+                    _resize_to_report(layers[i], report, family)
                 ckpt.load_weights(i, layers[i], prefix=f"{prefix}{i}.")
 
     store = LayerStore(layers, device, placement, source=source,
@@ -578,12 +584,14 @@ def prune_model(
         emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
         t0 = time.perf_counter()
         local = comm.share(calibration)
-        acts, ctx = capture_layer_inputs(model, local, device, config.batch_size, store_device)
-        ctx = ctx.to(device)
+        acts, contexts = capture_layer_inputs(model, local, device, config.batch_size,
+                                              store_device)
+        contexts = contexts_to(contexts, device)
         for name, probe in (probes or {}).items():
-            p_acts, p_ctx = capture_layer_inputs(model, probe.input_ids, device,
-                                                 config.batch_size, store_device)
-            probe_states[name] = _ProbeState(p_acts, p_ctx.to(device), probe.dense)
+            p_acts, p_contexts = capture_layer_inputs(model, probe.input_ids, device,
+                                                      config.batch_size, store_device)
+            probe_states[name] = _ProbeState(p_acts, contexts_to(p_contexts, device),
+                                             probe.dense)
         clock.add("capture", time.perf_counter() - t0)
         residual = torch.empty_like(acts)
 
@@ -593,9 +601,10 @@ def prune_model(
             for i in range(done):
                 store.prefetch(i + 1, source_for(i + 1))
                 layer = store.acquire(i, source_for(i))
-                _layer_forward(layer, acts, ctx, config.batch_size, device)
+                _layer_forward(layer, acts, contexts[i], config.batch_size, device, family)
                 for state in probe_states.values():
-                    _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
+                    _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                   device, family)
                 store.release(i, layer, changed=False)
             clock.add("replay", time.perf_counter() - t0)
 
@@ -614,13 +623,15 @@ def prune_model(
             with _Phase(clock, {}, "probes", device):
                 for state in probe_states.values():
                     if state.dense:
-                        _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
-            report = _prune_layer(layer, plan.layers[i], shape, acts, residual, ctx, config,
-                                  device, clock, layer_emit, comm)
+                        _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                       device, family)
+            report = _prune_layer(layer, plan.layers[i], shape, acts, residual, contexts[i],
+                                  config, device, clock, layer_emit, comm, family=family)
             with _Phase(clock, {}, "probes", device):
                 for state in probe_states.values():
                     if not state.dense:
-                        _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
+                        _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                       device, family)
             reports.append(report)
             on_host = None
             if on_layer is not None and leader:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.errors import DATABASE_UNAVAILABLE
 from app.api.limits import check_queued_jobs
-from app.api.resolve import resolve_model
+from app.api.resolve import check_local_family, resolve_model
 from app.core.faults import crash_point
 from app.crud import jobs as crud
 from app.crud.files import get_file
@@ -127,6 +127,8 @@ def create_job(
     if problem:
         raise HTTPException(503, detail=problem)
     source, local_path = resolve_model(settings, body.model_id)
+    if local_path is not None:
+        check_local_family(local_path)
     _check_resources(body, settings, local_path)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
