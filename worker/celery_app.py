@@ -29,6 +29,7 @@ from celery.signals import (
 from app.core.logging import adopt_handlers
 from app.db.session import forget_inherited_connections
 from worker import fleet
+from worker.liveness import LivenessFile
 from worker.redact import install_redaction
 from worker.settings import WorkerSettings
 from worker.tasks import RUNNER_CONF_KEY, register_tasks
@@ -92,6 +93,7 @@ def make_celery(settings: WorkerSettings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     app.slimgpt_settings = settings  # type: ignore[attr-defined]  # read by the task and the heartbeat
     register_tasks(app)
+    app.steps["worker"].add(LivenessFile)
     install_redaction()
     return app
 
