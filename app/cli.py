@@ -83,7 +83,8 @@ def serve(
 
     app = create_app(settings)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(),
-                log_config=uvicorn_log_config(), proxy_headers=True)
+                log_config=uvicorn_log_config(settings.log_level), access_log=False,
+                proxy_headers=True)
     return 0
 
 

@@ -398,7 +398,7 @@ class SlimGPTClient:
                     yield chunk
 
         return self._json("POST", "/v1/files", params=params, content=chunks(), retry=False,
-                          headers={"Content-Type": "application/octet-stream",
+                          headers={"Content-Type": "text/plain; charset=utf-8",
                                    "Content-Length": str(p.stat().st_size)})
 
     def list_files(self, *, sha256: str | None = None, limit: int = 100) -> list[dict[str, Any]]:

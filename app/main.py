@@ -14,8 +14,13 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import sessionmaker
 
 from app import __version__, ui
-from app.api import errors
-from app.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RouteTemplates
+from app.api import errors, openapi
+from app.api.middleware import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+    RouteTemplates,
+)
 from app.api.routes import estimate, events, files, health, hub_token, jobs
 from app.core.config import Settings, get_settings
 from app.core.logging import configure_logging
@@ -107,8 +112,14 @@ def create_app(
         version=__version__,
         description="Submit a model and a target ratio; a GPU worker prunes it with SlimGPT "
         "(structured OBS pruning of heads and FFN channels) and publishes the smaller model. "
-        "Authenticate with `Authorization: Bearer <API key>`.",
+        "Authenticate with `Authorization: Bearer <API key>` (or `X-API-Key: <API key>`); "
+        "in /docs, press **Authorize** and paste the key.",
         lifespan=lifespan,
+        # operationId = the route function's name (`create_job`, `get_job`, ...): what a
+        # generated client names its functions.
+        generate_unique_id_function=lambda route: route.name,
+        docs_url=None,  # served by app.api.openapi with the package's own assets
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.session_factory = session_factory
@@ -119,6 +130,7 @@ def create_app(
     app.state.broker = broker
     app.state.metrics = metrics
     errors.install(app)
+    openapi.install(app)
     routers = (jobs.router, files.router, hub_token.router, estimate.router, health.router,
                events.router, ui.router)
     for router in routers[:-1]:
@@ -126,11 +138,12 @@ def create_app(
     ui.install(app)
     templates = RouteTemplates(
         [r for router in routers for r in router.routes], mounts=[ui.STATIC_PATH],
-        paths=[app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url])
+        paths=[app.openapi_url, "/docs", "/redoc"])
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes,  # type: ignore[arg-type]
                        upload_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
     app.add_middleware(MetricsMiddleware, metrics=metrics,  # type: ignore[arg-type]
                        templates=templates)
+    app.add_middleware(RequestContextMiddleware)  # outermost: its id is on every line
     return app
 
 

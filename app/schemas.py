@@ -6,7 +6,14 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 #: Hub repo id syntax: ``owner/name``; letters, digits, '-', '_', '.'; no '--' or '..';
 #: neither part starts or ends with '-' or '.'; at most 96 characters per part.
@@ -14,6 +21,21 @@ _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
 HUB_REPO_RE = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
 BUILTIN_DATASETS = ("c4", "wikitext2")
 UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def iso_datetime(value: Any) -> Any:
+    """A date-time query parameter is ISO 8601 text, not a bare number (pydantic would take
+    `0.5` as a Unix time; the OpenAPI says `date-time`)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return value
+        raise ValueError("expected an ISO 8601 date-time, e.g. 2026-01-31T12:00:00Z")
+    return value
+
+
+IsoDateTime = Annotated[datetime, BeforeValidator(iso_datetime)]
 
 
 def is_hub_repo_id(value: str) -> bool:
@@ -176,9 +198,8 @@ class JobCreate(Strict):
                                     "seed": 0},
                     "pruning": {"percdamp": 0.01, "min_group": 64, "gqa_policy": "free"},
                     "export": {"profile": "hetero"},
-                    "destination": {"hub_repo_id": "my-org/SmolLM2-135M-slim20",
-                                    "private": True, "create_pr": False},
-                    "evaluate": {"perplexity": True},
+                    "evaluate": {"perplexity": True, "eval_source": "wikitext2",
+                                 "num_windows": 16, "seq_len": 512},
                 }
             ]
         },
@@ -270,6 +291,71 @@ class Progress(BaseModel):
     eta_s: float | None = None
 
 
+class Open(BaseModel):
+    """A response object whose listed fields are guaranteed; more may appear (forward
+    compatible: a newer worker may add measurements)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class EvaluationInfo(Open):
+    source: str = Field(..., description="`wikitext2`, `c4` or `upload`")
+    windows: int = Field(..., description="evaluation windows measured")
+    seq_len: int = Field(..., description="tokens per window")
+    tokens: int = Field(..., description="tokens measured (windows x seq_len)")
+    dataset: str | None = Field(None, description="Hub dataset id, e.g. `Salesforce/wikitext`")
+    config: str | None = Field(None, description="dataset configuration, e.g. "
+                               "`wikitext-2-raw-v1`")
+    split: str | None = Field(None, description="dataset split, e.g. `test`")
+    file: str | None = Field(None, description="the dataset file read")
+    revision: str | None = None
+    sha256: str | None = Field(None, description="an uploaded file's content hash")
+    file_id: str | None = Field(None, description="the uploaded file's id")
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+
+
+class JobMetrics(Open):
+    params_before: int | None = Field(None, description="parameters of the base model")
+    params_after: int | None = Field(None, description="parameters of the pruned model")
+    achieved_ratio: float | None = Field(None, description="share of decoder-layer "
+                                         "parameters removed")
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    evaluation: EvaluationInfo | None = Field(None, description="what the perplexity was "
+                                              "measured on")
+    resumed_from: int | None = Field(None, description="first layer pruned in the last "
+                                     "attempt (earlier ones came from checkpoints)")
+    seconds: dict[str, float] | None = Field(None, description="wall time per phase")
+    verification: dict[str, Any] | None = Field(None, description="the reload check of the "
+                                                "exported folder")
+    error_code: str | None = None
+
+
+class ResultFile(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class JobResult(Open):
+    location: str | None = Field(None, description="where the pruned model was published")
+    artifact_prefix: str | None = None
+    files: list[ResultFile] | None = None
+    hub_repo_id: str | None = None
+    hub_url: str | None = None
+    hub_commit_url: str | None = None
+    hub_commit_sha: str | None = None
+    hub_pr_url: str | None = None
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str
+    artifacts: str
+    cancel: str
+
+
 class JobOut(BaseModel):
     id: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -284,11 +370,16 @@ class JobOut(BaseModel):
     finished_at: datetime | None = None
     duration_s: float | None = None
     attempts: int
-    metrics: dict[str, Any] | None = None
-    result: dict[str, Any] | None = None
-    error: str | None = None
-    request: dict[str, Any]
-    links: dict[str, str]
+    metrics: JobMetrics | None = None
+    result: JobResult | None = None
+    error: str | None = Field(None, description="why the job failed, for people")
+    error_code: str | None = Field(
+        None, description="why the job failed, for programs: one of the worker's codes "
+        "(`hub_offline`, `model_gated`, `cholesky_failed`, ...; see the API description)",
+        examples=["hub_offline"])
+    request: dict[str, Any] = Field(..., description="the normalized job request (every "
+                                    "default filled in), as POST /v1/jobs takes it")
+    links: JobLinks
 
 
 class JobList(BaseModel):
@@ -333,7 +424,7 @@ class FileList(BaseModel):
 
 
 class HubTokenIn(Strict):
-    token: str = Field(..., min_length=8, max_length=1000, pattern=r"^\S+$",
+    token: str = Field(..., min_length=8, max_length=1000, pattern=r"^[!-~]+$",
                        description="a Hugging Face access token (write-only)")
 
 
@@ -342,5 +433,73 @@ class HubTokenStatus(BaseModel):
     updated_at: datetime | None = None
 
 
-class ErrorOut(BaseModel):
-    detail: Any
+class ProblemFieldError(BaseModel):
+    """One invalid input: where (a JSON pointer into the body, or a parameter or header name)
+    and why."""
+
+    pointer: str | None = Field(None, description="JSON pointer (RFC 6901) into the request "
+                                "body, as a URI fragment", examples=["#/calibration/source"])
+    parameter: str | None = Field(None, description="the query or path parameter")
+    header: str | None = Field(None, description="the request header")
+    detail: str
+    type: str | None = Field(None, description="the kind of error, e.g. `missing`")
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details: every error answer of the API, as
+    `application/problem+json`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(..., description="`urn:slimgpt:error:<code>`")
+    title: str = Field(..., description="the HTTP status phrase")
+    status: int
+    detail: str = Field(..., description="what went wrong, for people")
+    code: str = Field(..., description="what went wrong, for programs (stable)",
+                      examples=["invalid_request"])
+    errors: list[ProblemFieldError] | None = Field(None, description="invalid inputs "
+                                                   "(422), one per field")
+
+
+ErrorOut = Problem  # the name routes used
+
+
+class EstimateLayer(BaseModel):
+    index: int
+    ratio: float
+    heads_removed: int
+    kv_heads_removed: int
+    channels_removed: int
+    heads_kept: int
+    kv_heads_kept: int
+    channels_kept: int
+    params_before: int
+    params_after: int
+
+
+class EstimateOut(Open):
+    target_ratio: float
+    achieved_ratio: float = Field(..., description="decoder-layer parameters removed")
+    schedule: Any = Field(..., description="the schedule used (name or per-layer list)")
+    gqa_policy: str
+    r_first: float | None = None
+    r_last: float | None = None
+    decoder_params_before: int
+    decoder_params_after: int
+    total_params_before: int
+    total_params_after: int
+    uniform_widths: bool
+    shape: dict[str, Any] = Field(..., description="the dense model's shape")
+    layers: list[EstimateLayer]
+    notes: list[str] = []
+    export_profile: Literal["hetero", "uniform"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(..., description="database, broker, worker: `ok`, "
+                                   "`unreachable: ...`, `unavailable: ...`, ...")

@@ -124,6 +124,13 @@ def latest_event_id(session: Session) -> int:
     return int(value or 0)
 
 
+def _frame(data: str | None = None, **fields: Any) -> str:
+    """One SSE message, framed by sse-starlette (LF line ends, as the job stream's)."""
+    from sse_starlette import ServerSentEvent
+
+    return ServerSentEvent(data, sep="\n", **fields).encode().decode()
+
+
 async def sse(
     *,
     session_factory: Callable[[], Session],
@@ -147,7 +154,7 @@ async def sse(
         with session_factory() as s:
             return poll_events(s, tenant_id, cursor, job_id)
 
-    yield "retry: 3000\n\n"
+    yield _frame(retry=3000)
     beat = checked = time.monotonic()
     failing_since: float | None = None
     last_seen = after
@@ -162,7 +169,7 @@ async def sse(
             except DATABASE_ERRORS:
                 allowed = True  # unknown for now: asked again at the next recheck
             if not allowed:
-                yield 'event: end\ndata: {"reason": "session ended"}\n\n'
+                yield _frame('{"reason": "session ended"}', event="end")
                 return
         try:
             events = await run_in_threadpool(poll)
@@ -180,11 +187,11 @@ async def sse(
             events = []
         for ev in events:
             sent_id = max(sent_id, ev["id"])
-            yield f"id: {sent_id}\nevent: job\ndata: {json.dumps(ev, default=str)}\n\n"
+            yield _frame(json.dumps(ev, default=str), id=str(sent_id), event="job")
         if events:
             beat = time.monotonic()
         elif time.monotonic() - beat >= heartbeat_s:
-            yield ": heartbeat\n\n"
+            yield _frame(comment="heartbeat")
             beat = time.monotonic()
         if await is_disconnected():
             return

@@ -15,6 +15,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from slimgpt_core.collective import Collective
+from slimgpt_core.families import family_for_model_type
 from slimgpt_core.layer_io import LayerContext
 from slimgpt_core.pruner import PruneConfig, _Clock, _prune_layer
 from slimgpt_core.schedule import ModelShape, plan_layer
@@ -47,7 +48,7 @@ def main() -> None:
     def run(layer_to_prune: torch.nn.Module) -> dict[str, float]:
         clock = _Clock()
         _prune_layer(layer_to_prune, lp, shape, acts.clone(), residual, ctx, config, dev, clock,
-                     lambda *a: None, Collective())
+                     lambda *a: None, Collective(), family=family_for_model_type("llama"))
         torch.cuda.synchronize()
         return clock.totals
 

@@ -1,20 +1,35 @@
 # The API image: FastAPI + SQLAlchemy + Celery client, no torch (see pyproject's `service` extra).
 # Build from the repository root:  docker build -f docker/api.Dockerfile -t slimgpt-api .
-FROM python:3.11-slim
+# PYTHON_IMAGE: any Debian/Ubuntu image with python3 (>= 3.10) and its venv module; the official
+# slim image by default, a locally built one where no registry is reachable
+# (docker/local-images.sh).
+ARG PYTHON_IMAGE=python:3.11-slim
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN python3 -m venv /opt/venv
 
 WORKDIR /srv/slimgpt
+# Dependencies first, against empty packages, so a code change rebuilds only the last layers.
+COPY pyproject.toml README.md ./
+RUN mkdir -p app slimgpt_core migrations \
+ && touch app/__init__.py slimgpt_core/__init__.py migrations/__init__.py \
+ && pip install ".[service]" \
+ && rm -rf app slimgpt_core migrations build *.egg-info
+
 # Only what the API imports: app, migrations, and the torch-free parts of slimgpt_core
 # (the /v1/estimate arithmetic). slimgpt_core does not import torch at import time.
-COPY pyproject.toml README.md ./
 COPY app ./app
 COPY migrations ./migrations
 COPY slimgpt_core ./slimgpt_core
-RUN pip install ".[service]" \
+# The checks run outside the source tree, so they import what was installed.
+RUN pip install --no-deps --force-reinstall . \
+ && cd / \
  && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
  && python -c "import app.main"
 
@@ -23,6 +38,8 @@ RUN useradd --create-home --uid 10001 slimgpt \
  && mkdir -p /data/artifacts /data/uploads \
  && chown -R slimgpt:slimgpt /data
 USER slimgpt
+# Run from the user's home: the source tree above is only the build's input.
+WORKDIR /home/slimgpt
 
 ENV SLIMGPT_DATA_DIR=/data \
     SLIMGPT_ARTIFACTS_DIR=/data/artifacts \

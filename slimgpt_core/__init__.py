@@ -1,4 +1,5 @@
-"""SlimGPT structured pruning of Llama-layout causal LMs (arXiv 2412.18110).
+"""SlimGPT structured pruning of decoder-only causal LMs (arXiv 2412.18110), one adapter per
+model family (:mod:`slimgpt_core.families`).
 
 Importing the package does not import torch: the API process uses :mod:`slimgpt_core.schedule`
 for dry runs and must stay torch-free. The torch-backed entry points load on first access.

@@ -33,14 +33,8 @@ from torch import nn
 
 from slimgpt_core.channels import group_size
 from slimgpt_core.heads import _head_columns
-from slimgpt_core.layer_io import (
-    LayerContext,
-    attention_block,
-    decoder_layers,
-    ffn_block,
-    ffn_hidden,
-    micro_batches,
-)
+from slimgpt_core.families import Family
+from slimgpt_core.layer_io import LayerContext, contexts_to, micro_batches
 from slimgpt_core.obs import damped_inverse, group_errors, remove_group
 from slimgpt_core.schedule import (
     CHANNEL_MULTIPLE,
@@ -62,9 +56,11 @@ class LayerCurves:
 
 # -- 1. loss weights -----------------------------------------------------------------------
 def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.device,
+                       family: Family,
                        batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: mean squared loss gradient per hidden dim after attention and after FFN."""
-    layers = decoder_layers(model)
+    """Per layer: mean squared loss gradient per hidden dim after attention and after FFN
+    (taken at the output projections: what joins the residual stream there)."""
+    layers = family.decoder_layers(model)
     sums = [[torch.zeros(0), torch.zeros(0)] for _ in layers]
     tokens = [0]
 
@@ -77,8 +73,8 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_full_backward_hook(grab(i, 0)))
-        handles.append(layer.mlp.down_proj.register_full_backward_hook(grab(i, 1)))
+        handles.append(family.o_proj(layer).register_full_backward_hook(grab(i, 0)))
+        handles.append(family.down_proj(layer).register_full_backward_hook(grab(i, 1)))
     embed = model.get_input_embeddings()
     handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
     flags = [p.requires_grad for p in model.parameters()]
@@ -174,10 +170,11 @@ def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max
 
 
 @torch.no_grad()
-def measure_curves(model: nn.Module, acts: torch.Tensor, ctx: LayerContext,
+def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerContext],
                    sensitivity: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelShape,
                    policy: str, max_ratio: float, percdamp: float, min_group: int,
-                   max_group: int, batch_size: int, device: torch.device) -> list[LayerCurves]:
+                   max_group: int, batch_size: int, device: torch.device,
+                   family: Family) -> list[LayerCurves]:
     """Curves of every layer on the dense model's activations (``acts`` is advanced through
     the dense layers and consumed)."""
     from slimgpt_core.hessian import HessianAccumulator
@@ -187,26 +184,25 @@ def measure_curves(model: nn.Module, acts: torch.Tensor, ctx: LayerContext,
     max_channels = min(math.floor(shape.intermediate_size * MAX_LAYER_RATIO),
                        math.ceil(shape.intermediate_size * max_ratio))
     curves = []
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(family.decoder_layers(model)):
         home = next(layer.parameters()).device
         layer.to(device)
-        attn, mlp = layer.self_attn, layer.mlp
-        h_attn = HessianAccumulator(attn.o_proj.in_features, device, f"layer {i} self_attn.o_proj")
-        h_ffn = HessianAccumulator(mlp.down_proj.in_features, device, f"layer {i} mlp.down_proj")
-        hook = attn.o_proj.register_forward_pre_hook(
-            lambda _m, a, acc=h_attn: acc.add(a[0]))
+        o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
+        h_attn = HessianAccumulator(o_proj.in_features, device, f"layer {i} self_attn.o_proj")
+        h_ffn = HessianAccumulator(down_proj.in_features, device, f"layer {i} mlp.down_proj")
+        hook = o_proj.register_forward_pre_hook(lambda _m, a, acc=h_attn: acc.add(a[0]))
         try:
             for sl in micro_batches(acts.shape[0], batch_size):
-                h = attention_block(layer, acts[sl].to(device), ctx)
-                h_ffn.add(ffn_hidden(layer, h))
-                acts[sl] = ffn_block(layer, h).to(acts.device)
+                h = family.attention_block(layer, acts[sl].to(device), contexts[i])
+                h_ffn.add(family.ffn_hidden(layer, h))
+                acts[sl] = family.ffn_block(layer, h).to(acts.device)
         finally:
             hook.remove()
         w_attn, w_ffn = sensitivity[i]
-        heads = head_curve(attn.o_proj.weight.detach(), h_attn.hessian(), w_attn,
+        heads = head_curve(o_proj.weight.detach(), h_attn.hessian(), w_attn,
                            num_heads=shape.num_heads, num_kv_heads=kv, head_dim=shape.head_dim,
                            max_units=max_units, policy=policy, percdamp=percdamp)
-        channels = channel_curve(mlp.down_proj.weight.detach(), h_ffn.hessian(), w_ffn,
+        channels = channel_curve(down_proj.weight.detach(), h_ffn.hessian(), w_ffn,
                                  max_channels=max_channels, percdamp=percdamp,
                                  min_group=min_group, max_group=max_group)
         curves.append(LayerCurves(heads, channels))
@@ -319,14 +315,15 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
 
 def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningPlan,
                      policy: str, percdamp: float, min_group: int, max_group: int,
-                     batch_size: int, device: torch.device,
+                     batch_size: int, device: torch.device, family: Family,
                      sensitivity_windows: int = 16) -> PruningPlan:
     """Measure and allocate: ``base``'s totals over the layers by loss-weighted curves."""
     from slimgpt_core.layer_io import capture_layer_inputs
 
-    sens = output_sensitivity(model, calibration[:sensitivity_windows], device)
-    acts, ctx = capture_layer_inputs(model, calibration, device, batch_size, device)
+    sens = output_sensitivity(model, calibration[:sensitivity_windows], device, family)
+    acts, contexts = capture_layer_inputs(model, calibration, device, batch_size, device)
     max_ratio = min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
-    curves = measure_curves(model, acts, ctx.to(device), sens, base.shape, policy, max_ratio,
-                            percdamp, min_group, max_group, batch_size, device)
+    curves = measure_curves(model, acts, contexts_to(contexts, device), sens, base.shape,
+                            policy, max_ratio, percdamp, min_group, max_group, batch_size,
+                            device, family)
     return allocate(base, curves, policy)

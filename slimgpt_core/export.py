@@ -3,11 +3,13 @@
 Two profiles (see DESIGN.md, "Artifacts"):
 
 * ``hetero`` (default): exact per-layer widths. ``config.json`` is a ``slimgpt_<base>`` config
-  with the per-layer lists and an ``auto_map`` to ``modeling_slimgpt.py``, which is copied into
-  the folder; ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads it.
+  with the per-layer lists, the family's layout and an ``auto_map`` to ``modeling_slimgpt.py``,
+  which is copied into the folder; ``AutoModelForCausalLM.from_pretrained(folder,
+  trust_remote_code=True)`` loads it (format: docs/HETERO_FORMAT.md).
 * ``uniform``: every layer has the same widths and the standard grouped-query layout; the folder
-  is a plain ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` checkpoint with
-  an explicit ``head_dim``, loadable without remote code.
+  is a plain checkpoint of the family's stock class (``LlamaForCausalLM``, ``Qwen3ForCausalLM``,
+  ``Phi3ForCausalLM`` with its fused matrices, ...) with an explicit ``head_dim``, loadable
+  without remote code.
 
 Weights are sharded safetensors written by ``save_pretrained``; their keys are those of the
 standard architecture. Never pickles.
@@ -31,6 +33,7 @@ from torch import nn
 
 import slimgpt_core
 from slimgpt_core import modeling_slimgpt
+from slimgpt_core.families import Family, all_families, family_for_config
 from slimgpt_core.model_card import CHART_FILE, plot_layer_widths, render_model_card
 from slimgpt_core.verify import ExportVerificationError, default_windows, verify_export
 
@@ -48,16 +51,15 @@ __all__ = [
 PROFILES: tuple[str, ...] = ("hetero", "uniform")
 #: base ``model_type`` -> the standard transformers class a ``uniform`` export names.
 STANDARD_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+    model_type: family.stock_model for family in all_families() for model_type in family.model_types
 }
 MODELING_FILE = "modeling_slimgpt.py"
 PRUNING_CONFIG_FILE = "pruning_config.json"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Keys of a base config that describe the checkpoint rather than the architecture.
 _DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-              "torch_dtype", "dtype", *modeling_slimgpt._PER_LAYER_KEYS)
+              "torch_dtype", "dtype", *modeling_slimgpt._PER_LAYER_KEYS,
+              modeling_slimgpt.LAYOUT_KEY)
 
 
 class ExportError(ValueError):
@@ -81,36 +83,38 @@ class ExportReport:
 def _layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ExportError(f"{type(model).__name__} is not a Llama-layout causal LM")
+        raise ExportError(f"{type(model).__name__} is not a decoder-only causal LM "
+                          "(expected model.model.layers)")
     return layers
 
 
 def layer_widths(model: nn.Module) -> list[dict[str, Any]]:
     """Per layer, the widths the modules really have: ``num_heads``, ``num_kv_heads``,
     ``intermediate_size`` and ``kv_index`` (None for the standard grouped layout)."""
+    family = _family(model)
     out = []
     for layer in _layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        d = attn.head_dim
-        heads = attn.q_proj.out_features // d
-        kv = attn.k_proj.out_features // d
+        attn = layer.self_attn
+        heads, kv, channels = family.widths(layer)
         kv_index = getattr(attn, "kv_index_list", None)
         if kv_index is not None:
             kv_index = list(kv_index)
             if modeling_slimgpt.regular_groups(kv_index, kv) is not None:
                 kv_index = None
         out.append({"num_heads": heads, "num_kv_heads": kv,
-                    "intermediate_size": mlp.gate_proj.out_features, "kv_index": kv_index})
+                    "intermediate_size": channels, "kv_index": kv_index})
     return out
 
 
+def _family(model: nn.Module) -> Family:
+    try:
+        return family_for_config(model.config, allow_hetero=True)
+    except ValueError as err:
+        raise ExportError(f"cannot export: {err}") from None
+
+
 def _base_type(config: Any) -> str:
-    model_type = str(getattr(config, "model_type", ""))
-    base = model_type.removeprefix("slimgpt_")
-    if base not in modeling_slimgpt.HETERO_CLASSES:
-        raise ExportError(f"model_type {model_type!r} cannot be exported; supported: "
-                          + ", ".join(modeling_slimgpt.HETERO_CLASSES))
-    return base
+    return str(getattr(config, "model_type", "")).removeprefix("slimgpt_")
 
 
 def _head_dim(model: nn.Module) -> int:
@@ -138,6 +142,7 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
     """The ``config.json`` object for ``model`` (pruned in place) in ``profile``."""
     if profile not in PROFILES:
         raise ExportError(f"unknown export profile {profile!r}; choose one of {PROFILES}")
+    family = _family(model)
     base = _base_type(model.config)
     widths = layer_widths(model)
     d = _base_config_dict(model)
@@ -162,7 +167,7 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
                 "export with profile='hetero'."
             )
         w = widths[0]
-        if d["hidden_size"] % w["num_heads"]:
+        if family.heads_divide_hidden and d["hidden_size"] % w["num_heads"]:
             raise ExportError(
                 f"profile 'uniform': transformers only accepts a plain {base} config whose "
                 f"hidden_size ({d['hidden_size']}) is a multiple of the number of heads "
@@ -174,9 +179,14 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
         from transformers import CONFIG_MAPPING
 
         config = CONFIG_MAPPING[base](**d)
-        config.architectures = [STANDARD_ARCHITECTURES[base]]
+        config.architectures = [family.stock_model]
     else:
-        config_cls, model_cls = modeling_slimgpt.HETERO_CLASSES[base]
+        config_cls = modeling_slimgpt.hetero_class(family.stock_config)
+        model_cls = modeling_slimgpt.hetero_class(family.stock_model)
+        d[modeling_slimgpt.LAYOUT_KEY] = {
+            "family": family.name, "base_model_type": base,
+            "base_architecture": family.stock_model, **family.layout.as_dict(),
+        }
         d.update(
             layer_num_heads=[w["num_heads"] for w in widths],
             layer_num_kv_heads=[w["num_kv_heads"] for w in widths],

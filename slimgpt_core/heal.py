@@ -23,9 +23,6 @@ from torch.nn import functional as F
 from slimgpt_core.layer_io import decoder_layers
 
 HEAL_MODES: tuple[str, ...] = ("lora", "full")
-PROJECTIONS: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
-                                "mlp.down_proj")
 
 
 @dataclass
@@ -126,7 +123,9 @@ def heal(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, config: 
     upcast: list[tuple[nn.Module, torch.dtype]] = []
     if config.mode == "lora":
         for layer in layers:
-            for path in PROJECTIONS:
+            # Every projection of the layer, whatever the family calls it (fused ones too).
+            paths = [name for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
+            for path in paths:
                 lora = LoRALinear(_get(layer, path), config.rank, gen)
                 _set(layer, path, lora)
                 wrapped.append((layer, path, lora))

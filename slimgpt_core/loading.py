@@ -2,7 +2,8 @@
 
 Every path returns a plain transformers model (one that ``save_pretrained`` accepts), its
 tokenizer, and ``source_info`` (base id, resolved revision, licence when known) for the
-export's provenance. Only Llama-layout decoders are accepted, with a clear error otherwise.
+export's provenance. Only model types with a family adapter (:mod:`slimgpt_core.families`) are
+accepted, with an error that lists them otherwise.
 """
 
 from __future__ import annotations
@@ -14,22 +15,26 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
+from slimgpt_core.families import UnsupportedFamilyError, family_for_config, supported_model_types
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = supported_model_types()
 
 
 class UnsupportedModelError(ValueError):
-    """The model is not a Llama-layout decoder that SlimGPT here can prune and export."""
+    """The model's family has no adapter here, so SlimGPT cannot prune and export it."""
 
 
 def _check_model_type(config: Any, ref: str) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    try:
+        family_for_config(config)
+    except UnsupportedFamilyError:
+        model_type = getattr(config, "model_type", None)
         archs = getattr(config, "architectures", None) or []
         raise UnsupportedModelError(
             f"{ref}: model_type {model_type!r} ({', '.join(archs) or 'unknown architecture'}) "
-            f"is not supported; SlimGPT here prunes Llama-layout decoders: "
+            f"is not supported; SlimGPT here prunes these model types: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+        ) from None
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -138,7 +143,7 @@ def load_base_model(
     gguf), ``base_model_id``, ``revision`` (the resolved commit for Hub models when known) and
     ``license`` (None when unknown). ``dtype``: a torch dtype or its name; default ``"auto"``
     (the checkpoint's own; fp32 for GGUF, which is dequantized). Raises
-    :class:`UnsupportedModelError` for model types other than Llama/Mistral/Qwen2.
+    :class:`UnsupportedModelError` for model types without a family adapter.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 CHART_FILE = "pruning_chart.png"
 
 
@@ -95,6 +93,89 @@ def _fmt_ppl(value: Any) -> str:
     return "–" if value is None else f"{float(value):.3f}"
 
 
+#: Calibration/evaluation source names -> Hub dataset ids (older pruning configs have names).
+_DATASET_IDS = {"c4": "allenai/c4", "wikitext2": "Salesforce/wikitext"}
+_DATASET_CONFIGS = {"c4": "en", "wikitext2": "wikitext-2-raw-v1"}
+
+
+def _dataset_id(info: Mapping[str, Any]) -> str | None:
+    dataset = info.get("dataset")
+    if isinstance(dataset, str) and _HUB_ID.match(dataset):
+        return dataset
+    return _DATASET_IDS.get(str(info.get("source") or dataset or ""))
+
+
+def card_data(
+    *,
+    base_model_id: str,
+    license: str,
+    profile: str,
+    calibration: Mapping[str, Any],
+    eval_metrics: Mapping[str, Any] | None,
+    model_name: str | None = None,
+) -> Any:
+    """The card's metadata (``huggingface_hub.ModelCardData``): the base model and how this one
+    relates to it (``pruned``), the Hub datasets used for calibration and evaluation, and the
+    measured perplexity as a ``model-index`` result (a Hub-dataset evaluation only: an
+    uploaded file has no id others could evaluate on)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    ev = eval_metrics or {}
+    datasets = [d for d in (_dataset_id(calibration), _dataset_id(ev)) if d]
+    eval_results = []
+    eval_dataset = _dataset_id(ev)
+    ppl = ev.get("ppl_after", ev.get("perplexity_after"))
+    if eval_dataset and ppl is not None:
+        source = str(ev.get("source") or "")
+        windows, seq_len = ev.get("windows") or ev.get("num_windows"), ev.get("seq_len")
+        eval_results.append(EvalResult(
+            task_type="text-generation", task_name="Language modelling",
+            dataset_type=eval_dataset, dataset_name=eval_dataset.split("/")[-1],
+            dataset_config=ev.get("config") or _DATASET_CONFIGS.get(source),
+            dataset_split=ev.get("split") or ("test" if source == "wikitext2" else
+                                               "validation"),
+            dataset_revision=ev.get("revision"),
+            metric_type="perplexity", metric_value=round(float(ppl), 4),
+            metric_name=f"perplexity ({windows} windows of {seq_len} tokens)"
+            if windows and seq_len else "perplexity"))
+    return ModelCardData(
+        language=None,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["pruned", "slimgpt", "structured-pruning", f"profile-{profile}"],
+        base_model=base_model_id if _HUB_ID.match(base_model_id) else None,
+        base_model_relation="pruned" if _HUB_ID.match(base_model_id) else None,
+        datasets=list(dict.fromkeys(datasets)) or None,
+        model_name=model_name,
+        eval_results=eval_results or None,
+    )
+
+
+def _recipe(pruning: Mapping[str, Any], calibration: Mapping[str, Any],
+            profile: str) -> str:
+    """The settings that produced the model, as the `slimgpt prune` flags that repeat it."""
+    ratios = [r for r in pruning.get("layer_ratios") or [] if r is not None]
+    spread = f" (per layer {min(ratios):.3f} .. {max(ratios):.3f})" if ratios else ""
+    settings = pruning.get("settings") or {}
+    flags = [f"--ratio {pruning.get('target_ratio')}", f"--schedule {pruning.get('schedule')}",
+             f"--gqa-policy {pruning.get('gqa_policy')}", f"--profile {profile}"]
+    for key, flag in (("alpha", "--alpha"), ("percdamp", "--percdamp"),
+                      ("min_group", "--min-group")):
+        if settings.get(key) is not None:
+            flags.append(f"{flag} {settings[key]}")
+    if calibration.get("num_samples") is not None:
+        flags.append(f"--nsamples {calibration['num_samples']}")
+    if calibration.get("seqlen") is not None:
+        flags.append(f"--seqlen {calibration['seqlen']}")
+    if calibration.get("seed") is not None:
+        flags.append(f"--seed {calibration['seed']}")
+    return (f"- Target: {pruning.get('target_ratio')} of the decoder-layer parameters, schedule "
+            f"`{pruning.get('schedule')}`{spread}; GQA policy `{pruning.get('gqa_policy')}`.\n"
+            f"- Equivalent local run: `slimgpt prune --model BASE --out DIR "
+            f"{' '.join(flags)}`")
+
+
 def render_model_card(
     *,
     base_model_id: str,
@@ -107,29 +188,29 @@ def render_model_card(
     library_version: str,
     repo_or_path: str = "path/to/this/folder",
 ) -> str:
-    """``README.md`` text: YAML metadata, results table, chart, loading snippet, provenance."""
-    meta: dict[str, Any] = {
-        "license": license,
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["pruned", "slimgpt", "structured-pruning", f"profile-{profile}"],
-    }
-    if _HUB_ID.match(base_model_id):
-        meta = {"base_model": base_model_id, **meta}
-    dataset = calibration.get("dataset")
-    if dataset:
-        meta["datasets"] = [dataset]
-    header = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True)
+    """``README.md`` text (a ``huggingface_hub.ModelCard``): metadata with ``model-index``,
+    results table, chart, loading and serving, the recipe, provenance."""
+    from huggingface_hub import ModelCard
 
-    ev = eval_metrics or {}
+    name = repo_or_path.rstrip("/").split("/")[-1] if _HUB_ID.match(repo_or_path) else None
+    data = card_data(base_model_id=base_model_id, license=license, profile=profile,
+                     calibration=calibration, eval_metrics=eval_metrics,
+                     model_name=name or f"{base_model_id.split('/')[-1]}-slimgpt")
+    dataset = _dataset_id(calibration)
+    ev = dict(eval_metrics or {})
     before, after = pruning["params_before"], pruning["params_after"]
+    measured_on = _dataset_id(ev) or ("an uploaded file" if ev.get("source") == "upload"
+                                      else ev.get("dataset"))
+    if measured_on and ev.get("windows") and ev.get("seq_len"):
+        measured_on = f"{measured_on}, {ev['windows']} x {ev['seq_len']} tokens"
+    ev["dataset"] = measured_on
     removed = 1.0 - after / before if before else 0.0
     rows = [
         "| | base | pruned |",
         "|---|---|---|",
         f"| parameters | {_fmt_params(before)} | {_fmt_params(after)} |",
-        f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
-        f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |",
+        (f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
+         f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |"),
     ]
     speed = pruning.get("speed") or {}
     if speed.get("prefill_speedup") is not None:
@@ -148,7 +229,10 @@ def render_model_card(
                     f"{ver.get('tolerance', float('nan')):.3g}).")
     else:
         ver_line = "This folder was not verified after writing."
-    cal_bits = [str(calibration.get("source") or dataset or "unknown source")]
+    cal_bits = [f"`{dataset}`" if dataset else str(calibration.get("source") or
+                                                      "unknown source")]
+    if calibration.get("config"):
+        cal_bits[0] += f" ({calibration['config']}, {calibration.get('split', 'train')})"
     if calibration.get("num_samples") is not None:
         cal_bits.append(f"{calibration['num_samples']} windows")
     if calibration.get("seqlen") is not None:
@@ -198,7 +282,7 @@ Profile {profile_text}
 - Method: SlimGPT (`slimgpt_core` {library_version}): batched greedy head pruning on `o_proj`,
   dynamic-group FFN channel pruning on `down_proj`, layer by layer on the outputs of the
   already-pruned layers.
-- Schedule: `{pruning.get('schedule')}`; GQA policy: `{pruning.get('gqa_policy')}`.
+{_recipe(pruning, calibration, profile)}
 - Calibration: {', '.join(cal_bits)}.
 - {ver_line}
 - Per-layer kept head / KV head / channel indices and all settings: `pruning_config.json`.
@@ -206,4 +290,4 @@ Profile {profile_text}
 Pruned models usually lose some quality; a short LoRA fine-tune (the paper's recovery step)
 recovers part of it. Check the perplexity above against your use.
 """
-    return f"---\n{header}---\n{body}"
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))

@@ -1,139 +1,137 @@
-"""Llama-layout decoders whose layers have their own widths (SlimGPT's `hetero` artifacts).
+"""Decoders whose layers have their own widths (SlimGPT's `hetero` artifacts), for any family.
 
 This file is self-contained on purpose: it is copied next to the weights of every `hetero`
 export and loaded with ``trust_remote_code=True``, so it may import torch and transformers only.
-The pruner uses the same classes for the in-memory model, so what is verified is what ships.
+The pruner uses the same functions on the in-memory model, so what is verified is what ships.
 
-Per layer ``i`` the config carries ``layer_num_heads[i]``, ``layer_num_kv_heads[i]``,
-``layer_intermediate_sizes[i]`` and optionally ``layer_kv_index[i]``: for each kept query head,
-the position of the key/value head it reads. Without a kv index a layer is an ordinary grouped
-layer (query head ``j`` reads KV head ``j // (heads / kv_heads)``).
+One generic model, parameterised by the config (the format is documented in
+docs/HETERO_FORMAT.md):
+
+* ``SlimGPT<Stock>Config`` / ``SlimGPT<Stock>ForCausalLM`` exist for every stock transformers
+  class ``<Stock>`` (made on first access, e.g. ``SlimGPTQwen3ForCausalLM`` extends
+  ``Qwen3ForCausalLM``): the family's own modules, norms, rotary embeddings, soft-capping,
+  sliding windows and multipliers all stay those of transformers;
+* per layer ``i``: ``layer_num_heads[i]``, ``layer_num_kv_heads[i]``,
+  ``layer_intermediate_sizes[i]`` and optionally ``layer_kv_index[i]`` (for each kept query head,
+  the position of the key/value head it reads; absent = the standard grouping);
+* ``slimgpt_layout``: where the prunable rows live (``qkv``: separate | fused;
+  ``head_norm``: none | per_head | projection; ``ffn``: gated | fused).
+
+A layer whose query heads read KV heads irregularly keeps its compact KV projections and
+cache; the gather to one KV head per query head happens right before the attention kernel,
+through an attention function registered with transformers (``slimgpt_kv_index``) that then
+calls the kernel the model was loaded with (eager, sdpa, flash).
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
+import sys
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 _PER_LAYER_KEYS = ("layer_num_heads", "layer_num_kv_heads", "layer_intermediate_sizes",
                    "layer_kv_index")
+LAYOUT_KEY = "slimgpt_layout"
+CLASS_PREFIX = "SlimGPT"
+KV_INDEX_ATTENTION = "slimgpt_kv_index"
 
 
-def _linear_like(old: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=old.bias is not None,
-                     device=old.weight.device, dtype=old.weight.dtype)
+# -- a layer's own view of the config -------------------------------------------------------------
+class LayerConfigView:
+    """The model config as one pruned module sees it: a few values overridden, the rest shared.
 
-
-def _cache_update(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
-                  cos: torch.Tensor, sin: torch.Tensor, kwargs: dict[str, Any]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    # transformers renamed the cache argument and changed how extras reach it during 5.x;
-    # ask the signature rather than the version so both spellings work.
-    params = inspect.signature(cache.update).parameters
-    if "cache_kwargs" in params:
-        extras = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
-        return cache.update(key, value, layer_idx, extras)
-    return cache.update(key, value, layer_idx, kwargs=kwargs)
-
-
-class KVIndexedAttention(nn.Module):
-    """Forward for an attention layer whose query heads read key/value heads by index.
-
-    Installed as a subclass of the architecture's own attention class (see
-    :func:`install_kv_index`), so projections, rotary handling and attention kernels stay those
-    of transformers; only the grouping of query heads onto KV heads is explicit.
+    Some stock modules read widths from their config at run time (Phi-3 splits its fused
+    ``qkv_proj`` at ``config.num_attention_heads * head_dim``), and every attention module asks
+    its config which attention kernel to run. A view answers both for this layer while a change
+    to the model's config (e.g. ``set_attn_implementation``) still reaches every layer.
     """
 
-    #: Per kept query head, the position of the KV head it reads (a plain tuple, not a buffer:
-    #: from_pretrained builds models on the meta device and would leave a non-persistent
-    #: buffer uninitialised; a tuple survives meta init, ``device_map`` and ``.to()`` alike).
-    kv_index_list: tuple[int, ...]
+    def __init__(self, base: Any, overrides: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides))
+        object.__setattr__(self, "_in_kernel", 0)
 
     @property
-    def kv_index(self) -> torch.Tensor:
-        """The kv index as a CPU tensor (for inspection)."""
-        return torch.tensor(self.kv_index_list, dtype=torch.long)
+    def base(self) -> Any:
+        return self._base
 
-    def _kv_index_on(self, device: torch.device) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_kv_index_cache", {})
-        index = cache.get(device)
-        if index is None:
-            index = torch.tensor(self.kv_index_list, dtype=torch.long, device=device)
-            cache[device] = index
-        return index
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_base", "_overrides", "_in_kernel"):
+            raise AttributeError(name)
+        overrides = self.__dict__["_overrides"]
+        if name == "_attn_implementation" and self.__dict__["_in_kernel"]:
+            return getattr(self.__dict__["_base"], name)  # the kernel asks for the real one
+        if name in overrides:
+            return overrides[name]
+        return getattr(self.__dict__["_base"], name)
 
-    def forward(  # type: ignore[override]
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = kwargs.pop("cache", None)
-        legacy_cache = kwargs.pop("past_key_values", None)
-        cache = cache if cache is not None else legacy_cache
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        assert position_embeddings is not None, "rotary position embeddings are required"
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = _cache_update(cache, key, value, self.layer_idx, cos, sin, kwargs)
-        # The cache keeps the compact KV heads; expand to one KV head per query head here.
-        index = self._kv_index_on(key.device)
-        key = key.index_select(1, index)
-        value = value.index_select(1, index)
-        impl = self.config._attn_implementation
-        if impl == "sdpa":
-            attention = sdpa_attention_forward
-        elif impl in (None, "eager"):
-            attention = eager_attention_forward
-        else:
-            attention = ALL_ATTENTION_FUNCTIONS[impl]
-        extra = {}
-        if getattr(self, "sliding_window", None) is not None:
-            extra["sliding_window"] = self.sliding_window
-        kwargs.pop("position_ids", None)
-        attn_output, attn_weights = attention(
-            self, query, key, value, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling, **extra, **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._base, name, value)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LayerConfigView:
+        return LayerConfigView(copy.deepcopy(self._base, memo), self._overrides)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (LayerConfigView, (self._base, self._overrides))
 
 
-_KV_INDEXED_CLASSES: dict[type, type] = {}
+def _set_view(module: nn.Module, **overrides: Any) -> None:
+    config = module.__dict__.get("config")
+    if config is None:
+        return
+    if isinstance(config, LayerConfigView):
+        merged = {**config._overrides, **overrides}
+        config = config.base
+    else:
+        merged = overrides
+    module.__dict__["config"] = LayerConfigView(config, merged)
 
 
-def install_kv_index(attn: nn.Module, kv_index: list[int]) -> None:
-    """Make ``attn`` route query head ``j`` to KV head ``kv_index[j]``."""
-    base = type(attn)
-    if not isinstance(attn, KVIndexedAttention):
-        if base not in _KV_INDEXED_CLASSES:
-            _KV_INDEXED_CLASSES[base] = type(f"KVIndexed{base.__name__}", (KVIndexedAttention, base), {})
-        attn.__class__ = _KV_INDEXED_CLASSES[base]
-    attn.kv_index_list = tuple(int(k) for k in kv_index)
-    attn.__dict__["_kv_index_cache"] = {}
-    # After the gather every query head has its own KV head, so the kernels must not repeat.
-    attn.num_key_value_groups = 1
+# -- query heads reading KV heads by index --------------------------------------------------------
+def _index_on(module: nn.Module, device: torch.device) -> torch.Tensor:
+    cache = module.__dict__.setdefault("_kv_index_cache", {})
+    index = cache.get(device)
+    if index is None:
+        index = torch.tensor(module.kv_index_list, dtype=torch.long, device=device)
+        cache[device] = index
+    return index
+
+
+def _family_eager(module: nn.Module) -> Any:
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+    return fn
+
+
+def kv_index_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: torch.Tensor | None,
+                       **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Expand the compact KV heads to one per query head, then run the model's own kernel."""
+    index = _index_on(module, key.device)
+    key = key.index_select(1, index)
+    value = value.index_select(1, index)
+    view = module.config
+    impl = view.base._attn_implementation
+    if impl in (None, "eager"):
+        kernel = _family_eager(module)
+    else:
+        kernel = ALL_ATTENTION_FUNCTIONS.get_interface(impl, _family_eager(module))
+    object.__setattr__(view, "_in_kernel", view._in_kernel + 1)
+    try:
+        return kernel(module, query, key, value, attention_mask, **kwargs)
+    finally:
+        object.__setattr__(view, "_in_kernel", view._in_kernel - 1)
+
+
+AttentionInterface.register(KV_INDEX_ATTENTION, kv_index_attention)
 
 
 def regular_groups(kv_index: list[int], num_kv_heads: int) -> int | None:
@@ -144,33 +142,21 @@ def regular_groups(kv_index: list[int], num_kv_heads: int) -> int | None:
     return per if kv_index == [j // per for j in range(len(kv_index))] else None
 
 
-def resize_layer(layer: nn.Module, num_heads: int, num_kv_heads: int, intermediate_size: int,
-                 kv_index: list[int] | None = None) -> None:
-    """Give a freshly built decoder layer the widths of a pruned one (weights loaded later)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    d = attn.head_dim
-    hidden = attn.q_proj.in_features
-    attn.q_proj = _linear_like(attn.q_proj, num_heads * d, hidden)
-    attn.k_proj = _linear_like(attn.k_proj, num_kv_heads * d, hidden)
-    attn.v_proj = _linear_like(attn.v_proj, num_kv_heads * d, hidden)
-    attn.o_proj = _linear_like(attn.o_proj, hidden, num_heads * d)
-    mlp.gate_proj = _linear_like(mlp.gate_proj, intermediate_size, hidden)
-    mlp.up_proj = _linear_like(mlp.up_proj, intermediate_size, hidden)
-    mlp.down_proj = _linear_like(mlp.down_proj, hidden, intermediate_size)
-    if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = intermediate_size
-    set_attention_layout(attn, num_heads, num_kv_heads, kv_index)
-
-
 def set_attention_layout(attn: nn.Module, num_heads: int, num_kv_heads: int,
                          kv_index: list[int] | None) -> None:
-    """Record how query heads map onto KV heads after pruning."""
+    """Record how many heads ``attn`` has now and how its query heads map onto KV heads."""
     if kv_index is None:
         kv_index = [j // (num_heads // num_kv_heads) for j in range(num_heads)]
     groups = regular_groups(kv_index, num_kv_heads)
-    if groups is None or isinstance(attn, KVIndexedAttention):
+    overrides: dict[str, Any] = {"num_attention_heads": num_heads,
+                                 "num_key_value_heads": num_kv_heads}
+    if groups is None or "kv_index_list" in attn.__dict__:
         # (a module that already routes by index keeps doing so, with the new index)
-        install_kv_index(attn, kv_index)
+        attn.kv_index_list = tuple(int(k) for k in kv_index)
+        attn.__dict__["_kv_index_cache"] = {}
+        # After the gather every query head has its own KV head: the kernels must not repeat.
+        attn.num_key_value_groups = 1
+        overrides["_attn_implementation"] = KV_INDEX_ATTENTION
     else:
         attn.num_key_value_groups = groups
     for name in ("num_heads", "num_attention_heads"):
@@ -178,13 +164,59 @@ def set_attention_layout(attn: nn.Module, num_heads: int, num_kv_heads: int,
             setattr(attn, name, num_heads)
     if hasattr(attn, "num_key_value_heads"):
         attn.num_key_value_heads = num_kv_heads
+    _set_view(attn, **overrides)
 
 
+# -- narrowing a freshly built layer ------------------------------------------------------------
+def _linear_like(old: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
+
+
+def _resize_norm(norm: nn.Module, size: int) -> None:
+    w = norm.weight
+    norm.weight = nn.Parameter(torch.empty(size, device=w.device, dtype=w.dtype),
+                               requires_grad=w.requires_grad)
+
+
+def resize_layer(layer: nn.Module, layout: Mapping[str, str], num_heads: int, num_kv_heads: int,
+                 intermediate_size: int, kv_index: list[int] | None = None) -> None:
+    """Give a decoder layer the widths of a pruned one (weights are loaded afterwards)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    d = attn.head_dim
+    hidden = attn.o_proj.out_features
+    if layout.get("qkv", "separate") == "fused":
+        attn.qkv_proj = _linear_like(attn.qkv_proj, (num_heads + 2 * num_kv_heads) * d, hidden)
+    else:
+        attn.q_proj = _linear_like(attn.q_proj, num_heads * d, hidden)
+        attn.k_proj = _linear_like(attn.k_proj, num_kv_heads * d, hidden)
+        attn.v_proj = _linear_like(attn.v_proj, num_kv_heads * d, hidden)
+    attn.o_proj = _linear_like(attn.o_proj, hidden, num_heads * d)
+    if layout.get("head_norm", "none") == "projection":
+        _resize_norm(attn.q_norm, num_heads * d)
+        _resize_norm(attn.k_norm, num_kv_heads * d)
+    if layout.get("ffn", "gated") == "fused":
+        mlp.gate_up_proj = _linear_like(mlp.gate_up_proj, 2 * intermediate_size, hidden)
+    else:
+        mlp.gate_proj = _linear_like(mlp.gate_proj, intermediate_size, hidden)
+        mlp.up_proj = _linear_like(mlp.up_proj, intermediate_size, hidden)
+    mlp.down_proj = _linear_like(mlp.down_proj, hidden, intermediate_size)
+    set_mlp_width(mlp, intermediate_size)
+    set_attention_layout(attn, num_heads, num_kv_heads, kv_index)
+
+
+def set_mlp_width(mlp: nn.Module, intermediate_size: int) -> None:
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = intermediate_size
+    _set_view(mlp, intermediate_size=intermediate_size)
+
+
+# -- the config and model classes ---------------------------------------------------------------
 class SlimGPTConfigMixin:
-    """Per-layer widths on top of the base architecture's config."""
+    """Per-layer widths and the layout on top of the base architecture's config."""
 
     def _init_layer_widths(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        for key in _PER_LAYER_KEYS:
+        for key in (*_PER_LAYER_KEYS, LAYOUT_KEY):
             setattr(self, key, kwargs.pop(key, None))
         return kwargs
 
@@ -202,60 +234,72 @@ class SlimGPTModelMixin:
         super().post_init()  # type: ignore[misc]
 
     def _apply_layer_widths(self) -> None:
-        cfg = self.config
+        cfg = self.config  # type: ignore[attr-defined]
         if cfg.layer_num_heads is None:
             return
+        layout = cfg.slimgpt_layout or {}
         kv_indices = cfg.layer_kv_index or [None] * cfg.num_hidden_layers
-        for i, layer in enumerate(self.model.layers):
-            resize_layer(layer, cfg.layer_num_heads[i], cfg.layer_num_kv_heads[i],
+        for i, layer in enumerate(self.model.layers):  # type: ignore[attr-defined]
+            resize_layer(layer, layout, cfg.layer_num_heads[i], cfg.layer_num_kv_heads[i],
                          cfg.layer_intermediate_sizes[i], kv_indices[i])
 
 
-class SlimGPTLlamaConfig(SlimGPTConfigMixin, LlamaConfig):
-    model_type = "slimgpt_llama"
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**self._init_layer_widths(kwargs))
+_CLASSES: dict[str, type] = {}
 
 
-class SlimGPTMistralConfig(SlimGPTConfigMixin, MistralConfig):
-    model_type = "slimgpt_mistral"
+def _config_class(stock: type) -> type:
+    def __init__(self: Any, **kwargs: Any) -> None:
+        stock.__init__(self, **self._init_layer_widths(kwargs))
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**self._init_layer_widths(kwargs))
-
-
-class SlimGPTQwen2Config(SlimGPTConfigMixin, Qwen2Config):
-    model_type = "slimgpt_qwen2"
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**self._init_layer_widths(kwargs))
+    return type(CLASS_PREFIX + stock.__name__, (SlimGPTConfigMixin, stock), {
+        "model_type": "slimgpt_" + stock.model_type, "__init__": __init__,
+        "__module__": __name__, "__qualname__": CLASS_PREFIX + stock.__name__,
+    })
 
 
-class SlimGPTLlamaForCausalLM(SlimGPTModelMixin, LlamaForCausalLM):
-    config_class = SlimGPTLlamaConfig
+def _model_class(stock: type) -> type:
+    config_cls = hetero_class(stock.config_class.__name__)
 
-    def __init__(self, config: SlimGPTLlamaConfig) -> None:
-        super().__init__(config)
+    def __init__(self: Any, config: Any) -> None:
+        stock.__init__(self, config)
 
-
-class SlimGPTMistralForCausalLM(SlimGPTModelMixin, MistralForCausalLM):
-    config_class = SlimGPTMistralConfig
-
-    def __init__(self, config: SlimGPTMistralConfig) -> None:
-        super().__init__(config)
+    return type(CLASS_PREFIX + stock.__name__, (SlimGPTModelMixin, stock), {
+        "config_class": config_cls, "__init__": __init__,
+        "__module__": __name__, "__qualname__": CLASS_PREFIX + stock.__name__,
+    })
 
 
-class SlimGPTQwen2ForCausalLM(SlimGPTModelMixin, Qwen2ForCausalLM):
-    config_class = SlimGPTQwen2Config
+def hetero_class(stock_name: str) -> type:
+    """``SlimGPT<stock_name>``: the per-layer-width variant of a stock transformers class."""
+    name = CLASS_PREFIX + stock_name
+    if name not in _CLASSES:
+        stock = getattr(transformers, stock_name, None)
+        if isinstance(stock, type) and issubclass(stock, PretrainedConfig):
+            _CLASSES[name] = _config_class(stock)
+        elif isinstance(stock, type) and issubclass(stock, PreTrainedModel):
+            _CLASSES[name] = _model_class(stock)
+        else:
+            raise AttributeError(f"transformers has no config or model class {stock_name!r}")
+    return _CLASSES[name]
 
-    def __init__(self, config: SlimGPTQwen2Config) -> None:
-        super().__init__(config)
+
+def hetero_classes(model_type: str) -> tuple[type, type]:
+    """``(SlimGPT<Config>, SlimGPT<ForCausalLM>)`` for a stock ``model_type`` (e.g. ``qwen3``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model_type.removeprefix("slimgpt_")
+    if base not in CONFIG_MAPPING_NAMES or base not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise KeyError(f"transformers has no causal LM of model_type {base!r}")
+    return (hetero_class(CONFIG_MAPPING_NAMES[base]),
+            hetero_class(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[base]))
 
 
-#: base ``model_type`` -> (config class, model class) of its hetero variant.
-HETERO_CLASSES: dict[str, tuple[type, type]] = {
-    "llama": (SlimGPTLlamaConfig, SlimGPTLlamaForCausalLM),
-    "mistral": (SlimGPTMistralConfig, SlimGPTMistralForCausalLM),
-    "qwen2": (SlimGPTQwen2Config, SlimGPTQwen2ForCausalLM),
-}
+def __getattr__(name: str) -> type:
+    # transformers resolves auto_map entries with getattr(module, "SlimGPT<Stock>...").
+    if name.startswith(CLASS_PREFIX) and len(name) > len(CLASS_PREFIX):
+        try:
+            return hetero_class(name[len(CLASS_PREFIX):])
+        except AttributeError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,16 +28,13 @@ from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
 from slimgpt_core.collective import Collective
 from slimgpt_core.compact import compact_attention, compact_mlp
+from slimgpt_core.families import Family, family_for_config
 from slimgpt_core.heads import prune_heads
 from slimgpt_core.hessian import CrossAccumulator, HessianAccumulator
 from slimgpt_core.layer_io import (
     LayerContext,
-    attention_block,
     capture_layer_inputs,
-    check_uniform_attention,
-    decoder_layers,
-    ffn_block,
-    ffn_hidden,
+    contexts_to,
     layers_prefix,
     micro_batches,
 )
@@ -264,6 +261,11 @@ def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config.to_dict())
 
 
+def model_family(model: nn.Module) -> Family:
+    """The family adapter of ``model`` (raises for a model type without one)."""
+    return family_for_config(model.config)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -337,17 +339,17 @@ class _Phase:
 @dataclass
 class _ProbeState:
     acts: torch.Tensor
-    ctx: LayerContext
+    contexts: list[LayerContext]
     dense: bool
 
 
 @torch.no_grad()
 def _layer_forward(layer: nn.Module, acts: torch.Tensor, ctx: LayerContext, batch_size: int,
-                   device: torch.device) -> None:
+                   device: torch.device, family: Family) -> None:
     """``acts <- layer(acts)`` in place, micro-batch by micro-batch."""
     for sl in micro_batches(acts.shape[0], batch_size):
-        h = attention_block(layer, acts[sl].to(device), ctx)
-        acts[sl] = ffn_block(layer, h).to(acts.device)
+        h = family.attention_block(layer, acts[sl].to(device), ctx)
+        acts[sl] = family.ffn_block(layer, h).to(acts.device)
 
 
 def _cross(acc: CrossAccumulator | None, comm: Collective) -> torch.Tensor | None:
@@ -359,7 +361,12 @@ def _cross(acc: CrossAccumulator | None, comm: Collective) -> torch.Tensor | Non
     return acc.cross() if comm.is_leader else None
 
 
-def _minus_bias(target: torch.Tensor, linear: nn.Module) -> torch.Tensor:
+def _branch_target(out: torch.Tensor, x: torch.Tensor, linear: nn.Module,
+                   scale: float) -> torch.Tensor:
+    """What ``linear``'s output must be so that ``x + scale * (linear(a))`` equals ``out``."""
+    target = out - x
+    if scale != 1.0:
+        target = target / scale
     bias = getattr(linear, "bias", None)
     return target if bias is None else target - bias
 
@@ -374,6 +381,12 @@ def _least_squares_start(W: torch.Tensor, cross: torch.Tensor, hessian: torch.Te
     out = W + (cross - W @ hessian) @ inv.hinv
     out[:, inv.dead] = 0.0
     return out
+
+
+def _check_dense_target(family: Family) -> None:
+    if family.attn_out_norm is not None or family.ffn_out_norm is not None:
+        raise ValueError(f"target 'dense' needs each branch's output to join the residual "
+                         f"stream linearly; {family.name} normalises it first")
 
 
 def _hessian(acc: HessianAccumulator, comm: Collective) -> torch.Tensor | None:
@@ -402,6 +415,8 @@ def _prune_layer(
     clock: _Clock,
     emit: Callable[[str, str, dict[str, float]], None],
     comm: Collective,
+    *,
+    family: Family,
     dense_acts: torch.Tensor | None = None,
 ) -> LayerReport:
     """Prune one layer in place. With ``dense_acts`` (the dense model's residual stream
@@ -409,13 +424,14 @@ def _prune_layer(
     ``dense_acts`` is advanced to this dense layer's output."""
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
+    o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
     n = acts.shape[0]
     batches = list(micro_batches(n, config.batch_size))
     leader = comm.is_leader
 
     # 1. Attention: Hessian of o_proj's input, then batched greedy head removal.
     emit("attention", f"layer {lp.index}: attention Hessian", {})
-    h_attn = HessianAccumulator(attn.o_proj.in_features, device,
+    h_attn = HessianAccumulator(o_proj.in_features, device,
                                 name=f"layer {lp.index} self_attn.o_proj")
     seen: list[torch.Tensor] = []
     recording = [True]  # off while the dense stream passes through the same module
@@ -427,21 +443,22 @@ def _prune_layer(
                 seen.append(args[0])
 
     x_attn = None if dense_acts is None else CrossAccumulator(
-        attn.o_proj.out_features, attn.o_proj.in_features, device,
+        o_proj.out_features, o_proj.in_features, device,
         name=f"layer {lp.index} self_attn.o_proj targets")
-    hook = attn.o_proj.register_forward_pre_hook(on_o_proj_input)
+    scale = family.residual_scale(layer)
+    hook = o_proj.register_forward_pre_hook(on_o_proj_input)
     try:
         with _Phase(clock, seconds, "attn_pass", device):
             for sl in batches:
                 x = acts[sl].to(device)
-                attention_block(layer, x, ctx)
+                family.attention_block(layer, x, ctx)
                 if x_attn is not None and dense_acts is not None:
                     # The dense block on the dense stream: its output is the target, and the
                     # dense stream's next state.
                     recording[0] = False
-                    h_dense = attention_block(layer, dense_acts[sl].to(device), ctx)
+                    h_dense = family.attention_block(layer, dense_acts[sl].to(device), ctx)
                     recording[0] = True
-                    x_attn.add(_minus_bias(h_dense - x, attn.o_proj), seen.pop())
+                    x_attn.add(_branch_target(h_dense, x, o_proj, scale), seen.pop())
                     dense_acts[sl] = h_dense.to(dense_acts.device)
                 del x
     finally:
@@ -451,10 +468,10 @@ def _prune_layer(
         C = _cross(x_attn, comm)
         del x_attn
     with _Phase(clock, seconds, "heads", device):
-        W = torch.empty(attn.o_proj.weight.shape, dtype=torch.float32, device=device)
+        W = torch.empty(o_proj.weight.shape, dtype=torch.float32, device=device)
         if leader:
             assert H is not None
-            W0 = attn.o_proj.weight.detach().float()
+            W0 = o_proj.weight.detach().float()
             if C is not None:
                 W0 = _least_squares_start(W0, C, H, config.percdamp)
             W.copy_(W0)
@@ -477,9 +494,10 @@ def _prune_layer(
         heads, attn_err_nc, attn_err = comm.broadcast_object(info if leader else None)
         W = comm.broadcast_(W.contiguous())
         if config.compact:
-            compact_attention(attn, heads.kept_heads, heads.kept_kv_heads, heads.kv_index, W)
+            compact_attention(attn, family.layout.as_dict(), heads.kept_heads,
+                              heads.kept_kv_heads, heads.kv_index, W)
         else:
-            attn.o_proj.weight.data.copy_(W)
+            o_proj.weight.data.copy_(W)
         del W
     emit("attention", f"layer {lp.index}: kept {len(heads.kept_heads)}/{shape.num_heads} heads"
          + _damping_note(heads.retries, heads.percdamp),
@@ -487,21 +505,21 @@ def _prune_layer(
           "attn_damping_retries": float(heads.retries), "attn_percdamp": heads.percdamp})
 
     # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
-    h_ffn = HessianAccumulator(mlp.down_proj.in_features, device,
+    h_ffn = HessianAccumulator(down_proj.in_features, device,
                                name=f"layer {lp.index} mlp.down_proj")
     x_ffn = None if dense_acts is None else CrossAccumulator(
-        mlp.down_proj.out_features, mlp.down_proj.in_features, device,
+        down_proj.out_features, down_proj.in_features, device,
         name=f"layer {lp.index} mlp.down_proj targets")
     with _Phase(clock, seconds, "ffn_pass", device):
         for sl in batches:
-            h = attention_block(layer, acts[sl].to(device), ctx)
+            h = family.attention_block(layer, acts[sl].to(device), ctx)
             residual[sl] = h.to(residual.device)
-            f = ffn_hidden(layer, h)
+            f = family.ffn_hidden(layer, h)
             h_ffn.add(f)
             if x_ffn is not None and dense_acts is not None:
                 # The FFN is still dense here, so this is the dense layer's output.
-                y_dense = ffn_block(layer, dense_acts[sl].to(device))
-                x_ffn.add(_minus_bias(y_dense - h, mlp.down_proj), f)
+                y_dense = family.ffn_block(layer, dense_acts[sl].to(device))
+                x_ffn.add(_branch_target(y_dense, h, down_proj, scale), f)
                 dense_acts[sl] = y_dense.to(dense_acts.device)
                 del y_dense
             del h, f
@@ -510,10 +528,10 @@ def _prune_layer(
         C = _cross(x_ffn, comm)
         del x_ffn
     with _Phase(clock, seconds, "ffn", device):
-        W = torch.empty(mlp.down_proj.weight.shape, dtype=torch.float32, device=device)
+        W = torch.empty(down_proj.weight.shape, dtype=torch.float32, device=device)
         if leader:
             assert H is not None
-            W0 = mlp.down_proj.weight.detach().float()
+            W0 = down_proj.weight.detach().float()
             if C is not None:
                 W0 = _least_squares_start(W0, C, H, config.percdamp)
             W.copy_(W0)
@@ -531,9 +549,9 @@ def _prune_layer(
         channels, ffn_err_nc, ffn_err = comm.broadcast_object(info if leader else None)
         W = comm.broadcast_(W.contiguous())
         if config.compact:
-            compact_mlp(mlp, channels.kept_channels, W)
+            compact_mlp(mlp, family.layout.as_dict(), channels.kept_channels, W)
         else:
-            mlp.down_proj.weight.data.copy_(W)
+            down_proj.weight.data.copy_(W)
         del W
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
          f"{shape.intermediate_size} channels" + _damping_note(channels.retries, channels.percdamp),
@@ -543,7 +561,7 @@ def _prune_layer(
     # 3. The pruned layer's outputs become the next layer's inputs.
     with _Phase(clock, seconds, "output_pass", device):
         for sl in batches:
-            acts[sl] = ffn_block(layer, residual[sl].to(device)).to(acts.device)
+            acts[sl] = family.ffn_block(layer, residual[sl].to(device)).to(acts.device)
 
     return LayerReport(
         index=lp.index, ratio=lp.ratio,
@@ -567,9 +585,9 @@ def _damping_note(retries: int, percdamp: float) -> str:
             "mean diag H" + ("; OBS is close to magnitude pruning here)" if percdamp >= 1 else ")"))
 
 
-def _resize_to_report(layer: nn.Module, report: dict[str, Any]) -> None:
-    resize_layer(layer, len(report["heads_kept"]), len(report["kv_heads_kept"]),
-                 len(report["channels_kept"]), report["kv_index"])
+def _resize_to_report(layer: nn.Module, report: dict[str, Any], family: Family) -> None:
+    resize_layer(layer, family.layout.as_dict(), len(report["heads_kept"]),
+                 len(report["kv_heads_kept"]), len(report["channels_kept"]), report["kv_index"])
 
 
 class _CheckpointSource:
@@ -623,20 +641,23 @@ def prune_model(
         raise ValueError("pruning a streamed model needs checkpoint_dir (or on_layer): pruned "
                          "layers are written there as they finish")
     model.eval()
-    check_uniform_attention(model)
+    family = model_family(model)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                      config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
-    layers = decoder_layers(model)
+    layers = family.decoder_layers(model)
     n_layers = len(layers)
     prefix = layers_prefix(model) + "."
     device = _resolve_device(config.device)
     placement = choose_placement(model, device, config.resident, streamed)
     if placement == "resident":
         model.to(device)
-    if config.target == "dense" and placement == "stream":
-        raise ValueError("target 'dense' needs the dense layers while pruning; it is not "
-                         "available with the stream placement")
+    if config.target == "dense":
+        _check_dense_target(family)
+        if placement == "stream":
+            raise ValueError("target 'dense' needs the dense layers while pruning; it is not "
+                             "available with the stream placement")
+    allocation_s = 0.0
     if config.allocation == "sensitivity":
         if placement != "resident" or comm.world_size > 1:
             raise ValueError("allocation 'sensitivity' runs the whole model on one device: it "
@@ -645,12 +666,13 @@ def prune_model(
 
         t0 = time.perf_counter()
         plan = sensitivity_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
-                                config.min_group, config.max_group, config.batch_size, device)
+                                config.min_group, config.max_group, config.batch_size, device,
+                                family)
         allocation_s = time.perf_counter() - t0
     dtype = next(layers[0].parameters()).dtype
     store_device = torch.device("cpu") if config.offload_activations else device
     clock = _Clock()
-    if config.allocation == "sensitivity":
+    if allocation_s:
         clock.add("allocation", allocation_s)
     params_before = count_parameters(model)
     leader = comm.is_leader
@@ -682,12 +704,12 @@ def prune_model(
             report = ckpt.load_report(i)
             reports.append(LayerReport(**report))
             if placement == "stream":
-                _resize_to_report(layers[i], report)
+                _resize_to_report(layers[i], report, family)
             elif config.target == "dense":
                 pass  # restored during the replay, once the dense stream has passed
             else:
                 if config.compact:
-                    _resize_to_report(layers[i], report)
+                    _resize_to_report(layers[i], report, family)
                 ckpt.load_weights(i, layers[i], prefix=f"{prefix}{i}.")
 
     store = LayerStore(layers, device, placement, source=source,
@@ -705,12 +727,14 @@ def prune_model(
         emit("calibrating", f"capturing layer inputs for {calibration.shape[0]} windows", {})
         t0 = time.perf_counter()
         local = comm.share(calibration)
-        acts, ctx = capture_layer_inputs(model, local, device, config.batch_size, store_device)
-        ctx = ctx.to(device)
+        acts, contexts = capture_layer_inputs(model, local, device, config.batch_size,
+                                              store_device)
+        contexts = contexts_to(contexts, device)
         for name, probe in (probes or {}).items():
-            p_acts, p_ctx = capture_layer_inputs(model, probe.input_ids, device,
-                                                 config.batch_size, store_device)
-            probe_states[name] = _ProbeState(p_acts, p_ctx.to(device), probe.dense)
+            p_acts, p_contexts = capture_layer_inputs(model, probe.input_ids, device,
+                                                      config.batch_size, store_device)
+            probe_states[name] = _ProbeState(p_acts, contexts_to(p_contexts, device),
+                                             probe.dense)
         clock.add("capture", time.perf_counter() - t0)
         residual = torch.empty_like(acts)
         dense_acts = acts.clone() if config.target == "dense" else None
@@ -724,13 +748,15 @@ def prune_model(
                 if dense_acts is not None:
                     # The dense stream passes the layer still dense; then it gets its weights.
                     assert ckpt is not None
-                    _layer_forward(layer, dense_acts, ctx, config.batch_size, device)
+                    _layer_forward(layer, dense_acts, contexts[i], config.batch_size, device,
+                                   family)
                     if config.compact:
-                        _resize_to_report(layer, asdict(reports[i]))
+                        _resize_to_report(layer, asdict(reports[i]), family)
                     ckpt.load_weights(i, layer, prefix=f"{prefix}{i}.")
-                _layer_forward(layer, acts, ctx, config.batch_size, device)
+                _layer_forward(layer, acts, contexts[i], config.batch_size, device, family)
                 for state in probe_states.values():
-                    _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
+                    _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                   device, family)
                 store.release(i, layer, changed=dense_acts is not None)
             clock.add("replay", time.perf_counter() - t0)
 
@@ -749,13 +775,16 @@ def prune_model(
             with _Phase(clock, {}, "probes", device):
                 for state in probe_states.values():
                     if state.dense:
-                        _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
-            report = _prune_layer(layer, plan.layers[i], shape, acts, residual, ctx, config,
-                                  device, clock, layer_emit, comm, dense_acts)
+                        _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                       device, family)
+            report = _prune_layer(layer, plan.layers[i], shape, acts, residual, contexts[i],
+                                  config, device, clock, layer_emit, comm, family=family,
+                                  dense_acts=dense_acts)
             with _Phase(clock, {}, "probes", device):
                 for state in probe_states.values():
                     if not state.dense:
-                        _layer_forward(layer, state.acts, state.ctx, config.batch_size, device)
+                        _layer_forward(layer, state.acts, state.contexts[i], config.batch_size,
+                                       device, family)
             reports.append(report)
             on_host = None
             if on_layer is not None and leader:

@@ -3,11 +3,14 @@
 Torch-free on purpose: the API's dry run (`POST /v1/estimate`) imports this module, and the API
 image carries no torch. The pruner uses the very same plan, so an estimate is what a job does.
 
-Units that can be removed from one decoder layer (Llama layout):
-  * a query head: its `head_dim` rows of q_proj and columns of o_proj;
+Units that can be removed from one decoder layer:
+  * a query head: its `head_dim` rows of q_proj and columns of o_proj (plus its bias and, in
+    OLMo-2, its share of the whole-projection q_norm);
   * a key/value head: its rows of k_proj and v_proj (only when no query head uses it any more);
   * an FFN channel: one row of gate_proj and up_proj and one column of down_proj.
-Hidden size, norms, embeddings and lm_head are never touched.
+Hidden size, norms, embeddings and lm_head are never touched. What differs between model
+families (biases, norms per layer, per-head norms) comes from the family adapter
+(:mod:`slimgpt_core.families`, torch-free) as plain numbers on :class:`ModelShape`.
 
 Schedules follow SlimGPT's Incremental Pruning Ratio (arXiv 2412.18110, sec. 3.3):
 ``r_i = r_0 + (r_last - r_0) * ln(i + 1) / ln(n)`` with ``r_0 = alpha * r_last``; ``r_last`` is
@@ -40,7 +43,13 @@ TARGET_TOLERANCE = 0.01
 #: pruned model pays the same price at inference.
 CHANNEL_MULTIPLE = 8
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "slimgpt_llama")
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The model types with a family adapter (see :mod:`slimgpt_core.families`)."""
+    from slimgpt_core.families import supported_model_types as registered
+
+    return registered()
 
 #: Largest accepted value of each dimension. Far above any released model (the deepest have
 #: ~130 layers; hidden sizes reach ~25k, vocabularies ~260k), yet small enough that a plan is
@@ -65,7 +74,13 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama-layout decoder that pruning arithmetic needs."""
+    """The dimensions of a decoder that pruning arithmetic needs.
+
+    ``layer_norms``: hidden-size norms per layer (2 for Llama, 4 for Gemma 2/3);
+    ``head_norm``: ``per_head`` q/k norms of ``head_dim`` (fixed), ``projection`` q/k norms
+    over the whole projection (removed with the heads), or ``none``;
+    ``heads_divide_hidden``: the stock config needs ``hidden_size % heads == 0``.
+    """
 
     num_layers: int
     hidden_size: int
@@ -79,6 +94,9 @@ class ModelShape:
     o_bias: bool = False
     mlp_bias: bool = False
     model_type: str = "llama"
+    layer_norms: int = 2
+    head_norm: str = "none"
+    heads_divide_hidden: bool = False
 
     def __post_init__(self) -> None:
         for name, limit in DIMENSION_LIMITS.items():
@@ -102,30 +120,17 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
-        """Build from a Hugging Face `config.json` dict of a Llama-layout model."""
-        model_type = str(config.get("model_type", "llama"))
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise PlanError(
-                f"model_type {model_type!r} is not a Llama-layout model; supported: "
-                + ", ".join(SUPPORTED_MODEL_TYPES[:3])
-            )
+        """Build from a Hugging Face ``config.json`` dict through its family adapter."""
+        from slimgpt_core.families import UnsupportedFamilyError, family_for_config
+
+        if "model_type" not in config:
+            config = {**config, "model_type": "llama"}  # a bare config is read as Llama's
         try:
-            hidden = int(config["hidden_size"])
-            heads = int(config["num_attention_heads"])
-            shape = cls(
-                num_layers=int(config["num_hidden_layers"]),
-                hidden_size=hidden,
-                num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(config.get("head_dim") or hidden // heads),
-                intermediate_size=int(config["intermediate_size"]),
-                vocab_size=int(config["vocab_size"]),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                qkv_bias=True if model_type == "qwen2" else bool(config.get("attention_bias", False)),
-                o_bias=False if model_type == "qwen2" else bool(config.get("attention_bias", False)),
-                mlp_bias=bool(config.get("mlp_bias", False)),
-                model_type=model_type,
-            )
+            family = family_for_config(config)
+        except UnsupportedFamilyError as err:
+            raise PlanError(str(err)) from None
+        try:
+            shape = cls(**family.shape_fields(config))
         except KeyError as missing:
             raise PlanError(f"model config lacks {missing.args[0]!r}") from None
         except (TypeError, ValueError, ArithmeticError) as bad:
@@ -138,11 +143,14 @@ class ModelShape:
     # -- parameter arithmetic -------------------------------------------------------------
     @property
     def params_per_q_head(self) -> int:
-        return 2 * self.hidden_size * self.head_dim + (self.head_dim if self.qkv_bias else 0)
+        norm = self.head_dim if self.head_norm == "projection" else 0
+        return 2 * self.hidden_size * self.head_dim + (self.head_dim if self.qkv_bias else 0) + norm
 
     @property
     def params_per_kv_head(self) -> int:
-        return 2 * self.hidden_size * self.head_dim + (2 * self.head_dim if self.qkv_bias else 0)
+        norm = self.head_dim if self.head_norm == "projection" else 0
+        return (2 * self.hidden_size * self.head_dim + (2 * self.head_dim if self.qkv_bias else 0)
+                + norm)
 
     @property
     def params_per_channel(self) -> int:
@@ -150,10 +158,12 @@ class ModelShape:
 
     @property
     def layer_fixed_params(self) -> int:
-        """Parameters of a layer that pruning never removes: two norms, o_proj/down_proj bias."""
-        return 2 * self.hidden_size + (self.hidden_size if self.o_bias else 0) + (
-            self.hidden_size if self.mlp_bias else 0
-        )
+        """Parameters of a layer that pruning never removes: its norms (hidden-size ones and
+        shared per-head q/k norms) and the o_proj/down_proj biases."""
+        return (self.layer_norms * self.hidden_size
+                + (2 * self.head_dim if self.head_norm == "per_head" else 0)
+                + (self.hidden_size if self.o_bias else 0)
+                + (self.hidden_size if self.mlp_bias else 0))
 
     def layer_params(self, heads: int, kv_heads: int, channels: int) -> int:
         return (
@@ -278,9 +288,9 @@ def plan_layer(
 ) -> LayerPlan:
     """How many heads, KV heads and channels layer ``index`` loses at layer ratio ``ratio``.
 
-    ``plain_heads`` keeps only head counts that divide ``hidden_size``: transformers (5.x)
-    refuses a plain Llama/Mistral/Qwen2 config otherwise, so the ``uniform`` artifact profile
-    needs it; the FFN then absorbs what the attention does not remove.
+    ``plain_heads`` keeps only head counts that divide ``hidden_size`` in families whose stock
+    config refuses others (transformers 5.x: Llama, Gemma 2/3), so the ``uniform`` artifact
+    profile needs it; the FFN then absorbs what the attention does not remove.
     """
     ratio = min(max(ratio, 0.0), MAX_LAYER_RATIO)
     r_heads = ratio if head_ratio is None else head_ratio
@@ -305,7 +315,8 @@ def plan_layer(
             return u * kv, 0
         return u, kv_groups_emptied(shape.num_heads, kv, u)
 
-    while plain_heads and units > 0 and shape.hidden_size % (shape.num_heads - removed(units)[0]):
+    while (plain_heads and shape.heads_divide_hidden and units > 0
+           and shape.hidden_size % (shape.num_heads - removed(units)[0])):
         units -= 1
     heads_removed, kv_removed = removed(units)
     before = shape.dense_layer_params

@@ -26,9 +26,11 @@ _MODEL_CLASS = "slimgpt_vllm.model:SlimGPTForCausalLM"
 def _register_configs() -> None:
     from transformers import AutoConfig
 
-    from slimgpt_core.modeling_slimgpt import HETERO_CLASSES
+    from slimgpt_core.modeling_slimgpt import hetero_classes
 
-    for config_cls, _ in HETERO_CLASSES.values():
+    for arch in ARCHITECTURES:  # SlimGPT<Base>ForCausalLM
+        config_cls, _ = hetero_classes(arch.removeprefix("SlimGPT").removesuffix("ForCausalLM")
+                                       .lower())
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
 
 

@@ -65,6 +65,11 @@ def layer_config(config: Any, layout: LayerLayout) -> _LayerConfig:
     if base not in SUPPORTED_BASES:
         raise LayoutError(f"slimgpt_vllm serves {', '.join('slimgpt_' + b for b in SUPPORTED_BASES)}"
                           f" checkpoints, not model_type {config.model_type!r}")
+    layout_kind = dict(getattr(config, "slimgpt_layout", None) or {})
+    plain = {"qkv": "separate", "head_norm": "none", "ffn": "gated"}
+    if any(layout_kind.get(k, v) != v for k, v in plain.items()):
+        raise LayoutError(f"slimgpt_vllm serves separate q/k/v, no head norms and a gated FFN; "
+                          f"this checkpoint's slimgpt_layout is {layout_kind}")
     overrides: dict[str, Any] = {
         "num_attention_heads": layout.num_heads,
         "num_key_value_heads": layout.num_kv_heads,

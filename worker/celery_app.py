@@ -26,8 +26,10 @@ from celery.signals import (
     worker_shutting_down,
 )
 
+from app.core.logging import adopt_handlers
 from app.db.session import forget_inherited_connections
 from worker import fleet
+from worker.liveness import LivenessFile
 from worker.redact import install_redaction
 from worker.settings import WorkerSettings
 from worker.tasks import RUNNER_CONF_KEY, register_tasks
@@ -91,6 +93,7 @@ def make_celery(settings: WorkerSettings | None = None) -> Celery:
     app.conf.update(celery_config(settings))
     app.slimgpt_settings = settings  # type: ignore[attr-defined]  # read by the task and the heartbeat
     register_tasks(app)
+    app.steps["worker"].add(LivenessFile)
     install_redaction()
     return app
 
@@ -114,7 +117,11 @@ def worker_argv(settings: WorkerSettings, *, hostname: str | None = None) -> lis
 
 
 def _redact_celery_logs(logger: logging.Logger | None = None, **_: Any) -> None:
-    install_redaction(logger)
+    """Celery built its handlers: our format (JSON under SLIMGPT_LOG_JSON=1) and redaction."""
+    if logger is None:
+        install_redaction()
+        return
+    adopt_handlers(logger, WorkerSettings().log_json)
 
 
 def _forward_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:

@@ -19,6 +19,12 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from slimgpt_core.families import (
+    UnsupportedFamilyError,
+    family_for_gguf,
+    family_for_model_type,
+    supported_model_types,
+)
 from worker.errors import (
     ModelSourceError,
     UnsupportedModelError,
@@ -31,8 +37,8 @@ from worker.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 
-#: ``config.json`` model types whose layout (q/k/v/o + gate/up/down, RMSNorm) SlimGPT prunes.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+#: ``config.json`` model types with a family adapter in slimgpt_core (torch-free registry).
+SUPPORTED_MODEL_TYPES = frozenset(supported_model_types())
 #: Everything a pruning job needs from a model repo, and nothing pickled.
 ALLOW_PATTERNS = [
     "*.safetensors",
@@ -70,12 +76,11 @@ class ResolvedModel:
 
 
 def check_model_type(model_type: object, *, what: str) -> str:
-    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(sorted(SUPPORTED_MODEL_TYPES))
-        raise UnsupportedModelError(
-            f"{what} has model_type {model_type!r}; SlimGPT prunes Llama-layout models only "
-            f"({supported})"
-        )
+    try:
+        family_for_model_type(model_type)
+    except UnsupportedFamilyError as exc:
+        raise UnsupportedModelError(f"{what}: {exc}") from None
+    assert isinstance(model_type, str)
     return model_type
 
 
@@ -113,7 +118,11 @@ def gguf_model_type(path: Path) -> str:
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{path.name} is not a readable GGUF file ({exc})") from exc
     arch = field.contents() if field is not None else None
-    return check_model_type(arch, what=path.name)
+    try:
+        family_for_gguf(arch)
+    except UnsupportedFamilyError as exc:
+        raise UnsupportedModelError(f"{path.name}: {exc}") from None
+    return str(arch)
 
 
 class ModelSource:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Security, status
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.api.limits import check_request_rate
@@ -44,7 +45,19 @@ def _presented_key(request: Request) -> str | None:
     return key.strip() if key else None
 
 
-def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> Tenant:
+#: The two ways to present an API key, as OpenAPI security schemes ("Authorize" in /docs).
+#: auto_error=False: get_tenant itself answers 401, in the API's error shape.
+bearer_scheme = HTTPBearer(auto_error=False, scheme_name="bearer",
+                           description="`Authorization: Bearer <API key>`")
+api_key_scheme = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                              description="`X-API-Key: <API key>`")
+
+
+def get_tenant(
+    request: Request, session: SessionDep, settings: SettingsDep,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)] = None,
+    _header: Annotated[str | None, Security(api_key_scheme)] = None,
+) -> Tenant:
     key: str | None = None
     if settings.auth_disabled:
         tenant = get_or_create_tenant(session, LOCAL_TENANT)

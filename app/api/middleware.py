@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,9 +73,11 @@ class BodyLimitMiddleware:
 
 
 async def _send_json(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
+    from app.api.errors import PROBLEM_JSON, problem_body
+
+    body = json.dumps(problem_body(status, detail)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
+                "headers": [(b"content-type", PROBLEM_JSON.encode()),
                             (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
@@ -146,3 +150,45 @@ class MetricsMiddleware:
                                          route_template(scope, self.templates),
                                          state["code"], time.perf_counter() - start,
                                          stream=state["stream"] is not None)
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+access_log = logging.getLogger("slimgpt.access")
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (the caller's ``X-Request-ID`` when it is sane, else a new one),
+    returns it as ``X-Request-ID``, puts it on every log line logged while the request is
+    handled, and logs one access line per request (method, path, status, duration)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from app.core.logging import request_context
+
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        async def with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        with request_context(request_id):
+            try:
+                await self.app(scope, receive, with_id)
+            finally:
+                access_log.info("%s %s %d", scope.get("method", ""), scope.get("path", ""),
+                                status["code"], extra={
+                                    "method": scope.get("method"), "path": scope.get("path"),
+                                    "status": status["code"],
+                                    "duration_ms": round((time.perf_counter() - start) * 1e3,
+                                                         1)})

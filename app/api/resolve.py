@@ -55,3 +55,17 @@ def resolve_model(settings: Settings, model_id: str, field: str = "model_id") ->
     raise _unprocessable(
         field, f"{model_id!r} is neither a valid Hub repo id (`owner/name`) nor a folder under "
         "the local models root")
+
+
+def check_local_family(path: Path, field: str = "model_id") -> str:
+    """The family name of a local model; 422 naming the supported model types otherwise.
+
+    Hub models are checked by the worker as soon as it has their config.json (kilobytes, before
+    any weights): the API does not download from the Hub.
+    """
+    from slimgpt_core.model_type import ModelTypeError, local_model_family
+
+    try:
+        return local_model_family(path).name
+    except (ModelTypeError, ValueError) as err:  # UnsupportedFamilyError is a ValueError
+        raise _unprocessable(field, str(err)) from None

@@ -241,7 +241,9 @@ async def submit(request: Request) -> Response:
         try:
             raw = await request.json()
         except ValueError:
-            return JSONResponse({"detail": "malformed JSON body"}, status_code=400)
+            from app.api.errors import problem
+
+            return problem(400, "malformed JSON body", code="malformed_json")
         idempotency_key = request.headers.get("idempotency-key") or None
         try:
             body = JobCreate.model_validate(raw)
@@ -260,8 +262,10 @@ async def submit(request: Request) -> Response:
 
         try:
             out = await run_in_threadpool(create)
-        except HTTPException as exc:
-            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+        except HTTPException as exc:  # the API's own error answer (problem+json)
+            from app.api.errors import http_handler
+
+            return await http_handler(request, exc)
         data = out.model_dump(mode="json") if hasattr(out, "model_dump") else json.loads(out.body)
         return JSONResponse({"id": data["id"], "url": f"/ui/jobs/{data['id']}"},
                             status_code=202)

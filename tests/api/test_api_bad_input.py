@@ -124,16 +124,16 @@ def test_estimate_with_20000_layers_is_refused_at_once(client, tenant):
     start = time.perf_counter()
     r = _estimate(client, tenant, num_hidden_layers=20_000)
     assert r.status_code == 422 and "num_layers" in r.json()["detail"]
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 2.0  # milliseconds; it took 14-27 s before
 
 
-def test_estimate_at_the_layer_limit_answers_within_two_seconds(client, tenant):
+def test_estimate_at_the_layer_limit_answers_within_three_seconds(client, tenant):
     from slimgpt_core.schedule import DIMENSION_LIMITS
 
     start = time.perf_counter()
     r = _estimate(client, tenant, num_hidden_layers=DIMENSION_LIMITS["num_layers"])
     assert r.status_code == 200, r.text
-    assert time.perf_counter() - start < 2.0  # ~0.25 s alone on one core
+    assert time.perf_counter() - start < 3.0  # ~0.25 s on an idle core
 
 
 # -- uploads: a single long jsonl line costs linear time -------------------------------------

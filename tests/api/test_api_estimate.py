@@ -45,7 +45,9 @@ def test_estimate_plan_error_is_422(client, tenant):
     bad = {**SMOL, "model_type": "gpt2"}
     r = client.post("/v1/estimate", json={"config": bad, "target_ratio": 0.2},
                     headers=tenant.headers)
-    assert r.status_code == 422 and "Llama-layout" in r.json()["detail"]
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and "'gpt2' is not supported" in detail
+    assert all(t in detail for t in ("llama", "qwen3", "gemma3_text", "phi3", "olmo2", "granite"))
 
 
 def test_estimate_missing_config_key_is_422(client, tenant):

@@ -62,9 +62,10 @@ def test_empty_upload_is_422(client, tenant):
     assert r.status_code == 422
 
 
-def test_raw_upload_needs_a_filename(client, tenant):
+def test_raw_upload_without_a_filename_is_named_upload_txt(client, tenant):
     r = client.post("/v1/files", content=b"abc", headers=tenant.headers)
-    assert r.status_code == 422 and "filename" in r.json()["detail"]
+    assert r.status_code == 201 and r.json()["filename"] == "upload.txt"
+    assert r.json()["format"] == "text"
 
 
 def test_multipart_without_file_field_is_422(client, tenant):

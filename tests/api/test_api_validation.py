@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
+
+from slimgpt_core.families import supported_model_types
 
 BASE = {"model_id": "HuggingFaceTB/SmolLM2-135M", "target_ratio": 0.2}
 
@@ -137,12 +140,56 @@ def test_symlink_escaping_local_root_is_422(client, tenant, models_dir, tmp_path
     assert r.status_code == 422 and "escapes" in r.json()["detail"]
 
 
-def test_local_model_folder_is_accepted(client, tenant, models_dir):
-    (models_dir / "tiny" / "llama").mkdir(parents=True, exist_ok=True)
-    r = _post(client, tenant, {**BASE, "model_id": "tiny/llama"})
-    assert r.status_code == 202
-    job = r.json()
-    assert job["model_source"] == "local"
+def _local_model(models_dir, name: str, model_type: str | None) -> str:
+    folder = models_dir / "tiny" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if model_type is not None:
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return f"tiny/{name}"
+
+
+@pytest.mark.parametrize("model_type", supported_model_types())
+def test_local_model_folder_of_every_supported_family_is_accepted(client, tenant, models_dir,
+                                                                  model_type):
+    r = _post(client, tenant, {**BASE, "model_id": _local_model(models_dir, model_type,
+                                                                model_type)})
+    assert r.status_code == 202, r.text
+    assert r.json()["model_source"] == "local"
+
+
+def test_unsupported_family_is_refused_at_submission_with_the_supported_list(
+        client, tenant, models_dir):
+    r = _post(client, tenant, {**BASE, "model_id": _local_model(models_dir, "bert", "bert")})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and detail.startswith("model_id:")
+    assert "'bert' is not supported" in detail
+    assert ", ".join(supported_model_types()) in detail
+
+
+def test_local_folder_without_config_is_refused_at_submission(client, tenant, models_dir):
+    r = _post(client, tenant, {**BASE, "model_id": _local_model(models_dir, "empty", None)})
+    assert r.status_code == 422 and "no config.json" in r.json()["detail"]
+
+
+def _gguf(models_dir, arch: str) -> str:
+    import gguf
+    import numpy as np
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(models_dir / f"{arch}-tiny.gguf", arch)
+    writer.add_block_count(2)
+    writer.add_tensor("w", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return f"{arch}-tiny.gguf"
+
+
+def test_local_gguf_is_checked_by_its_header_architecture(client, tenant, models_dir):
+    assert _post(client, tenant, {**BASE, "model_id": _gguf(models_dir, "qwen3")}).status_code == 202
+    r = _post(client, tenant, {**BASE, "model_id": _gguf(models_dir, "gpt2")})
+    assert r.status_code == 422 and "GGUF architecture 'gpt2' is not supported" in r.json()["detail"]
 
 
 def test_hub_destination_without_token_is_422(client, tenant):

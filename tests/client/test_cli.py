@@ -371,13 +371,21 @@ def test_estimate_artifacts_files_and_hub_token_commands(cli, tmp_path):
     assert code == EXIT_OK and json.loads(out)["status"] == "ready"
 
 
-def test_version_and_shell_completion(capsys):
+def test_version_and_shell_completion(capsys, monkeypatch):
     from app import __version__
 
     assert main(["--version"]) == EXIT_OK
     assert capsys.readouterr().out.strip() == f"slimgpt {__version__}"
-    assert main(["--show-completion", "bash"]) == EXIT_OK
-    assert "_SLIMGPT_COMPLETE" in capsys.readouterr().out
+    # What the script `slimgpt --install-completion` installs asks: complete "slimgpt hub-t".
+    monkeypatch.setenv("_SLIMGPT_COMPLETE", "complete_bash")
+    monkeypatch.setenv("COMP_WORDS", "slimgpt hub-t")
+    monkeypatch.setenv("COMP_CWORD", "1")
+    assert main([]) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["hub-token"]
+    monkeypatch.setenv("COMP_WORDS", "slimgpt submit --gqa")
+    monkeypatch.setenv("COMP_CWORD", "2")
+    assert main([]) == EXIT_OK
+    assert "--gqa-policy" in capsys.readouterr().out.split()
 
 
 def test_a_missing_extra_is_named_not_a_traceback(capsys, monkeypatch):

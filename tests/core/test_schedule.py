@@ -105,8 +105,8 @@ def test_explicit_schedule_of_wrong_length_is_rejected() -> None:
         make_plan(ModelShape.from_config(SMOLLM2), 0.2, [0.2] * 29)
 
 
-def test_non_llama_model_type_is_rejected() -> None:
-    with pytest.raises(PlanError, match="not a Llama-layout"):
+def test_unsupported_model_type_is_rejected_with_the_supported_list() -> None:
+    with pytest.raises(PlanError, match="'gpt2' is not supported.*llama, mistral"):
         ModelShape.from_config({**SMOLLM2, "model_type": "gpt2"})
 
 

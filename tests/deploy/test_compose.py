@@ -1,5 +1,6 @@
-"""docker-compose.yml, the Dockerfiles and .dockerignore, checked statically (no Docker engine
-runs here): services, builds, env, volumes, health checks, GPU reservation, start order."""
+"""docker-compose.yml, docker/compose.local.yml, the Dockerfiles and .dockerignore, checked
+statically: services, builds, env, volumes, health checks, one GPU per worker, start order.
+tests/deploy/test_stack.py builds the images and runs the stack for real (`make stack-test`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 API_DOCKERFILE = ROOT / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = ROOT / "docker" / "worker.Dockerfile"
+LOCAL_OVERRIDE = ROOT / "docker" / "compose.local.yml"
+GPU_WORKERS = ["worker"] + [f"worker-gpu{i}" for i in range(1, 8)]
+WORKERS = GPU_WORKERS + ["worker-cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +41,35 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def test_the_stack_has_the_five_services(services):
-    default = {name for name, s in services.items() if not s.get("profiles")}
-    assert default == {"postgres", "redis", "migrate", "api", "worker"}
+def _default_services(services: dict) -> set[str]:
+    return {name for name, s in services.items() if not s.get("profiles")}
+
+
+def test_by_default_the_stack_is_the_five_services(services):
+    assert _default_services(services) == {"postgres", "redis", "migrate", "api", "worker"}
 
 
 def test_images_and_builds(services):
     assert services["postgres"]["image"].startswith("postgres:")
     assert services["redis"]["image"].startswith("redis:")
     for name, dockerfile in (("migrate", "docker/api.Dockerfile"), ("api", "docker/api.Dockerfile"),
-                             ("worker", "docker/worker.Dockerfile")):
+                             ("worker", "docker/worker.Dockerfile"),
+                             ("worker-cpu", "docker/worker.Dockerfile")):
         build = services[name]["build"]
         assert build["context"] == "."
         assert build["dockerfile"] == dockerfile
         assert (ROOT / build["dockerfile"]).is_file()
     assert services["migrate"]["image"] == services["api"]["image"]
+    # The GPU workers share one image, built once by `worker`.
+    assert {services[w]["image"] for w in GPU_WORKERS} == {services["worker"]["image"]}
+    assert services["worker-cpu"]["image"] != services["worker"]["image"]
+
+
+def test_the_cpu_worker_is_the_same_dockerfile_with_a_cpu_base_and_torch(services):
+    args = services["worker-cpu"]["build"]["args"]
+    assert args["BASE_IMAGE"].startswith("python:3.11")
+    assert args["TORCH_INDEX_URL"].endswith("/cpu")
+    assert "deploy" not in services["worker-cpu"]
 
 
 def test_commands(services):
@@ -59,10 +77,11 @@ def test_commands(services):
     assert services["migrate"]["restart"] == "no"
     assert services["api"]["command"][:2] == ["slimgpt", "serve"]
     assert "0.0.0.0" in services["api"]["command"]
-    assert services["worker"]["command"] == ["slimgpt", "worker"]
+    for name in WORKERS:
+        assert services[name]["command"] == ["slimgpt", "worker"]
 
 
-@pytest.mark.parametrize("name", ["migrate", "api", "worker"])
+@pytest.mark.parametrize("name", ["migrate", "api", *WORKERS])
 def test_production_environment(services, name):
     env = services[name]["environment"]
     assert env["SLIMGPT_DATABASE_URL"].startswith("postgresql+psycopg://")
@@ -77,8 +96,9 @@ def test_production_environment(services, name):
     assert env["SLIMGPT_ARTIFACTS_DIR"] == "/data/artifacts"
 
 
-def test_worker_env_has_the_hub_cache(services):
-    env = services["worker"]["environment"]
+@pytest.mark.parametrize("name", WORKERS)
+def test_worker_env_has_the_hub_cache(services, name):
+    env = services[name]["environment"]
     assert env["HF_HOME"] == "/cache/huggingface"
     assert env["SLIMGPT_HF_CACHE_DIR"].startswith(env["HF_HOME"])
 
@@ -89,7 +109,7 @@ def test_every_setting_name_in_compose_is_a_real_setting(services):
 
     known = {f"SLIMGPT_{n.upper()}" for n in Settings.model_fields}
     known |= {f"SLIMGPT_{n.upper()}" for n in WorkerSettings.model_fields}
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", *WORKERS):
         used = {k for k in services[name]["environment"] if k.startswith("SLIMGPT_")}
         assert used <= known, used - known
 
@@ -99,12 +119,13 @@ def test_volumes(compose, services):
     mounts = {name: {v.split(":")[0]: v.split(":")[1] for v in s.get("volumes", [])}
               for name, s in services.items()}
     assert mounts["postgres"]["pgdata"] == "/var/lib/postgresql/data"
-    # The worker writes artifacts the API serves, and reads uploads the API stored: same paths.
-    for vol in ("artifacts", "uploads"):
-        assert mounts["api"][vol] == mounts["worker"][vol]
+    # A worker writes artifacts the API serves, and reads uploads the API stored: same paths.
+    for name in WORKERS:
+        for vol in ("artifacts", "uploads"):
+            assert mounts["api"][vol] == mounts[name][vol]
+        assert mounts[name]["hf-cache"] == services[name]["environment"]["HF_HOME"]
     assert mounts["api"]["artifacts"] == services["api"]["environment"]["SLIMGPT_ARTIFACTS_DIR"]
     assert mounts["api"]["uploads"] == services["api"]["environment"]["SLIMGPT_UPLOADS_DIR"]
-    assert mounts["worker"]["hf-cache"] == services["worker"]["environment"]["HF_HOME"]
 
 
 def test_health_checks(services):
@@ -112,26 +133,64 @@ def test_health_checks(services):
     assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
     assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
     assert services["api"]["ports"][0] == "${SLIMGPT_PORT:-8000}:8000"
+    for name in WORKERS:
+        assert services[name]["healthcheck"]["test"] == ["CMD", "python", "-m", "worker.liveness"]
+
+
+def test_only_the_api_publishes_a_port_beyond_the_loopback(services):
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert "api" in published
+    for name in ("postgres", "redis", *WORKERS):
+        assert name not in published
+    for name, ports in published.items():
+        if name != "api":
+            assert all(p.startswith("127.0.0.1:") for p in ports), (name, ports)
 
 
 def test_start_order(services):
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
-    for name in ("api", "worker"):
+    for name in ("api", *WORKERS):
         deps = services[name]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully"
         assert deps["redis"]["condition"] == "service_healthy"
         assert deps["postgres"]["condition"] == "service_healthy"
 
 
-def test_worker_reserves_a_gpu(services):
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+def _gpu_ids(service: dict) -> list[str]:
+    devices = service["deploy"]["resources"]["reservations"]["devices"]
+    assert len(devices) == 1
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    # `count: 1` would give every worker the same GPU; each one names its own.
+    assert "count" not in devices[0]
+    return devices[0]["device_ids"]
+
+
+def test_each_gpu_worker_is_pinned_to_its_own_gpu(services):
+    ids = [_gpu_ids(services[name]) for name in GPU_WORKERS]
+    assert ids == [[str(i)] for i in range(8)]
     assert "deploy" not in services["api"]
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_a_gpu_profile_starts_one_worker_per_gpu(services, gpus):
+    profile = f"gpus-{gpus}"
+    started = {name for name, s in services.items()
+               if not s.get("profiles") or profile in s["profiles"]}
+    workers = sorted(name for name in started if "deploy" in services[name])
+    assert sorted(_gpu_ids(services[w])[0] for w in workers) == [str(i) for i in range(gpus)]
+
+
+def _base_image(ins: list[tuple[str, str]], arg: str) -> str:
+    """The default of the build argument that the (only) FROM names."""
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in ins if i == "ARG" and "=" in a}
+    froms = [a for i, a in ins if i == "FROM"]
+    assert froms == [f"${{{arg}}}"]
+    return args[arg]
 
 
 def test_api_dockerfile_is_slim_torch_free_and_non_root():
     ins = _instructions(API_DOCKERFILE)
-    assert ins[0][0] == "FROM" and ins[0][1].startswith("python:3.11-slim")
+    assert _base_image(ins, "PYTHON_IMAGE").startswith("python:3.11-slim")
     runs = " ".join(a for i, a in ins if i == "RUN")
     assert 'pip install ".[service]"' in runs
     assert "torch" not in runs.replace("find_spec('torch')", "")
@@ -155,19 +214,41 @@ def test_service_extra_does_not_pull_torch():
         assert name not in {"torch", "transformers", "accelerate", "slimgpt-service"}, dep
 
 
-def test_worker_dockerfile_is_cuda_with_the_worker_extra():
+def test_worker_dockerfile_is_cuda_by_default_with_the_worker_extra():
     ins = _instructions(WORKER_DOCKERFILE)
-    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in ins if i == "ARG" and "=" in a}
-    base = next(a for i, a in ins if i == "FROM")
-    base = args.get(base.strip("${}"), base)
+    base = _base_image(ins, "BASE_IMAGE")
     assert base.startswith("nvidia/cuda:") and "runtime" in base
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for i, a in ins if i == "ARG" and "=" in a}
+    assert args["TORCH_INDEX_URL"].endswith("/cu128")  # the CUDA of the default base
     runs = " ".join(a for i, a in ins if i == "RUN")
     assert 'pip install ".[worker]"' in runs
-    assert "--index-url" in runs  # torch from the CUDA wheel index, before the project
+    assert "--index-url" in runs  # torch from its own wheel index, before the project
     assert runs.index("TORCH_SPEC") < runs.index('".[worker]"')
     users = [a for i, a in ins if i == "USER"]
     assert users and users[-1] not in ("root", "0")
+    assert any(i == "HEALTHCHECK" and "worker.liveness" in a for i, a in ins)
     assert [a for i, a in ins if i == "CMD"][-1] == '["slimgpt", "worker"]'
+
+
+@pytest.mark.parametrize("path", [API_DOCKERFILE, WORKER_DOCKERFILE])
+def test_no_secret_is_baked_into_an_image(path):
+    for instruction, args in _instructions(path):
+        if instruction in ("ENV", "ARG"):
+            assert not re.search(r"SECRET|PASSWORD|TOKEN|API_KEY", args, re.IGNORECASE), args
+
+
+def test_the_local_override_swaps_images_and_the_worker_only():
+    override = yaml.safe_load(LOCAL_OVERRIDE.read_text())["services"]
+    script = (ROOT / "docker" / "local-images.sh").read_text()
+    for name, service in override.items():
+        assert set(service) <= {"image", "volumes", "profiles"}, name
+        if "image" in service:
+            assert service["image"] in script  # built by docker/local-images.sh
+    # No GPU on such a machine: the GPU worker is off unless asked for, the CPU one runs.
+    assert override["worker"]["profiles"] == ["gpu"]
+    assert override["worker-cpu"]["image"].startswith("slimgpt-worker:cpu")
+    for name in ("api", "worker-cpu"):
+        assert any(v.endswith(":/models:ro") for v in override[name]["volumes"])
 
 
 def test_images_share_the_uid_for_the_shared_volumes():
@@ -199,8 +280,9 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose, services):
     assert "redis-data" in compose["volumes"]
 
 
-def test_the_worker_gets_time_to_hand_its_job_back_on_stop(services):
+@pytest.mark.parametrize("name", WORKERS)
+def test_the_worker_gets_time_to_hand_its_job_back_on_stop(services, name):
     # SIGTERM: finish the current layer, checkpoint, hand back; about a minute for 70B.
-    grace = services["worker"]["stop_grace_period"]
+    grace = services[name]["stop_grace_period"]
     seconds = int(grace[:-1]) * {"s": 1, "m": 60}[grace[-1]]
     assert seconds >= 90

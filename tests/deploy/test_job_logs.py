@@ -6,12 +6,19 @@ from __future__ import annotations
 import io
 import json
 import logging
+import logging.config
 from collections.abc import Iterator
 
 import pytest
 
 from app.core.config import Settings
-from app.core.logging import SERVICE_LOGGERS, configure_logging, current_job_id, job_context
+from app.core.logging import (
+    SERVICE_LOGGERS,
+    configure_logging,
+    current_job_id,
+    job_context,
+    uvicorn_log_config,
+)
 
 
 @pytest.fixture
@@ -19,12 +26,13 @@ def json_logs(monkeypatch) -> Iterator[io.StringIO]:
     monkeypatch.setenv("SLIMGPT_LOG_JSON", "1")
     settings = Settings(_env_file=None)
     assert settings.log_json is True
+    names = (*SERVICE_LOGGERS, "")
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers))
-             for n in SERVICE_LOGGERS}
+             for n in names}
     configure_logging(settings.log_json, "INFO")
     buf = io.StringIO()
-    handler = logging.getLogger("slimgpt").handlers[-1]
-    assert handler in logging.getLogger("worker").handlers  # one handler for both trees
+    handler = logging.getLogger().handlers[-1]  # one handler, on the root: every logger
+    assert getattr(handler, "_slimgpt", False)
     handler.setStream(buf)  # instead of stderr
     try:
         yield buf
@@ -55,6 +63,35 @@ def test_every_line_inside_a_job_carries_its_id(json_logs):
     ]
     assert all({"time", "level", "logger", "message"} <= set(ln) for ln in lines)
     assert current_job_id() is None
+
+
+def test_library_and_uvicorn_lines_are_json_too_and_secrets_are_scrubbed(json_logs):
+    logging.config.dictConfig(uvicorn_log_config())
+    logging.getLogger("uvicorn.error").info("Started server process [%d]", 42)
+    logging.getLogger("some.library").warning("calling with Authorization: Bearer %s",
+                                              "sgk_abc_secretsecret")
+    lines = _lines(json_logs)
+    assert [(ln["logger"], ln["level"]) for ln in lines] == [("uvicorn.error", "INFO"),
+                                                             ("some.library", "WARNING")]
+    assert lines[0]["message"] == "Started server process [42]"
+    assert "secretsecret" not in lines[1]["message"] and "[REDACTED]" in lines[1]["message"]
+
+
+def test_lines_logged_during_a_request_carry_its_request_id(json_logs, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, auth_disabled=True,
+                        embedded_worker="")
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/v1/jobs", headers={"X-Request-ID": "req-123"})
+        assert r.headers["X-Request-ID"] == "req-123"
+        generated = c.get("/healthz").headers["X-Request-ID"]
+    access = [ln for ln in _lines(json_logs) if ln["logger"] == "slimgpt.access"]
+    assert [(ln["request_id"], ln["status"]) for ln in access] == [("req-123", 200),
+                                                                  (generated, 200)]
+    assert access[0]["path"] == "/v1/jobs" and access[0]["method"] == "GET"
 
 
 def test_the_embedded_worker_tags_the_runner_lines(json_logs, tmp_path):

@@ -41,8 +41,10 @@ def test_free_policy_case_has_an_irregular_kv_index_layer(exported):
                  if h % kv or idx != [j // (h // kv) for j in range(h)]]
     assert irregular, "the free-policy fixture should produce at least one irregular layer"
     loaded = _load(folder, trust_remote_code=True)
-    routed = [type(layer.self_attn).__name__ for layer in loaded.model.layers]
-    assert any(name.startswith("KVIndexed") for name in routed)
+    routed = [layer.self_attn for layer in loaded.model.layers
+              if getattr(layer.self_attn, "kv_index_list", None) is not None]
+    assert routed and all(attn.config._attn_implementation == "slimgpt_kv_index"
+                          for attn in routed)
 
 
 def test_hetero_config_without_irregular_layers_has_no_kv_index(exported):

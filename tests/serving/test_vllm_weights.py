@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 from _export_helpers import make_pruned, window
 
 from slimgpt_core.export import export_config
-from slimgpt_core.modeling_slimgpt import HETERO_CLASSES
+from slimgpt_core.modeling_slimgpt import hetero_classes
 from slimgpt_core.served_layout import plan_model
 from slimgpt_core.served_weights import rewrite_weights
 
@@ -32,7 +32,7 @@ def served_model(pruned, tp):
                   layer_num_kv_heads=[x.num_kv_heads for x in layouts],
                   layer_intermediate_sizes=[x.intermediate_size for x in layouts],
                   layer_kv_index=None)
-    config_cls, model_cls = HETERO_CLASSES["llama"]
+    config_cls, model_cls = hetero_classes("llama")
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         served.pop(key, None)
     model = model_cls(config_cls(**served)).eval()

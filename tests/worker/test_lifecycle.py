@@ -19,6 +19,9 @@ def test_sigterm_during_a_job_sets_the_stop_flag_instead_of_exiting() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.wait(5)
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the job
+    # The flag is process-wide: left set, it would make every later job in this test process
+    # hand itself back (tests/e2e/test_runner_hub.py runs jobs in-process).
+    STOP.clear()
 
 
 def _flaky(failures: int):

@@ -60,8 +60,8 @@ def test_an_in_place_retry_is_one_attempt_of_the_same_worker(tmp_path, monkeypat
     assert job.state == "succeeded" and job.attempts == 2 and len(calls) == 2
     assert sum("claimed by" in m for m in messages) == 1
     retries = [m for m in messages if m.startswith("retrying after a transient error")]
-    assert retries == ["retrying after a transient error (hub_unavailable): the Hub is "
-                       "unavailable (HTTP 503) for a/b (attempt 2)"]
+    assert retries == [("retrying after a transient error (hub_unavailable): the Hub is "
+                        "unavailable (HTTP 503) for a/b (attempt 2)")]
     log_lines = [r.getMessage() for r in caplog.records]
     assert sum("claimed by" in line for line in log_lines) == 1
     assert any("retried in place" in line for line in log_lines)

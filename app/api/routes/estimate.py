@@ -9,14 +9,14 @@ from fastapi import APIRouter, HTTPException
 
 from app.api.deps import SettingsDep, TenantDep
 from app.api.resolve import resolve_model
-from app.schemas import ErrorOut, EstimateRequest
+from app.schemas import ErrorOut, EstimateOut, EstimateRequest
 
 router = APIRouter(prefix="/v1", tags=["estimate"])
 
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
-@router.post("/estimate", responses={422: {"model": ErrorOut}},
+@router.post("/estimate", response_model=EstimateOut, responses={422: {"model": ErrorOut}},
              summary="Per-layer widths and parameter counts a job would produce (dry run)")
 def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) -> dict[str, Any]:
     from slimgpt_core.schedule import PlanError

@@ -111,9 +111,22 @@ async def _upload_chunks(upload: UploadFile) -> AsyncIterator[bytes]:
     responses={413: {"model": ErrorOut}, 422: {"model": ErrorOut},
                429: {"model": ErrorOut, "description": "the tenant's upload bytes per 24 h "
                      "(SLIMGPT_UPLOAD_BYTES_PER_DAY) are spent; see Retry-After"}},
-    summary="Upload a calibration file (text or jsonl with a `text` field per line)",
-    description="Send `multipart/form-data` with a `file` field, or the raw bytes with "
-    "`?filename=name.txt`. The body is streamed to disk and cut off at SLIMGPT_MAX_UPLOAD_BYTES.",
+    summary="Upload a calibration or evaluation file (text, or jsonl with a `text` field per "
+    "line)",
+    description="Send `multipart/form-data` with a `file` field, or the raw UTF-8 text as the "
+    "body (`?filename=name.jsonl` names it; a `.jsonl`/`.ndjson` name or `format=jsonl` makes "
+    "it jsonl). The body is streamed to disk and cut off at SLIMGPT_MAX_UPLOAD_BYTES.",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "text/plain": {"schema": {"type": "string", "minLength": 1,
+                                  "description": "UTF-8 text (jsonl: one JSON object with a "
+                                  "`text` field per line)"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                "description": "the same, as raw bytes"}},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"], "additionalProperties": False,
+            "properties": {"file": {"type": "string", "format": "binary",
+                                    "description": "UTF-8 text or jsonl"}}}},
+    }}},
 )
 async def upload_file(
     request: Request,
@@ -143,10 +156,7 @@ async def upload_file(
             name = upload.filename or filename or "upload.txt"
             chunks: AsyncIterator[bytes] = _upload_chunks(upload)
         else:
-            if not filename:
-                raise HTTPException(
-                    422, detail="filename: required for a raw upload (or send multipart/form-data)")
-            name = filename
+            name = filename or "upload.txt"
             chunks = request.stream()
         fmt = _format_for(name, format)
         checker = _Checker(fmt, settings.max_upload_bytes, allowance)

@@ -11,11 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
 from app.api.probes import Probe
+from app.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up (touches no dependency)")
+@router.get("/healthz", response_model=Health,
+            summary="The process is up (touches no dependency)")
 async def healthz() -> dict[str, str]:
     # async: answered on the event loop, so it needs no thread of the request pool (which
     # requests stuck on a hung dependency may all hold) and never waits on a dependency.
@@ -37,7 +39,10 @@ def readiness_probes(state: Any) -> dict[str, Probe]:
     return probes
 
 
-@router.get("/readyz", summary="Database and broker are reachable (each check bounded)")
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "not ready: a check failed "
+                             "(database, broker, or no way to run jobs)"}},
+            summary="Database, broker and a job runner are available (each check bounded)")
 async def readyz(request: Request) -> Any:
     state = request.app.state
     probes = getattr(state, "probes", None)
@@ -58,7 +63,9 @@ async def readyz(request: Request) -> Any:
                         content={"status": "ready" if ready else "not ready", "checks": checks})
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {
+                "schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 def metrics(
     request: Request,
     scope: Annotated[Literal["process", "fleet"] | None, Query(

@@ -8,22 +8,25 @@ import binascii
 import hashlib
 import json
 import logging
+import re
 import time
+from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.api.errors import DATABASE_UNAVAILABLE
+from app.api.errors import DATABASE_UNAVAILABLE, ApiProblem
 from app.api.limits import check_queued_jobs
-from app.api.resolve import resolve_model
+from app.api.resolve import check_local_family, resolve_model
 from app.core.faults import crash_point
 from app.crud import jobs as crud
 from app.crud.files import get_file
@@ -37,6 +40,7 @@ from app.schemas import (
     ArtifactOut,
     ErrorOut,
     EventOut,
+    IsoDateTime,
     JobCreate,
     JobList,
     JobOut,
@@ -47,6 +51,8 @@ log = logging.getLogger("slimgpt.api.jobs")
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such job for this API key"}}
+#: How long an SSE client waits before reconnecting (the stream's `retry:` field).
+SSE_RETRY_MS = 3000
 #: Event sequence numbers are 32-bit integers in the database.
 MAX_EVENT_SEQ = 2**31 - 1
 
@@ -74,6 +80,7 @@ def job_out(job: Job) -> JobOut:
         metrics=job.metrics,
         result=job.result,
         error=job.error,
+        error_code=job_error_code(job),
         request=job.request,
         links={
             "self": f"/v1/jobs/{job.id}",
@@ -82,6 +89,25 @@ def job_out(job: Job) -> JobOut:
             "cancel": f"/v1/jobs/{job.id}/cancel",
         },
     )
+
+
+_CODE_PREFIX = re.compile(r"^([a-z][a-z0-9_]{1,63}): ")
+
+
+def job_error_code(job: Job) -> str | None:
+    """The machine-readable code of a failed job: the worker's (``code: message``, also in
+    ``metrics.error_code``); a job whose workers kept dying is ``worker_lost``."""
+    if job.state != "failed":
+        return None
+    code = (job.metrics or {}).get("error_code") if isinstance(job.metrics, dict) else None
+    if isinstance(code, str) and code:
+        return code
+    m = _CODE_PREFIX.match(job.error or "")
+    if m:
+        return m.group(1)
+    if (job.error or "").startswith("worker lost"):
+        return "worker_lost"
+    return "internal_error"
 
 
 def tenant_job(session: Session, tenant: Tenant, job_id: str) -> Job:
@@ -98,8 +124,9 @@ def _body_hash(normalized: dict[str, Any]) -> str:
 
 def _replay(existing: Job, body_hash: str) -> JSONResponse:
     if existing.body_hash != body_hash:
-        raise HTTPException(
-            409, detail="Idempotency-Key was already used with a different request body")
+        raise ApiProblem(
+            409, "Idempotency-Key was already used with a different request body",
+            code="idempotency_conflict")
     return JSONResponse(status_code=202, content=job_out(existing).model_dump(mode="json"),
                         headers={"Idempotent-Replayed": "true", "Location": f"/v1/jobs/{existing.id}"})
 
@@ -125,8 +152,10 @@ def create_job(
 ) -> Any:
     problem = request.app.state.cannot_run_jobs
     if problem:
-        raise HTTPException(503, detail=problem)
+        raise ApiProblem(503, problem, code="cannot_run_jobs")
     source, local_path = resolve_model(settings, body.model_id)
+    if local_path is not None:
+        check_local_family(local_path)
     _check_resources(body, settings, local_path)
     calibration_path = eval_path = None
     if UUID_RE.match(body.calibration.source):
@@ -209,8 +238,8 @@ def _check_resources(body: JobCreate, settings: Any, local_path: Path | None) ->
         route(body.model_dump(mode="json"), pools_from_settings(settings),
               local_config(local_path))
     except NoWorkerPool as err:
-        raise HTTPException(422, detail={"msg": f"resources: {err}",
-                                         "estimates": err.estimates}) from None
+        raise ApiProblem(422, f"resources: {err}", code="no_worker_pool",
+                         extensions={"estimates": err.estimates}) from None
 
 
 def _encode_cursor(job: Job) -> str:
@@ -247,8 +276,8 @@ def list_jobs(
     state: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                      Query()] = None,
     model_id: Annotated[str | None, Query(max_length=512, pattern=r"^[^\x00]*$")] = None,
-    created_after: Annotated[datetime | None, Query()] = None,
-    created_before: Annotated[datetime | None, Query()] = None,
+    created_after: Annotated[IsoDateTime | None, Query()] = None,
+    created_before: Annotated[IsoDateTime | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobList:
@@ -281,7 +310,7 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
     job = tenant_job(session, tenant, job_id)
     if job.state in ("succeeded", "failed"):
-        raise HTTPException(409, detail=f"job already {job.state}; nothing to cancel")
+        raise ApiProblem(409, f"job already {job.state}; nothing to cancel", code="job_finished")
     session.rollback()
     job = crud.request_cancel(session, job_id)
     assert job is not None
@@ -290,6 +319,11 @@ def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep) -> JobOut:
 
 def _event_dict(ev: JobEvent) -> dict[str, Any]:
     return EventOut.model_validate(ev, from_attributes=True).model_dump(mode="json")
+
+
+def _sse(data: Any = None, **fields: Any) -> ServerSentEvent:
+    # LF line ends (sse-starlette defaults to CRLF): the framing every earlier client saw.
+    return ServerSentEvent(data, sep="\n", **fields)
 
 
 def _last_event_id(request: Request, query_value: int | None) -> int:
@@ -308,9 +342,22 @@ def _last_event_id(request: Request, query_value: int | None) -> int:
 
 @router.get(
     "/{job_id}/events",
-    responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {}, "application/json": {}},
-                                  "description": "SSE stream (or a JSON list with "
-                                  "`Accept: application/json`)"}},
+    response_model=list[EventOut],
+    responses={**NOT_FOUND, 200: {
+        "content": {"text/event-stream": {"schema": {
+            "type": "object",
+            "description": "One Server-Sent Event: `retry` once first; then `progress` and "
+            "`state` (terminal) events whose `id` is the event's `seq` and whose `data` is an "
+            "EventOut as JSON; `: heartbeat` comments while nothing happens; last an `end` "
+            "event with `{\"state\": ...}`",
+            "properties": {
+                "event": {"type": "string", "enum": ["progress", "state", "end"]},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": {"type": "string", "contentMediaType": "application/json"},
+                "retry": {"type": "integer"},
+            }}}},
+        "description": "Server-Sent Events; with `Accept: application/json` (and not "
+        "text/event-stream), the events so far as a JSON list"}},
     summary="Live job events (Server-Sent Events), resumable with Last-Event-ID",
 )
 def job_events(
@@ -339,12 +386,14 @@ def job_events(
             revoked = check_key and key_id is not None and not api_key_active(s, key_id)
             return state, events, revoked
 
-    async def stream() -> Any:
+    async def stream() -> AsyncIterator[ServerSentEvent]:
         # The state is read before the events: finish_job commits the final event together with
         # the terminal state, so once a terminal state is seen the events query has them all.
+        # Heartbeats (comments) come from sse-starlette's ping; it also ends this generator when
+        # the client disconnects.
         last = after
-        yield "retry: 3000\n\n"
-        beat = key_checked = time.monotonic()
+        yield _sse(retry=SSE_RETRY_MS)
+        key_checked = time.monotonic()
         while True:
             # The key is checked again once per heartbeat period: a revoked key ends the stream.
             check_key = time.monotonic() - key_checked >= settings.sse_heartbeat_s
@@ -354,31 +403,28 @@ def job_events(
                 # Ends without `end`: the client reconnects with Last-Event-ID (503 until the
                 # database is back) and misses nothing.
                 log.warning("event stream of job %s ended: database unavailable", job_id)
-                yield ": database unavailable\n\n"
+                yield _sse(comment="database unavailable")
                 return
             if check_key:
                 key_checked = time.monotonic()
             if revoked:
                 # Ends without `end` as well: the client's reconnect gets its 401.
-                yield ": API key revoked\n\n"
+                yield _sse(comment="API key revoked")
                 return
             for ev in events:
                 last = ev["seq"]
-                yield f"id: {ev['seq']}\nevent: {'state' if ev['state'] in TERMINAL_STATES else 'progress'}\ndata: {json.dumps(ev)}\n\n"
-            if events:
-                beat = time.monotonic()
+                yield _sse(
+                    json.dumps(ev), id=str(ev["seq"]),
+                    event="state" if ev["state"] in TERMINAL_STATES else "progress")
             if state is None or (state in TERMINAL_STATES and len(events) < 500):
-                yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
+                yield _sse(json.dumps({"state": state}), event="end")
                 return
-            if await request.is_disconnected():
-                return
-            if time.monotonic() - beat >= settings.sse_heartbeat_s:
-                yield ": heartbeat\n\n"
-                beat = time.monotonic()
             await asyncio.sleep(settings.sse_poll_s)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return EventSourceResponse(
+        stream(), ping=settings.sse_heartbeat_s, sep="\n",
+        ping_message_factory=lambda: _sse(comment="heartbeat"),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=NOT_FOUND,
@@ -393,7 +439,11 @@ def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> Artif
     ])
 
 
-@router.get("/{job_id}/artifacts/{name:path}", responses=NOT_FOUND,
+@router.get("/{job_id}/artifacts/{name:path}",
+            responses={**NOT_FOUND, 200: {"content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}},
+                "description": "the file; `X-Content-SHA256` is its SHA-256",
+                "headers": {"X-Content-SHA256": {"schema": {"type": "string"}}}}},
             response_class=FileResponse, summary="Download one artifact (streamed)")
 def download_artifact(job_id: str, name: str, tenant: TenantDep, session: SessionDep,
                       settings: SettingsDep) -> FileResponse:

@@ -54,8 +54,9 @@
   function showResponse(status, data) {
     if (data && Array.isArray(data.errors) && data.errors.length) {
       data.errors.forEach(function (e) {
-        var loc = (e.loc || []).filter(function (p) { return p !== "body"; }).join(".");
-        showError(loc, e.msg || "invalid");
+        // RFC 9457 problem details: `pointer` is a JSON pointer into the body ("#/a/b").
+        var loc = (e.pointer || "#").replace(/^#\/?/, "").split("/").join(".");
+        showError(loc, e.detail || "invalid");
       });
     } else if (data && typeof data.detail === "string") {
       // Route-level 4xx say "<field path>: message" or "<field path> needs ...".

@@ -1,0 +1,225 @@
+"""Every supported family, on a tiny random model of its stock config: the parameter target is
+met and equals the torch-free estimate, compaction is exact, and both export profiles reload in
+a fresh process (stock class for `uniform`, the shipped code for `hetero`) and generate the
+in-memory pruned model's greedy tokens."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from slimgpt_core.export import describe_calibration, export_pruned
+from slimgpt_core.families import family_for_config, supported_model_types
+from slimgpt_core.pruner import PruneConfig, PruneResult, count_parameters, prune_model
+from slimgpt_core.schedule import TARGET_TOLERANCE, estimate
+from tests.core.family_cases import FAMILIES, tiny_model, windows
+
+PROMPT = [[5, 17, 33, 9, 64, 101], [7, 7, 90, 3, 45, 12]]
+NEW_TOKENS = 8
+
+
+def _prune(family: str, **kw: Any) -> PruneResult:
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("min_group", 8)
+    return prune_model(tiny_model(family), windows(), PruneConfig(**kw))
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    cache: dict[tuple, PruneResult] = {}
+
+    def get(family: str, **kw: Any) -> PruneResult:
+        key = (family, *sorted(kw.items()))
+        if key not in cache:
+            cache[key] = _prune(family, **kw)
+        return cache[key]
+
+    return get
+
+
+def test_every_case_is_a_supported_family() -> None:
+    assert {family_for_config(tiny_model(f).config).name for f in FAMILIES} == set(FAMILIES)
+    assert len(supported_model_types()) >= len(FAMILIES)
+
+
+#: The two prunings every family gets, shared by all tests below: 20% with the settings of a
+#: `uniform` export, 50% with those of a `hetero` one: log schedule and 3 of 8 query heads gone
+#: from each layer under policy `free`, which cannot leave two KV groups of 4 even, so every
+#: layer reads its KV heads by index.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "uniform": {"target_ratio": 0.2, "schedule": "uniform", "gqa_policy": "balanced",
+                "plain_heads": True},
+    "hetero": {"target_ratio": 0.5, "schedule": "log", "gqa_policy": "free",
+               "head_ratio": 0.375},
+}
+
+
+@pytest.mark.parametrize("profile", ["uniform", "hetero"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruning_meets_the_target_and_the_torch_free_estimate(pruned, family, profile,
+                                                              tmp_path) -> None:
+    settings = SETTINGS[profile]
+    target = settings["target_ratio"]
+    result = pruned(family, **settings)
+    assert abs(result.plan.achieved_ratio - target) <= TARGET_TOLERANCE
+    # The estimate from config.json as saved (defaults left out) is the real model's size.
+    tiny_model(family).config.save_pretrained(tmp_path)
+    plan = estimate(json.loads((tmp_path / "config.json").read_text()), target,
+                    settings["schedule"], settings["gqa_policy"],
+                    head_ratio=settings.get("head_ratio"),
+                    plain_heads=settings.get("plain_heads", False))
+    assert plan["total_params_before"] == result.params_before
+    assert plan["total_params_after"] == result.params_after == count_parameters(result.model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compacted_model_equals_masked_model(pruned, family) -> None:
+    kw = dict(SETTINGS["hetero"])
+    if family_for_config(tiny_model(family).config).layout.head_norm == "projection":
+        # q/k norms over the whole projection take their RMS over the heads that remain, so a
+        # model with fewer heads is not a masked dense one; the FFN side still must be exact.
+        kw["head_ratio"] = 0.0
+    compact = pruned(family, **kw)
+    masked = pruned(family, compact=False, **kw)
+    assert [r.heads_kept for r in compact.layers] == [r.heads_kept for r in masked.layers]
+    assert [r.channels_kept for r in compact.layers] == [r.channels_kept for r in masked.layers]
+    ids = windows(2, 24, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(compact.model(ids).logits, masked.model(ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_olmo2_projection_norms_keep_the_rows_of_the_kept_heads(pruned) -> None:
+    dense = tiny_model("olmo2")
+    result = pruned("olmo2", **SETTINGS["hetero"])
+    for before, after, report in zip(dense.model.layers, result.model.model.layers,
+                                     result.layers):
+        d = before.self_attn.head_dim
+        q_rows = [h * d + j for h in report.heads_kept for j in range(d)]
+        kv_rows = [h * d + j for h in report.kv_heads_kept for j in range(d)]
+        assert torch.equal(after.self_attn.q_norm.weight, before.self_attn.q_norm.weight[q_rows])
+        assert torch.equal(after.self_attn.k_norm.weight, before.self_attn.k_norm.weight[kv_rows])
+
+
+def test_phi3_stays_fused_with_sections_of_the_kept_heads(pruned) -> None:
+    dense = tiny_model("phi3")
+    result = pruned("phi3", **SETTINGS["hetero"])
+    layer, before, report = result.model.model.layers[0], dense.model.layers[0], result.layers[0]
+    d, H, KV = 16, 8, 2
+    rows = ([h * d + j for h in report.heads_kept for j in range(d)]
+            + [H * d + h * d + j for h in report.kv_heads_kept for j in range(d)]
+            + [(H + KV) * d + h * d + j for h in report.kv_heads_kept for j in range(d)])
+    assert torch.equal(layer.self_attn.qkv_proj.weight, before.self_attn.qkv_proj.weight[rows])
+    c = report.channels_kept
+    gate_up = before.mlp.gate_up_proj.weight
+    assert torch.equal(layer.mlp.gate_up_proj.weight, torch.cat([gate_up[c], gate_up[256:][c]]))
+
+
+# -- export: both profiles, checked in one fresh process ----------------------------------------
+_GENERATE = r"""
+import json, sys
+import torch
+from transformers import AutoModelForCausalLM
+
+jobs = json.loads(sys.argv[1])
+out = {}
+for job in jobs:
+    model, info = AutoModelForCausalLM.from_pretrained(
+        job["folder"], trust_remote_code=job["trust_remote_code"], dtype=torch.float32,
+        output_loading_info=True)
+    model.eval()
+    ids = torch.tensor(job["prompt"])
+    with torch.no_grad():
+        logits = model(ids).logits
+        gen = model.generate(ids, max_new_tokens=job["new_tokens"], min_new_tokens=job["new_tokens"],
+                             do_sample=False, pad_token_id=0)
+    out[job["key"]] = {
+        "module": type(model).__module__, "class": type(model).__name__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "problems": {k: [str(x) for x in v] for k, v in info.items() if v},
+        "tokens": gen[:, ids.shape[1]:].tolist(), "logits": logits.tolist(),
+    }
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh_process_reloads(pruned, tmp_path_factory):
+    """Export every family in both profiles, then reload and generate all of them in ONE
+    fresh python process (no PYTHONPATH: the folders must stand on their own)."""
+    jobs = []
+    for family in FAMILIES:
+        for profile in ("uniform", "hetero"):
+            result = pruned(family, **SETTINGS[profile])
+            folder = tmp_path_factory.mktemp(f"{family}-{profile}") / "model"
+            export_pruned(result, folder, tokenizer=None, profile=profile,
+                          base_model_id=f"tests/tiny-{family}",
+                          calibration_info=describe_calibration(windows(), source="random"),
+                          verify=False)
+            jobs.append({"key": f"{family}/{profile}", "folder": str(folder), "prompt": PROMPT,
+                         "trust_remote_code": profile == "hetero", "new_tokens": NEW_TOKENS})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-c", _GENERATE, json.dumps(jobs)], env=env,
+                          cwd=tmp_path_factory.mktemp("fresh"), capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("profile", ["uniform", "hetero"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_reloads_in_a_fresh_process_with_the_same_greedy_tokens(
+        pruned, fresh_process_reloads, family, profile) -> None:
+    result = pruned(family, **SETTINGS[profile])
+    loaded = fresh_process_reloads[f"{family}/{profile}"]
+    stock = family_for_config(result.model.config).stock_model
+    if profile == "uniform":
+        assert loaded["module"].startswith("transformers.models.")  # no remote code
+        assert loaded["class"] == stock
+    else:
+        assert loaded["class"] == f"SlimGPT{stock}"
+    assert not loaded["problems"], loaded["problems"]
+    assert loaded["params"] == count_parameters(result.model)
+    prompt = torch.tensor(PROMPT)
+    model = copy.deepcopy(result.model)
+    with torch.no_grad():
+        logits = model(prompt).logits
+        gen = model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), logits, rtol=0, atol=1e-4)
+    assert gen[:, prompt.shape[1]:].tolist() == loaded["tokens"]
+
+
+def test_hetero_cases_exercise_index_routed_kv_heads(pruned) -> None:
+    # Guard for the test above: the hetero cases have layers whose query heads read their KV
+    # heads irregularly.
+    irregular = 0
+    for family in FAMILIES:
+        layers = pruned(family, **SETTINGS["hetero"]).layers
+        irregular += any(r.kv_index != [j // (len(r.heads_kept) // len(r.kv_heads_kept))
+                                        for j in range(len(r.heads_kept))]
+                         or len(r.heads_kept) % len(r.kv_heads_kept) for r in layers)
+    assert irregular == len(FAMILIES)
+
+
+def test_hetero_config_names_the_family_layout(pruned, tmp_path: Path) -> None:
+    result = pruned("phi3", **SETTINGS["hetero"])
+    export_pruned(result, tmp_path / "m", tokenizer=None, profile="hetero",
+                  base_model_id="tests/tiny-phi3",
+                  calibration_info=describe_calibration(windows(), source="random"), verify=False)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == "slimgpt_phi3"
+    assert cfg["slimgpt_layout"] == {"family": "phi3", "base_model_type": "phi3",
+                                     "base_architecture": "Phi3ForCausalLM", "qkv": "fused",
+                                     "head_norm": "none", "ffn": "fused"}
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_slimgpt.SlimGPTPhi3ForCausalLM"
+    assert len(cfg["layer_num_heads"]) == 3
