@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from slimgpt_core.channels import group_size
-from slimgpt_core.heads import _head_columns
 from slimgpt_core.families import Family
+from slimgpt_core.heads import _head_columns
 from slimgpt_core.layer_io import LayerContext, contexts_to, micro_batches
 from slimgpt_core.obs import damped_inverse, group_errors, remove_group
 from slimgpt_core.schedule import (
