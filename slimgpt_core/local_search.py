@@ -19,6 +19,7 @@ Every accepted swap lowers the exact error; the search stops when no swap gains 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,9 +95,14 @@ def swap_channels(W0: torch.Tensor, W: torch.Tensor, hinv: torch.Tensor, H: torc
         den = m + V.pow(2) / s
         delta = num / den - gain  # error change of (restore k, then remove r)
         delta[~K] = float("inf")
+        # In fp32 the Schur complement s of a channel that the kept ones nearly explain can
+        # cancel to <= 0 (or hinv's diagonal drift there): such a restore is not trustworthy.
+        delta[:, s <= 0] = float("inf")
+        delta[torch.diagonal(hinv) <= 0] = float("inf")
+        delta[~torch.isfinite(delta)] = float("inf")
         best = int(torch.argmin(delta))
         r, k = divmod(best, S_idx.numel())
-        if float(delta[r, k]) >= -tol * current:
+        if not float(delta[r, k]) < -tol * current:
             break
         k_col = S_idx[k : k + 1]
         _restore(W, hinv, H, B, k_col)
@@ -123,7 +129,7 @@ def swap_groups(W0: torch.Tensor, W: torch.Tensor, hinv: torch.Tensor, H: torch.
     current = before
     swaps = 0
     while swaps < max_swaps and current > 0:
-        best: tuple[float, int, int] | None = None
+        best: tuple[float, int, int, torch.Tensor, torch.Tensor] | None = None
         for k in removed_units.nonzero().squeeze(1).tolist():
             for r in (~removed_units).nonzero().squeeze(1).tolist():
                 trial = removed_units.clone()
@@ -131,16 +137,21 @@ def swap_groups(W0: torch.Tensor, W: torch.Tensor, hinv: torch.Tensor, H: torch.
                 if not allowed(trial):
                     continue
                 Wt, ht = W.clone(), hinv.clone()
-                _restore(Wt, ht, H, B, units[k])
-                remove_group(Wt, ht, units[r])
+                try:
+                    _restore(Wt, ht, H, B, units[k])
+                    remove_group(Wt, ht, units[r])
+                except torch.linalg.LinAlgError:
+                    # fp32 cancellation made this pair's blocks indefinite (outlier-heavy
+                    # Hessians do it): not a trustworthy move, so not a candidate.
+                    continue
                 err = _error(W0, Wt, H)
-                if best is None or err < best[0]:
-                    best = (err, k, r)
+                if math.isfinite(err) and (best is None or err < best[0]):
+                    best = (err, k, r, Wt, ht)
         if best is None or best[0] >= current * (1 - tol):
             break
-        _, k, r = best
-        _restore(W, hinv, H, B, units[k])
-        remove_group(W, hinv, units[r])
+        _, k, r, Wt, ht = best
+        W.copy_(Wt)  # the evaluated move itself, not a recomputation of it
+        hinv.copy_(ht)
         removed_units[k], removed_units[r] = False, True
         current = _error(W0, W, H)
         swaps += 1

@@ -403,6 +403,15 @@ def _hessian(acc: HessianAccumulator, comm: Collective) -> torch.Tensor | None:
 
 
 @torch.no_grad()
+def check_kv_heads(lp: LayerPlan, kept_kv_heads: list[int]) -> None:
+    """The plan (and so the dry-run estimate) must have foreseen every KV head that went.
+
+    A module-level seam: benchmarks that swap in another head selection swap this too."""
+    if len(kept_kv_heads) != lp.kv_heads_kept:
+        raise RuntimeError(f"layer {lp.index}: kept {len(kept_kv_heads)} KV heads, "
+                           f"the plan says {lp.kv_heads_kept}")
+
+
 def _prune_layer(
     layer: nn.Module,
     lp: LayerPlan,
@@ -481,9 +490,7 @@ def _prune_layer(
                 heads_to_remove=lp.heads_removed, policy=config.gqa_policy,
                 percdamp=config.percdamp, swaps=config.local_search,
             )
-            if len(heads.kept_kv_heads) != lp.kv_heads_kept:
-                raise RuntimeError(f"layer {lp.index}: kept {len(heads.kept_kv_heads)} KV heads, "
-                                   f"the plan says {lp.kv_heads_kept}")
+            check_kv_heads(lp, heads.kept_kv_heads)
             pruned_cols = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
             for h in heads.kept_heads:
                 pruned_cols[h * shape.head_dim:(h + 1) * shape.head_dim] = False
