@@ -39,6 +39,11 @@ point() {  # POINT GPU VARIANTS
         --eval-windows 200 --out "$OUT/heal$1.jsonl" >> "$OUT/log$1.txt" 2>&1
     echo "point $1 heal: rc=$?"
 }
-point 20 0 "$VARIANTS20" &
-point 50 1 "$VARIANTS50" &
-wait
+if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    point 20 0 "$VARIANTS20" &
+    point 50 1 "$VARIANTS50" &
+    wait
+else  # one GPU: one after the other, so that the timings stay a GPU's own
+    point 50 0 "$VARIANTS50"
+    point 20 0 "$VARIANTS20"
+fi
