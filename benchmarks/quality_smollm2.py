@@ -175,6 +175,8 @@ def ratio_for_params(shape: ModelShape, total_params: int, config: dict[str, Any
     estimate is the real size)."""
     kw = {k: config[k] for k in ("schedule", "gqa_policy", "alpha", "head_ratio", "ffn_ratio",
                                  "plain_heads") if k in config}
+    # PruneConfig's own default policy (make_plan's differs): the size the run will have.
+    kw.setdefault("gqa_policy", "balanced" if config.get("plain_heads") else "free")
 
     def total(r: float) -> int:
         return make_plan(shape, r, **kw).total_params_after
@@ -278,21 +280,27 @@ class Bench:
                 "calib_windows": int(calib.shape[0]), "description": variant.description}
 
 
-def render_table(path: Path) -> str:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def render_table(paths: list[Path]) -> str:
+    """Markdown rows of one or more results files (this script's, and gpu_quality.py's heal
+    rows: their time is pruning + healing)."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines()
+            if line.strip()]
     dense = next((r for r in rows if r["variant"] == "dense"), None)
     out = []
     if dense:
-        out.append(f"dense: {dense['params']:,} parameters, perplexity {dense['ppl']:.2f} "
-                   f"({dense['eval_tokens']} eval tokens)\n")
+        out.append(f"dense: {dense['params']:,} parameters, perplexity {dense['ppl']:.2f}\n")
     out.append("| point | variant | params | perplexity | x dense | pruning s |")
     out.append("|---|---|---|---|---|---|")
     for r in rows:
-        if r["variant"] == "dense":
-            continue
+        if r["variant"] == "dense" or (r["variant"] == "default" and "config" in r):
+            continue  # gpu_quality.py's own baseline repeats this script's default row
         rel = f"{r['ppl'] / dense['ppl']:.3f}" if dense else "-"
-        out.append(f"| {r['point']}% | {r['variant']} | {r['params'] / 1e6:.2f}M | "
-                   f"{r['ppl']:.2f} | {rel} | {r['prune_seconds']} |")
+        name, seconds = r["variant"], f"{r['prune_seconds']}"
+        if "heal_seconds" in r:
+            name += f" ({r['heal_tokens']:,} tokens, x{r['time_factor']:g} pruning time)"
+            seconds += f" + {r['heal_seconds']}"
+        out.append(f"| {r['point']}% | {name} | {r['params'] / 1e6:.2f}M | "
+                   f"{r['ppl']:.2f} | {rel} | {seconds} |")
     return "\n".join(out)
 
 
@@ -311,7 +319,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED,
                     help="folder with calib.txt and eval.txt (default: ../shared/data)")
     ap.add_argument("--out", type=Path, default=None, help="append JSON lines here")
-    ap.add_argument("--table", type=Path, default=None, help="render a results file and exit")
+    ap.add_argument("--table", type=Path, nargs="+", default=None,
+                    help="render results files and exit")
     ap.add_argument("--list", action="store_true", help="list the variants and exit")
     ap.add_argument("--wait-size", action="store_true",
                     help="wait for another process to record the authors' size in --out")
