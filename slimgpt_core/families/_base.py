@@ -98,12 +98,17 @@ class Family:
             value = self.config_defaults.get(key, default)
         return value
 
+    def check_supported(self, config: Mapping[str, Any]) -> None:
+        """Raise :class:`~slimgpt_core.schedule.PlanError` for a variant of this family that
+        the adapter refuses (the worker calls this right after reading ``config.json``)."""
+
     def shape_fields(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Keyword arguments of :class:`~slimgpt_core.schedule.ModelShape` for ``config``.
 
         Raises ``KeyError`` for a missing required key and ``ValueError``/``TypeError`` for a
         malformed one (the caller turns both into a clear error).
         """
+        self.check_supported(config)
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         bias = bool(self.get(config, "attention_bias", False))

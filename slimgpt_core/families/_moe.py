@@ -34,11 +34,8 @@ class MoEFamily(Family):
                 return int(config[key])
         raise KeyError(self.expert_count_keys[0])
 
-    def check_supported(self, config: Mapping[str, Any]) -> None:
-        """Raise :class:`~slimgpt_core.schedule.PlanError` for a variant this adapter refuses."""
-
     def shape_fields(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        self.check_supported(config)
+        fields = super().shape_fields(config)
         experts = self.num_experts(config)
         if experts < 1:
             from slimgpt_core.schedule import PlanError
@@ -46,7 +43,7 @@ class MoEFamily(Family):
             raise PlanError(f"{self.name}: model config has {experts} experts; a mixture of "
                             "experts needs at least one")
         # Expert projections carry no bias in either family.
-        return {**super().shape_fields(config), "num_experts": experts, "mlp_bias": False}
+        return {**fields, "num_experts": experts, "mlp_bias": False}
 
     # -- modules --------------------------------------------------------------------------------
     def experts(self, layer: Any) -> Any:
