@@ -34,7 +34,12 @@ from torch import nn
 import slimgpt_core
 from slimgpt_core import modeling_slimgpt
 from slimgpt_core.families import Family, all_families, family_for_config
-from slimgpt_core.model_card import CHART_FILE, plot_layer_widths, render_model_card
+from slimgpt_core.model_card import (
+    CHART_FILE,
+    plot_layer_widths,
+    pruning_recipe,
+    render_model_card,
+)
 from slimgpt_core.verify import ExportVerificationError, default_windows, verify_export
 
 __all__ = [
@@ -222,6 +227,14 @@ def describe_calibration(input_ids: torch.Tensor, *, source: str, dataset: str |
         "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
         **extra,
     }
+
+
+def _compute_dtype(model: nn.Module) -> str | None:
+    """The dtype the layers were pruned in (the pruner works in the model's own dtype)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
 
 
 def _versions() -> dict[str, str]:
@@ -414,6 +427,7 @@ def export_pruned(
     repo_id: str | None = None,
     overwrite: bool = False,
     verify_logits: torch.Tensor | None = None,
+    heal: dict[str, Any] | None = None,
 ) -> ExportReport:
     """Write ``result.model`` (a :class:`~slimgpt_core.pruner.PruneResult`) to ``out_dir``.
 
@@ -427,6 +441,9 @@ def export_pruned(
     the logits the pruner computed for ``verify_ids`` (a pruned :class:`Probe`), by a fresh
     process that loads the folder one layer at a time.
 
+    ``heal``: the settings of a healing step run after pruning
+    (:func:`slimgpt_core.heal.heal_settings`), part of the recipe the card records.
+
     The folder is written under a staging name and renamed into place only when complete (and
     verified, when ``verify``); a failed verification raises :class:`ExportVerificationError`
     and leaves the staged folder, with the failed check in its ``pruning_config.json``.
@@ -436,9 +453,8 @@ def export_pruned(
     if profile not in PROFILES:
         raise ExportError(f"unknown export profile {profile!r}; choose one of {PROFILES}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     license = license or "other"
     config = export_config(model, profile)  # validates the profile before anything is written
     widths = layer_widths(model)
@@ -473,6 +489,10 @@ def export_pruned(
             tokenizer.save_pretrained(staging)
         pcfg = _pruning_config(result, widths, profile, base_model_id, base_revision, license,
                                calibration_info, eval_metrics, architecture)
+        pcfg["dtype"] = _compute_dtype(model)
+        pcfg["heal"] = dict(heal) if heal else None
+        # Everything that decides the weights, in one place (the card shows the same).
+        pcfg["recipe"] = pruning_recipe(pcfg)
         plot_layer_widths(widths, pcfg["dense"], staging / CHART_FILE)
 
         def write_docs() -> None:
