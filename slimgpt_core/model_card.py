@@ -59,6 +59,16 @@ def loading_snippet(profile: str, repo_or_path: str) -> str:
     )
 
 
+def _vllm_hetero_refusal(architecture: str | None) -> str | None:
+    """The family adapter's reason the vLLM plugin refuses its ``hetero`` exports, if any."""
+    from slimgpt_core.families import all_families  # torch-free
+
+    for family in all_families():
+        if architecture in (family.stock_model, f"SlimGPT{family.stock_model}"):
+            return family.vllm_hetero_refusal
+    return None
+
+
 def serving_text(profile: str, repo_or_path: str, architecture: str | None = None) -> str:
     """How to serve an export of ``profile`` with vLLM (markdown)."""
     if profile != "hetero" and architecture == "Qwen2ForCausalLM":
@@ -69,10 +79,13 @@ def serving_text(profile: str, repo_or_path: str, architecture: str | None = Non
                 "the `hetero` profile and serve it with the SlimGPT plugin "
                 '(`pip install "slimgpt-service[vllm]"`).\n')
     if profile == "hetero":
+        refusal = _vllm_hetero_refusal(architecture)
+        if refusal:
+            return f"The SlimGPT vLLM plugin does not serve this folder: {refusal}\n"
         return (
-            "vLLM serves this folder through the SlimGPT plugin, which registers the per-layer "
-            "widths with vLLM's own Llama layers (paged attention, CUDA graphs, tensor "
-            "parallelism where the widths split):\n\n"
+            "vLLM serves this folder through the SlimGPT plugin, which builds each layer from "
+            "vLLM's own layers for the family with that layer's widths (paged attention, CUDA "
+            "graphs, tensor parallelism where the widths split):\n\n"
             "```bash\n"
             'pip install "slimgpt-service[vllm]"   # the plugin; installs vLLM too\n'
             f"vllm serve {repo_or_path}\n"

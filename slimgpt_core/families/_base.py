@@ -90,6 +90,9 @@ class Family:
     ffn_width_key: ClassVar[str] = "intermediate_size"
     #: Values the stock config class uses when ``config.json`` leaves a key out.
     config_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Why the vLLM plugin (``slimgpt_vllm``) does not serve this family's ``hetero`` exports;
+    #: None when it does. The plugin refuses such a checkpoint with it; the model card says it.
+    vllm_hetero_refusal: ClassVar[str | None] = None
 
     # -- torch-free: config -> the numbers the plan needs ---------------------------------------
     def get(self, config: Mapping[str, Any], key: str, default: Any = None) -> Any:

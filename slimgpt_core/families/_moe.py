@@ -26,6 +26,10 @@ class MoEFamily(Family):
     #: ``config.json`` keys that may carry the expert count (transformers writes
     #: ``num_local_experts`` for both families; Qwen's own configs say ``num_experts``).
     expert_count_keys: ClassVar[tuple[str, ...]] = ("num_local_experts", "num_experts")
+    vllm_hetero_refusal = (
+        "the plugin has no mixture-of-experts layers (per-layer expert widths are not "
+        "implemented for vLLM here). Serve the uniform export, a stock checkpoint for vLLM's "
+        "own MoE model, or this one with transformers (trust_remote_code=True).")
 
     # -- torch-free -----------------------------------------------------------------------------
     def num_experts(self, config: Mapping[str, Any]) -> int:

@@ -57,9 +57,10 @@ MOE_FAMILIES = ["mixtral", "qwen3_moe"]
 FAMILIES = list(CASES)
 
 
-def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(family: str, seed: int = 0,
+               overrides: dict[str, Any] | None = None) -> PreTrainedModel:
     config_name, model_name, extra = CASES[family]
-    config = getattr(transformers, config_name)(**{**COMMON, **extra})
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **(overrides or {})})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
