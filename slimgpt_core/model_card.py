@@ -59,6 +59,16 @@ def loading_snippet(profile: str, repo_or_path: str) -> str:
     )
 
 
+def _vllm_hetero_refusal(architecture: str | None) -> str | None:
+    """The family adapter's reason the vLLM plugin refuses its ``hetero`` exports, if any."""
+    from slimgpt_core.families import all_families  # torch-free
+
+    for family in all_families():
+        if architecture in (family.stock_model, f"SlimGPT{family.stock_model}"):
+            return family.vllm_hetero_refusal
+    return None
+
+
 def serving_text(profile: str, repo_or_path: str, architecture: str | None = None) -> str:
     """How to serve an export of ``profile`` with vLLM (markdown)."""
     if profile != "hetero" and architecture == "Qwen2ForCausalLM":
@@ -69,10 +79,13 @@ def serving_text(profile: str, repo_or_path: str, architecture: str | None = Non
                 "the `hetero` profile and serve it with the SlimGPT plugin "
                 '(`pip install "slimgpt-service[vllm]"`).\n')
     if profile == "hetero":
+        refusal = _vllm_hetero_refusal(architecture)
+        if refusal:
+            return f"The SlimGPT vLLM plugin does not serve this folder: {refusal}\n"
         return (
-            "vLLM serves this folder through the SlimGPT plugin, which registers the per-layer "
-            "widths with vLLM's own Llama layers (paged attention, CUDA graphs, tensor "
-            "parallelism where the widths split):\n\n"
+            "vLLM serves this folder through the SlimGPT plugin, which builds each layer from "
+            "vLLM's own layers for the family with that layer's widths (paged attention, CUDA "
+            "graphs, tensor parallelism where the widths split):\n\n"
             "```bash\n"
             'pip install "slimgpt-service[vllm]"   # the plugin; installs vLLM too\n'
             f"vllm serve {repo_or_path}\n"
@@ -163,6 +176,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "head_ratio": None, "ffn_ratio": None, "percdamp": 0.01, "min_group": 64,
     "max_group": 1024, "method": "slimgpt", "target": "layer", "local_search": 0,
     "allocation": "schedule", "plain_heads": False, "compact": True, "seed": 0,
+    "expert_min_tokens": None,  # mixture of experts only (None: each expert's width)
 }
 _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_samples", "seqlen",
                      "seed", "sha256")
@@ -170,8 +184,9 @@ _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_sample
 _PRUNE_FLAGS = {"schedule": "--schedule", "alpha": "--alpha", "gqa_policy": "--gqa-policy",
                 "head_ratio": "--head-ratio", "ffn_ratio": "--ffn-ratio",
                 "percdamp": "--percdamp", "min_group": "--min-group", "target": "--target",
-                "local_search": "--local-search", "allocation": "--allocation"}
-_LOCAL_ONLY = ("target", "local_search", "allocation")
+                "local_search": "--local-search", "allocation": "--allocation",
+                "expert_min_tokens": "--expert-min-tokens"}
+_LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens")
 
 
 def pruning_recipe(pruning: Mapping[str, Any],
