@@ -179,8 +179,8 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
                 f"({w['num_heads']}). Prune with PruneConfig(plain_heads=True) (the CLI's "
                 "--profile uniform does), or export with profile='hetero'."
             )
-        d.update(num_attention_heads=w["num_heads"], num_key_value_heads=w["num_kv_heads"],
-                 intermediate_size=w["intermediate_size"])
+        d.update({"num_attention_heads": w["num_heads"], "num_key_value_heads": w["num_kv_heads"],
+                  family.ffn_width_key: w["intermediate_size"]})
         from transformers import CONFIG_MAPPING
 
         config = CONFIG_MAPPING[base](**d)
@@ -279,6 +279,10 @@ def _pruning_config(result: Any, widths: list[dict[str, Any]], profile: str,
                          attn_error=r.attn_error, ffn_error=r.ffn_error,
                          attn_error_uncompensated=r.attn_error_uncompensated,
                          ffn_error_uncompensated=r.ffn_error_uncompensated)
+            if r.expert_channels_kept is not None:
+                entry.update(expert_channels_kept=[list(c) for c in r.expert_channels_kept],
+                             expert_tokens=list(r.expert_tokens or []),
+                             expert_pooled_share=list(r.expert_pooled_share or []))
         layers.append(entry)
     return {
         "method": "slimgpt",
@@ -304,7 +308,8 @@ def _pruning_config(result: Any, widths: list[dict[str, Any]], profile: str,
         "r_last": plan.r_last,
         "dense": {"num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
                   "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
-                  "head_dim": shape.head_dim, "intermediate_size": shape.intermediate_size},
+                  "head_dim": shape.head_dim, "intermediate_size": shape.intermediate_size,
+                  **({"num_experts": shape.num_experts} if shape.num_experts else {})},
         "layers": layers,
         "calibration": dict(calibration_info),
         "evaluation": dict(eval_metrics) if eval_metrics else None,

@@ -176,6 +176,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "head_ratio": None, "ffn_ratio": None, "percdamp": 0.01, "min_group": 64,
     "max_group": 1024, "method": "slimgpt", "target": "layer", "local_search": 0,
     "allocation": "schedule", "plain_heads": False, "compact": True, "seed": 0,
+    "expert_min_tokens": None,  # mixture of experts only (None: each expert's width)
 }
 _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_samples", "seqlen",
                      "seed", "sha256")
@@ -183,8 +184,9 @@ _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_sample
 _PRUNE_FLAGS = {"schedule": "--schedule", "alpha": "--alpha", "gqa_policy": "--gqa-policy",
                 "head_ratio": "--head-ratio", "ffn_ratio": "--ffn-ratio",
                 "percdamp": "--percdamp", "min_group": "--min-group", "target": "--target",
-                "local_search": "--local-search", "allocation": "--allocation"}
-_LOCAL_ONLY = ("target", "local_search", "allocation")
+                "local_search": "--local-search", "allocation": "--allocation",
+                "expert_min_tokens": "--expert-min-tokens"}
+_LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens")
 
 
 def pruning_recipe(pruning: Mapping[str, Any],

@@ -109,3 +109,12 @@ def test_a_service_recipe_has_the_submit_command_with_the_hub_calibration_source
                  "--profile uniform", "--nsamples 64", "--seqlen 512", "--seed 1",
                  "--calib-source c4", "--heal --heal-tokens 5000 --heal-mode full"):
         assert part in submit
+
+
+def test_a_moe_few_token_threshold_is_a_local_only_recipe_setting():
+    recipe = {"base_model": "org/moe", "base_revision": None, "profile": "hetero",
+              "pruning": {**RECIPE_DEFAULTS, "target_ratio": 0.2, "expert_min_tokens": 64},
+              "calibration": {"source": "c4", "num_samples": 64, "seqlen": 512, "seed": 1}}
+    commands = recipe_commands(recipe)
+    assert "--expert-min-tokens 64" in commands["prune"]
+    assert commands["submit"] is None

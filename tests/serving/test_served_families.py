@@ -102,9 +102,12 @@ def test_every_family_is_served_or_refused_with_a_reason():
     for family in all_families():
         assert (family.model_types[0] in served) != (family.model_types[0] in refused), family
         assert f"SlimGPT{family.stock_model}" in {*SERVED, *REFUSED}
-    assert set(REFUSED) == {"SlimGPTOlmo2ForCausalLM"}
+    assert set(REFUSED) == {"SlimGPTOlmo2ForCausalLM", "SlimGPTMixtralForCausalLM",
+                            "SlimGPTQwen3MoeForCausalLM"}
     reason = refusal(SimpleNamespace(architectures=["SlimGPTOlmo2ForCausalLM"]))
     assert "not served" in reason and "root-mean-square" in reason
+    reason = refusal(SimpleNamespace(architectures=["SlimGPTQwen3MoeForCausalLM"]))
+    assert "not served" in reason and "mixture-of-experts" in reason
 
 
 def _config(model_type: str, **layout_kw: str) -> SimpleNamespace:
