@@ -336,3 +336,17 @@ def test_moe_estimate_reads_either_expert_count_key_and_refuses_dense_qwen3_moe_
 def test_moe_refuses_settings_it_does_not_implement(setting) -> None:
     with pytest.raises(ValueError, match="not implemented for mixture-of-experts"):
         prune_model(tiny_model("mixtral"), windows(), PruneConfig(**setting))
+
+
+def test_moe_job_resumes_from_its_layer_checkpoints(pruned, tmp_path) -> None:
+    # Service jobs checkpoint every finished layer: a MoE layer (fused, narrowed experts)
+    # must come back from its checkpoint exactly.
+    settings = SETTINGS["hetero"]
+    _prune("qwen3_moe", **settings, checkpoint_dir=tmp_path, stop_after=1)
+    resumed = _prune("qwen3_moe", **settings, checkpoint_dir=tmp_path)
+    full = pruned("qwen3_moe", **settings)
+    assert resumed.resumed_from == 1
+    assert [r.expert_channels_kept for r in resumed.layers] == \
+        [r.expert_channels_kept for r in full.layers]
+    expected = full.model.state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in resumed.model.state_dict().items())
