@@ -350,3 +350,19 @@ def test_moe_job_resumes_from_its_layer_checkpoints(pruned, tmp_path) -> None:
         [r.expert_channels_kept for r in full.layers]
     expected = full.model.state_dict()
     assert all(torch.equal(t, expected[k]) for k, t in resumed.model.state_dict().items())
+
+
+def test_moe_export_records_each_experts_channels_and_says_how_they_were_pruned(
+        pruned, tmp_path) -> None:
+    result = pruned("qwen3_moe", **SETTINGS["hetero"])
+    export_pruned(result, tmp_path / "m", tokenizer=None, profile="hetero",
+                  base_model_id="tests/tiny-qwen3_moe",
+                  calibration_info=describe_calibration(windows(), source="random"), verify=False)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["slimgpt_layout"]["ffn"] == "experts"
+    assert cfg["layer_intermediate_sizes"] == [len(r.channels_kept) for r in result.layers]
+    layers = json.loads((tmp_path / "m" / "pruning_config.json").read_text())["layers"]
+    assert [entry["expert_channels_kept"] for entry in layers] == \
+        [r.expert_channels_kept for r in result.layers]
+    assert "Mixture of experts (4 per layer, router unchanged)" in \
+        (tmp_path / "m" / "README.md").read_text()
