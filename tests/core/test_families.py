@@ -366,3 +366,16 @@ def test_moe_export_records_each_experts_channels_and_says_how_they_were_pruned(
         [r.expert_channels_kept for r in result.layers]
     assert "Mixture of experts (4 per layer, router unchanged)" in \
         (tmp_path / "m" / "README.md").read_text()
+
+
+def test_moe_expert_widths_stay_multiples_of_8() -> None:
+    # transformers' grouped-matmul experts kernel refuses bf16 expert weights whose rows are
+    # not 16 bytes apart (checked: width 412 fails, 416 runs), even where the dense width is
+    # not a multiple of 8 itself.
+    from slimgpt_core.schedule import ModelShape, make_plan
+
+    shape = ModelShape(num_layers=4, hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=16,
+                       intermediate_size=300, vocab_size=128, num_experts=4)
+    for ratio in (0.2, 0.37, 0.5):
+        plan = make_plan(shape, ratio, "log", "free")
+        assert all(lp.channels_kept % 8 == 0 for lp in plan.layers)
