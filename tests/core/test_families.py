@@ -379,3 +379,11 @@ def test_moe_expert_widths_stay_multiples_of_8() -> None:
     for ratio in (0.2, 0.37, 0.5):
         plan = make_plan(shape, ratio, "log", "free")
         assert all(lp.channels_kept % 8 == 0 for lp in plan.layers)
+
+
+def test_moe_is_refused_by_the_stream_placement(tmp_path) -> None:
+    from slimgpt_core.streaming import open_streamed
+
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
+        open_streamed(tmp_path)
