@@ -17,12 +17,15 @@ rotary bases.
 * logits: every top-5 log-probability vLLM reports at every prompt and generated position is
   within ``LOGPROB_ATOL`` of transformers' log-softmax for that token.
 
-One vLLM process serves all five models one after the other. Runs with ``SLIMGPT_TEST_VLLM=1``
+One vLLM process serves all the models one after the other; a second one is asked to load an
+OLMo-2 `hetero` export and must refuse it with the reason. Runs with ``SLIMGPT_TEST_VLLM=1``
 (``make test-vllm``), like test_vllm_equivalence.py, whose helpers it uses.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,7 +42,7 @@ from test_vllm_equivalence import (
     _run_vllm,
     transformers_reference,
 )
-from vllm_venv import ensure_vllm_venv
+from vllm_venv import ensure_vllm_venv, vllm_env
 
 from tests.core.family_cases import VOCAB, tiny_model, windows
 
@@ -60,6 +63,20 @@ SERVING_OVERRIDES = {"head_dim": 32, "max_position_embeddings": 256, "initialize
 FAMILY_OVERRIDES = {"qwen3": {"use_sliding_window": False, "sliding_window": None}}
 
 
+def _export(family: str, folder: Path) -> None:
+    from slimgpt_core.export import describe_calibration, export_pruned
+    from slimgpt_core.pruner import PruneConfig, prune_model
+
+    model = tiny_model(family, overrides={**SERVING_OVERRIDES, **FAMILY_OVERRIDES.get(family, {})})
+    result = prune_model(model, windows(), PruneConfig(
+        target_ratio=0.5, schedule="log", gqa_policy="free", head_ratio=0.375,
+        batch_size=4, min_group=8))
+    export_pruned(result, folder, tokenizer=None, profile="hetero",
+                  base_model_id=f"tests/tiny-{family}",
+                  calibration_info=describe_calibration(windows(), source="random"),
+                  verify=False)
+
+
 def _prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(11)
     return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 14, 20, 24, 31)]
@@ -70,23 +87,12 @@ def served(tmp_path_factory):
     """family -> (transformers reference, vLLM result)."""
     _enabled()
     python = ensure_vllm_venv()
-    from slimgpt_core.export import describe_calibration, export_pruned
-    from slimgpt_core.pruner import PruneConfig, prune_model
-
     prompts = _prompts()
     root = tmp_path_factory.mktemp("vllm-families")
     reference, models = {}, []
     for family in FAMILIES:
-        model = tiny_model(family, overrides={**SERVING_OVERRIDES,
-                                              **FAMILY_OVERRIDES.get(family, {})})
-        result = prune_model(model, windows(), PruneConfig(
-            target_ratio=0.5, schedule="log", gqa_policy="free", head_ratio=0.375,
-            batch_size=4, min_group=8))
         folder = root / family
-        export_pruned(result, folder, tokenizer=None, profile="hetero",
-                      base_model_id=f"tests/tiny-{family}",
-                      calibration_info=describe_calibration(windows(), source="random"),
-                      verify=False)
+        _export(family, folder)
         reference[family] = transformers_reference(folder, "hetero", prompts)
         models.append({"name": family, "path": str(folder)})
     got = _run_vllm(python, models, prompts, root / "run",
@@ -120,3 +126,20 @@ def test_vllm_logprobs_agree_with_transformers(served, family):
     assert compared >= len(ref) * MAX_TOKENS * TOP_LOGPROBS
     print(f"{family}: max |logprob diff| {worst:.2e} over {compared} values")
     assert worst <= LOGPROB_ATOL
+
+
+def test_vllm_refuses_an_olmo2_hetero_export_with_the_reason(tmp_path):
+    _enabled()
+    python = ensure_vllm_venv()
+    _export("olmo2", tmp_path / "olmo2")
+    (tmp_path / "spec.json").write_text(json.dumps({
+        "models": [{"name": "olmo2", "path": str(tmp_path / "olmo2")}], "prompts": [[5, 6, 7]],
+        "max_tokens": 4, "logprobs": 1, "skip_tokenizer_init": True,
+        "memory_utilization": 0.1, "max_model_len": 128}))
+    proc = subprocess.run([str(python), str(HERE / "vllm_generate.py"), "spec.json", "out.json"],
+                          cwd=tmp_path, env=vllm_env(), capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert "SlimGPTOlmo2ForCausalLM checkpoints are not served by the SlimGPT vLLM plugin" in log
+    assert "root-mean-square" in log
