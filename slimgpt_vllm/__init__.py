@@ -62,8 +62,16 @@ def _register_configs() -> None:
 
     from slimgpt_core.modeling_slimgpt import hetero_classes
 
-    for base, _ in (*SERVED.values(), *REFUSED.values()):
+    for base, _ in SERVED.values():
         config_cls, _ = hetero_classes(base)
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+    for base, _ in REFUSED.values():
+        # Only so that the refusal, not a config error, is what vLLM reports; a family that
+        # the transformers vLLM pins does not know must not stop every other model loading.
+        try:
+            config_cls, _ = hetero_classes(base)
+        except (KeyError, AttributeError):
+            continue
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
 
 

@@ -126,3 +126,26 @@ def test_plugin_serves_a_family_only_with_the_layout_its_layers_have():
     # a checkpoint written before slimgpt_layout existed is a plain Llama-layout one
     check_servable(SimpleNamespace(model_type="slimgpt_llama"), "llama", ("llama",),
                    PLAIN_LAYOUT)
+
+
+def test_a_refused_family_unknown_to_transformers_does_not_stop_registration(monkeypatch):
+    import transformers
+
+    import slimgpt_core.modeling_slimgpt as modeling
+    import slimgpt_vllm
+
+    registered = []
+    monkeypatch.setattr(transformers.AutoConfig, "register",
+                        lambda model_type, cls, exist_ok=False: registered.append(model_type))
+    monkeypatch.setitem(slimgpt_vllm.REFUSED, "SlimGPTFutureForCausalLM",
+                        ("future_family", "not served"))
+    real = modeling.hetero_classes
+
+    def hetero_classes(base):
+        if base == "future_family":
+            raise KeyError(base)
+        return real(base)
+
+    monkeypatch.setattr(modeling, "hetero_classes", hetero_classes)
+    slimgpt_vllm._register_configs()
+    assert "slimgpt_qwen3" in registered and "slimgpt_olmo2" in registered
