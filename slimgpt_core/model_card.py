@@ -366,6 +366,13 @@ def render_model_card(
         cal_bits.append(f"seed {calibration['seed']}")
     if calibration.get("sha256"):
         cal_bits.append(f"sha256 `{str(calibration['sha256'])[:16]}…`")
+    experts = (pruning.get("dense") or {}).get("num_experts")
+    moe_line = (f"\n- Mixture of experts ({experts} per layer, router unchanged): every expert's "
+                "channels were pruned on the Hessian of the calibration tokens routed to it "
+                "(blended with its all-token one when it saw fewer than `expert_min_tokens`, "
+                "by default its width); "
+                "the experts of a layer keep as many channels each, each expert its own."
+                if experts else "")
     profile_text = (
         "`hetero`: every layer keeps its own number of heads and FFN channels; `config.json` "
         "lists the per-layer widths and points (`auto_map`) to `modeling_slimgpt.py` in this "
@@ -406,7 +413,7 @@ Profile {profile_text}
 
 - Method: SlimGPT (`slimgpt_core` {library_version}): batched greedy head pruning on `o_proj`,
   dynamic-group FFN channel pruning on `down_proj`, layer by layer on the outputs of the
-  already-pruned layers.
+  already-pruned layers.{moe_line}
 {_recipe(pruning, recipe)}
 - Calibration: {', '.join(cal_bits)}.
 - {ver_line}
