@@ -1,10 +1,12 @@
 """Fit the time coefficients of :mod:`slimgpt_core.costs` on the H200 benchmark runs.
 
-    python benchmarks/fit_costs.py [benchmarks/results/h200_scale.jsonl]
+    python benchmarks/fit_costs.py [benchmarks/results/h200_scale.jsonl [HELD_OUT.jsonl]]
 
 Prints the coefficients (to paste into ``slimgpt_core.costs.Coefficients``), then every run's
 measured and predicted seconds and peak GPU/host memory, the largest relative errors, and
 the errors when each model shape is left out of the fit (how far the model extrapolates).
+Runs in ``HELD_OUT`` (default ``results/h200_scale_full.jsonl``, the whole 80-layer 70B runs)
+are predicted by the fitted model but not fitted on.
 """
 
 from __future__ import annotations
@@ -86,10 +88,12 @@ def predict(r: dict, coef: Coefficients) -> float:
 
 
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else \
-        Path(__file__).resolve().parent / "results" / "h200_scale.jsonl"
+    results = Path(__file__).resolve().parent / "results"
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else results / "h200_scale.jsonl"
+    held_path = Path(sys.argv[2]) if len(sys.argv) > 2 else results / "h200_scale_full.jsonl"
     runs = load(path)
     coef = fit(runs)
+    held = load(held_path) if held_path.exists() else []
     print("fitted:", {k: float(f"{v:.4g}") for k, v in vars(coef).items()
                       if isinstance(v, float) and not k.startswith("error")})
     errs, gpu_errs, host_errs = [], [], []
@@ -102,7 +106,7 @@ def main() -> None:
         g_pred = gpu_peak_bytes(r["shape_obj"], r["work"], gpus=r["gpus"],
                                 placement=r["place"], include_base=False) / GiB
         h_pred = host_peak_bytes(r["shape_obj"], r["work"], placement=r["place"])
-        if r["placement"] == "generated":  # the generated benchmark loads no LM head
+        if r["placement"] == "generated" and not r.get("lm_head_in_host"):  # older runs had none
             h_pred -= r["w"]["embed_bytes"]
         h_pred /= GiB
         g_meas, h_meas = r["peak_gpu_GiB"][0], r["peak_host_GiB"]
@@ -113,6 +117,14 @@ def main() -> None:
               f"{g_pred:6.2f} | {h_meas:8.2f} {h_pred:6.2f}")
     print(f"time: max |error| {max(errs):.1%}; GPU peak: {max(gpu_errs):.1%}; "
           f"host peak (not disk): {max(host_errs):.1%}")
+    for r in held:
+        pred = predict(r, coef)
+        g_pred = gpu_peak_bytes(r["shape_obj"], r["work"], gpus=r["gpus"],
+                                placement=r["place"], include_base=False) / GiB
+        h_pred = host_peak_bytes(r["shape_obj"], r["work"], placement=r["place"]) / GiB
+        print(f"held out {r['label']:27s} {r['prune_s']:10.2f} {pred:8.2f} "
+              f"{pred / r['prune_s'] - 1:+6.1%} | {r['peak_gpu_GiB'][0]:7.2f} {g_pred:6.2f} | "
+              f"{r['peak_host_GiB']:8.2f} {h_pred:6.2f}")
     loo = []
     for left in sorted({r["shape_name"] for r in runs}):
         c = fit([r for r in runs if r["shape_name"] != left])

@@ -168,6 +168,9 @@ def main() -> None:
             for phase in ("attn_pass", "ffn_pass", "heads", "ffn", "output_pass",
                           "hessian_finalize")
         },
+        # open_generated holds the LM head in host memory as a checkpoint's would be (runs
+        # recorded before 2026-11-30 had none).
+        "lm_head_in_host": True,
         "generated_s": round(getattr(getattr(streamed, "source", None), "seconds", 0.0), 1),
     }, args.out)
 

@@ -112,8 +112,14 @@ def leader_group(world_size: int, port: int,
     """Join the job's process group as rank 0 (the caller's own process) for the block."""
     from slimgpt_core.collective import init_from_env, shutdown
 
-    saved = {k: os.environ.get(k) for k in rank_env(0, world_size, port)}
-    os.environ.update(rank_env(0, world_size, port))
+    env = rank_env(0, world_size, port)
+    # NCCL's default (3) kills a process whose collective failed or timed out; the leader is the
+    # worker's own process and must live to report the job, so errors surface as exceptions
+    # (2: abort the communicator, raise on the next wait) unless the deployment says otherwise.
+    env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                                                            "2")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         comm = init_from_env(timeout_s)
         yield comm
