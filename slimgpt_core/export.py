@@ -436,9 +436,8 @@ def export_pruned(
     if profile not in PROFILES:
         raise ExportError(f"unknown export profile {profile!r}; choose one of {PROFILES}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     license = license or "other"
     config = export_config(model, profile)  # validates the profile before anything is written
     widths = layer_widths(model)
