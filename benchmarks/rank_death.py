@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--kill-after", type=int, default=1, help="layer index after which to kill")
+    ap.add_argument("--hang-s", type=float, default=45.0,
+                    help="give up (record a hang, exit 3) this long after the kill")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -71,12 +74,24 @@ def main() -> None:
               "opener": "synthetic:open_generated",
               "pythonpath": [str(Path(__file__).resolve().parent)]}
     killed: dict[str, float] = {}
+    killed_timer: list[threading.Timer] = []
 
     def kill_rank_1(event) -> None:
         if event.phase == "layer_done" and event.layer == args.kill_after and not killed:
             pids = helper_pids(work)
             os.kill(min(pids), signal.SIGKILL)
             killed["at"] = time.monotonic()
+            print(f"killed helper rank 1 (pid {min(pids)}) after layer {event.layer}",
+                  file=sys.stderr, flush=True)
+
+            def hung() -> None:  # the behaviour the watch exists to prevent: say so and stop
+                dump({**record, "stage": "hung", "hang_s": args.hang_s}, args.out)
+                os._exit(3)
+
+            timer = threading.Timer(args.hang_s, hung)
+            timer.daemon = True
+            timer.start()
+            killed_timer.append(timer)
 
     record: dict = {"shape": args.shape, "device": args.device, "gpus": args.gpus,
                     "backend": "nccl" if cuda else "gloo", "torch": torch.__version__,
@@ -91,6 +106,8 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - recorded: the wrong kind of failure is a finding
         record.update(error=f"{type(exc).__name__}: {exc}"[:500], error_type=type(exc).__name__)
     failed_at = time.monotonic()
+    for timer in killed_timer:
+        timer.cancel()
     record["first_run_s"] = round(failed_at - t0, 2)
     record["kill_to_error_s"] = round(failed_at - killed["at"], 2) if killed else None
     record["helpers_left"] = len(helper_pids(work))

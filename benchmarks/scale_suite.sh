@@ -44,7 +44,7 @@ if [ "$PART" = 2 ]; then
   run1 200 --placement disk --model /tmp/m13 --label 13b-disk
 fi
 if [ "$PART" = 3 ]; then
-  timeout 120 python3 benchmarks/rank_death.py --out "$R" 2>&1 | tail -5
+  timeout 100 python3 benchmarks/rank_death.py --out "$R" 2>&1 | grep -v "^\[rank" | tail -8
   timeout "${T70:-480}" python3 benchmarks/prune_speed.py --shape 70b --placement generated --gpus 2 \
     --label 70b-2gpu-80layers --trace "$OUT/trace.jsonl" --out "$R"
 fi
