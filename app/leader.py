@@ -18,13 +18,15 @@ answering TCP keepalives for a stopped process, and ``tcp_user_timeout`` does no
 is blocked writing queued NOTIFYs to the frozen client is never ended. The lease does not
 depend on what the frozen process's connection does.
 
-**Fencing.** The leader acts only within two thirds of the lease after the start of its last
-successful renewal, measured on its own monotonic clock (which keeps running while the process
-is stopped); the dispatcher asks :meth:`PostgresLeadership.fence` before every message it
-publishes. A resumed ex-leader therefore finds its lease stale, tries to renew, sees that
-another process holds the row, and stands down without publishing. What is left is the window
-between a check and the publish itself (a freeze exactly there): the message is then sent twice,
-which is harmless, because the job's lease decides which worker runs it.
+**Fencing.** The leader acts without asking the database only within a third of the lease
+after the start of its last successful renewal, measured on its own monotonic clock (which
+keeps running while the process is stopped); past that, it renews before it acts, and the
+renewal fails once another process holds the row. The dispatcher asks
+:meth:`PostgresLeadership.fence` before every message it publishes, so a resumed ex-leader
+stands down without publishing. A candidate cannot take the row before the whole lease has
+passed (database clock, from after the renewal started), which leaves two thirds of the lease
+between the two. What is left is a freeze exactly between a check and the publish: the message
+is then sent twice, which is harmless, because the job's lease decides which worker runs it.
 
 SQLite: the embedded service is one process, so that process leads.
 """
@@ -124,12 +126,7 @@ class PostgresLeadership:
         self._conn: Any | None = None
         self._listening = False
         self._leading = False
-        self._renew_at = 0.0  # monotonic: renew from here on
-        self._valid_until = 0.0  # monotonic: act as the leader only before this
-
-    @property
-    def held(self) -> bool:
-        return self._leading and time.monotonic() < self._valid_until
+        self._renew_at = 0.0  # monotonic: from here on, renew before acting
 
     def acquire(self) -> bool:
         if self._leading and time.monotonic() < self._renew_at:
@@ -188,10 +185,9 @@ class PostgresLeadership:
         if not self._leading or row[0] != self.term:
             log.info("this process is now the dispatcher leader (term %d)", row[0])
         self._leading, self.term = True, int(row[0])
-        # Renew at a third; act until two thirds: a candidate needs the whole lease (database
-        # clock, counted from after this statement started) to pass, so a third stays between.
+        # Trusted for a third of the lease; a candidate needs all of it (database clock, counted
+        # from after this statement started) to pass before it can take the row.
         self._renew_at = started + self.lease_s / 3
-        self._valid_until = started + self.lease_s * 2 / 3
         return True
 
     def _stand_down(self) -> None:
