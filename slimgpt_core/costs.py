@@ -8,7 +8,9 @@ is split across GPUs), two Hessians are accumulated, and the leader runs the OBS
 in ``benchmarks/results/h200_scale.jsonl`` by ``benchmarks/fit_costs.py``; its printout (and
 ``docs/BENCHMARKS.md``) gives the error on every run. Other GPU types are scaled from the H200
 by datasheet ratios (bf16 tensor rate for the forwards, fp32 rate for the maths): those are
-estimates nobody has measured here, and the result says so.
+estimates nobody has measured here, and the result says so. Mixture of experts: the Hessian
+memory and the OBS maths count every expert (:mod:`slimgpt_core.experts`); the forward-pass
+terms still price a dense FFN of the per-expert width, and no MoE run has been timed.
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def layer_work(shape: ModelShape, plan: PruningPlan, work: Workload,
     return {
         "pass_flop": gemm + sdpa,
         "layers": float(len(chosen)),
-        "ffn_maths": len(chosen) * f ** 3 / 1e12,
+        # a mixture of experts runs the FFN maths once per expert
+        "ffn_maths": len(chosen) * max(1, shape.num_experts) * f ** 3 / 1e12,
         "heads_units": heads_units,
         "layer_bytes": float(layer_bytes),
         "model_bytes": float((shape.num_layers * shape.dense_layer_params
@@ -168,6 +171,10 @@ def gpu_peak_bytes(shape: ModelShape, work: Workload, *, gpus: int = 1,
     layers = layer if placement == "resident" else 2 * layer
     forward = 4 * f * f + work.batch_size * work.seq_len * (3 * f + 4 * h) * work.dtype_bytes
     maths = 3 * 4 * f * f + 2 * 4 * f * min(f, 4096) + 3 * 4 * h * f
+    if shape.num_experts:
+        # Every expert's Hessian is held at once, and at worst a pooled one per expert too
+        # (slimgpt_core.experts' few-token policy); the compensated down_proj of all experts.
+        maths += 2 * 4 * f * f * shape.num_experts + 4 * h * f * shape.num_experts
     model = (shape.num_layers * shape.dense_layer_params + shape.non_layer_params) * \
         work.dtype_bytes if placement == "resident" else 0
     base = GPU_BASE_BYTES if include_base else 0  # torch's allocator peak does not see it

@@ -371,6 +371,7 @@ class JobRunner:
                 "healed here: submit without `heal`")
         # The dense model, kept as the teacher of the optional healing step.
         teacher = copy.deepcopy(model) if heal_spec else None
+        heal_settings: dict[str, Any] | None = None
         with phase("pruning", f"pruning {num_layers} layers to target ratio "
                    f"{config.target_ratio}"):
             try:
@@ -393,8 +394,9 @@ class JobRunner:
                        f"one ({int(heal_spec['tokens']):,} tokens, "
                        f"{heal_spec.get('mode', 'lora')})", percent=PRUNING_SPAN[1])
             t0 = time.perf_counter()
-            state.metrics["heal"] = self._heal(job_id, model, teacher, heal_spec, calib_source,
-                                               tokenizer, seq_len, seed, token, ctl)
+            state.metrics["heal"], heal_settings = self._heal(
+                job_id, model, teacher, heal_spec, calib_source, tokenizer, seq_len, seed, token,
+                ctl)
             state.seconds["healing"] = round(time.perf_counter() - t0, 3)
             del teacher
 
@@ -409,7 +411,7 @@ class JobRunner:
                 calibration_info=_calibration_info(describe_calibration, windows,
                                                    calibration_path, calib_source, seed),
                 eval_metrics=None, verify=True, license=info.get("license"),
-                repo_id=destination.get("hub_repo_id"), overwrite=True,
+                repo_id=destination.get("hub_repo_id"), overwrite=True, heal=heal_settings,
                 **handle.export_kwargs(result),
             )
             state.metrics["achieved_ratio"] = report.achieved_ratio
@@ -477,12 +479,13 @@ class JobRunner:
 
     def _heal(self, job_id: str, model: Any, teacher: Any, spec: dict[str, Any],
               calib_source: Any, tokenizer: Any, seq_len: int, seed: int, token: str | None,
-              ctl: Any) -> dict[str, Any]:
-        """Distil ``teacher`` into ``model`` on fresh windows of the calibration text."""
+              ctl: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Distil ``teacher`` into ``model`` on fresh windows of the calibration text; returns
+        the job's heal metrics and the settings the model card's recipe records."""
         import torch
 
         from slimgpt_core.calibration import sample_windows
-        from slimgpt_core.heal import HealConfig, heal
+        from slimgpt_core.heal import HealConfig, heal, heal_settings
 
         tokens = int(spec["tokens"])
         count = max(1, min(HEAL_MAX_WINDOWS, tokens // seq_len))
@@ -502,16 +505,15 @@ class JobRunner:
                            percent=PRUNING_SPAN[1],
                            metrics={"kind": "heal", "step": step, "steps": steps, "kl": loss})
 
-        report = heal(model, teacher, windows, HealConfig(tokens=tokens,
-                                                          mode=spec.get("mode", "lora"),
-                                                          seed=seed),
-                      device=device, progress=progress,
+        config = HealConfig(tokens=tokens, mode=spec.get("mode", "lora"), seed=seed)
+        report = heal(model, teacher, windows, config, device=device, progress=progress,
                       should_cancel=lambda: ctl.should_stop())
         ctl.raise_reason(throttle=False)
         teacher.to("cpu")
-        return {"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
-                "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
-                "kl_last": round(report.loss_last, 5)}
+        return ({"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
+                 "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
+                 "kl_last": round(report.loss_last, 5)},
+                heal_settings(config, windows=count, window_seed=seed + 1, seqlen=seq_len))
 
     # components -------------------------------------------------------------------------------
     def _resolve_model(self, source: str, model_id: str, local_path: str | None,

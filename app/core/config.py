@@ -26,7 +26,8 @@
 | SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed (alias SLIMGPT_MAX_ATTEMPTS) |
 | SLIMGPT_JOB_LEASE_S             | 120                              | worker lease length (renewed every third of it) |
 | SLIMGPT_DISPATCHER_ENABLED      | true                             | api: run the dispatcher thread (leader-elected) |
-| SLIMGPT_SWEEP_INTERVAL_S        | 15                               | dispatcher: lease sweep / leader retry period |
+| SLIMGPT_SWEEP_INTERVAL_S        | 15                               | dispatcher: lease sweep period                |
+| SLIMGPT_LEADER_LEASE_S          | 15                               | dispatcher leader lease (renewed every third of it): a frozen or hung leader is replaced within about 4/3 of it |
 | SLIMGPT_REPUBLISH_AFTER_S       | 300                              | dispatcher: re-send a queued job nobody took (doubles, max 1 h) |
 | SLIMGPT_RETRY_BACKOFF_BASE_S    | 10                               | delay before the retry of a lost job (doubles, jittered) |
 | SLIMGPT_RETRY_BACKOFF_MAX_S     | 600                              | longest delay before a retry                  |
@@ -113,6 +114,7 @@ class Settings(BaseSettings):
     # The dispatcher (outbox publisher + lease sweeper), see app/dispatcher.py.
     dispatcher_enabled: bool = True
     sweep_interval_s: float = Field(15.0, gt=0)
+    leader_lease_s: float = Field(15.0, gt=0)
     republish_after_s: float = Field(300.0, gt=0)
     retry_backoff_base_s: float = Field(10.0, ge=0)
     retry_backoff_max_s: float = Field(600.0, ge=0)

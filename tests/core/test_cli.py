@@ -80,6 +80,12 @@ def test_heal_flag_distils_and_reports_it(model_dir: Path, tmp_path: Path,
                       "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["heal"]["mode"] == "lora" and summary["heal"]["steps"] == 256 // (4 * 32)
+    # The card's recipe says the model was healed, and how (its settings decide the weights).
+    from huggingface_hub import ModelCard
+
+    recipe = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()["slimgpt_recipe"]
+    assert recipe["heal"] == summary["heal"]["settings"]
+    assert recipe["heal"]["tokens"] == 256 and recipe["heal"]["mode"] == "lora"
 
 
 def test_default_gqa_policy_follows_the_profile(model_dir: Path, tmp_path: Path) -> None:

@@ -47,7 +47,10 @@ def test_card_metadata_parses_with_the_hubs_parser(tmp_path):
 def test_card_text_has_results_recipe_loading_and_serving(tmp_path):
     _, text = _card(tmp_path)
     assert "20.500" in text and "27.250" in text and "Salesforce/wikitext, 16 x 512" in text
-    assert "slimgpt prune --model BASE --out DIR --ratio 0.2 --schedule log" in text
+    assert ("slimgpt prune --model HuggingFaceTB/SmolLM2-135M --out DIR --revision abc123 "
+            "--ratio 0.2 --schedule log") in text
+    assert ("slimgpt submit --model HuggingFaceTB/SmolLM2-135M --revision abc123 --ratio 0.2"
+            in text and "--calib-source c4" in text)
     assert "--nsamples 128 --seqlen 2048 --seed 0" in text
     assert "`allenai/c4` (en, train)" in text
     assert 'from_pretrained("my-org/SmolLM2-135M-slim20", trust_remote_code=True)' in text
