@@ -387,3 +387,45 @@ def test_moe_is_refused_by_the_stream_placement(tmp_path) -> None:
     tiny_model("mixtral").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
         open_streamed(tmp_path)
+
+
+#: Released MoE shapes (from their config.json): Mixtral-8x7B and Qwen3-30B-A3B.
+REAL_MOE_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral-8x7b": ("MixtralConfig", {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "num_local_experts": 8, "num_experts_per_tok": 2}),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", {
+        "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
+        "num_hidden_layers": 48, "num_attention_heads": 32, "num_key_value_heads": 4,
+        "head_dim": 128, "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True}),
+}
+
+
+@pytest.mark.parametrize("name", REAL_MOE_CONFIGS)
+def test_moe_estimate_equals_the_real_sizes_of_released_shapes(name) -> None:
+    # Built on the meta device: the stock dense model, and the shipped hetero modeling code
+    # with the plan's per-layer widths, both counted parameter by parameter.
+    import transformers
+
+    from slimgpt_core.families import family_for_config
+    from slimgpt_core.modeling_slimgpt import LAYOUT_KEY, hetero_classes
+
+    config_name, fields = REAL_MOE_CONFIGS[name]
+    config = getattr(transformers, config_name)(**fields)
+    saved = {**config.to_diff_dict(), "model_type": config.model_type}
+    plan = estimate(saved, 0.2, "log", "balanced")
+    assert abs(plan["achieved_ratio"] - 0.2) <= TARGET_TOLERANCE
+    family = family_for_config(saved)
+    config_cls, model_cls = hetero_classes(config.model_type)
+    pruned_config = config_cls(**saved, **{
+        "layer_num_heads": [lp["heads_kept"] for lp in plan["layers"]],
+        "layer_num_kv_heads": [lp["kv_heads_kept"] for lp in plan["layers"]],
+        "layer_intermediate_sizes": [lp["channels_kept"] for lp in plan["layers"]],
+        LAYOUT_KEY: family.layout.as_dict()})
+    with torch.device("meta"):
+        dense = transformers.AutoModelForCausalLM.from_config(config)
+        pruned_model = model_cls(pruned_config)
+    assert plan["total_params_before"] == count_parameters(dense)
+    assert plan["total_params_after"] == count_parameters(pruned_model)
