@@ -244,6 +244,7 @@ def run_streamed(args: argparse.Namespace, schedule: str, folder: Path, device: 
 
     from transformers import AutoTokenizer
 
+    from slimgpt_core.errors import RankFailed
     from slimgpt_core.loading import folder_source_info
     from slimgpt_core.multi_gpu import prune_streamed
     from slimgpt_core.pruner import Probe
@@ -277,6 +278,11 @@ def run_streamed(args: argparse.Namespace, schedule: str, folder: Path, device: 
                                 work_dir=Path(config.checkpoint_dir) / "ranks",
                                 dtype=str(dtype).removeprefix("torch."), progress=on_event,
                                 probes=probes)
+    except RankFailed as err:
+        print(f"slimgpt prune: error: {err}\nthe finished layers are checkpointed in "
+              f"{config.checkpoint_dir}: run the same command with --checkpoint-dir "
+              f"{config.checkpoint_dir} to resume after them", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     ppl: dict[str, float | None] = {"before": None, "after": None}

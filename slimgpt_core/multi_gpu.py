@@ -96,9 +96,13 @@ def start_helpers(job_path: Path, world_size: int, port: int,
         env = dict(os.environ, **rank_env(rank, world_size, port))
         env[LEADER_PID_ENV] = str(os.getpid())
         out = (log_dir / f"rank{rank}.log").open("wb") if log_dir is not None else None
+        # A session of their own: a signal meant for the worker's process group (Ctrl-C, a
+        # SIGTERM to the group) reaches the leader, which stops at a layer boundary and stops
+        # them; it must not kill them mid-collective, which would fail the job instead.
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "slimgpt_core.multi_gpu", str(job_path)],
-            env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+            env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True))
     return procs
 
 

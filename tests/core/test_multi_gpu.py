@@ -82,7 +82,9 @@ def test_a_rank_killed_mid_job_fails_it_within_seconds_naming_it_and_the_job_res
 
     def kill_rank_1_after_layer_0(event) -> None:
         if event.phase == "layer_done" and event.layer == 0:
-            os.kill(min(_helper_pids(work)), signal.SIGKILL)  # rank 1 was started first
+            pid = min(_helper_pids(work))  # rank 1 was started first
+            assert os.getpgid(pid) != os.getpgid(0)  # group signals to the worker miss it
+            os.kill(pid, signal.SIGKILL)
             killed.append(time.monotonic())
 
     # Three ranks: the survivor (rank 2) must be stopped too, not left waiting.
