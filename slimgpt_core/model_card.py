@@ -128,6 +128,7 @@ def card_data(
     eval_metrics: Mapping[str, Any] | None,
     model_name: str | None = None,
     recipe: Mapping[str, Any] | None = None,
+    zero_shot: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Any:
     """The card's metadata (``huggingface_hub.ModelCardData``): the base model and how this one
     relates to it (``pruned``), the Hub datasets used for calibration and evaluation, and the
@@ -153,6 +154,20 @@ def card_data(
             metric_type="perplexity", metric_value=round(float(ppl), 4),
             metric_name=f"perplexity ({windows} windows of {seq_len} tokens)"
             if windows and seq_len else "perplexity"))
+    for task, res in (zero_shot or {}).items():
+        dataset_id = res.get("dataset")
+        if not (isinstance(dataset_id, str) and _HUB_ID.match(dataset_id)):
+            continue  # a local task file has no id others could evaluate on
+        for metric in ("acc", "acc_norm"):
+            if res.get(metric) is None:
+                continue
+            eval_results.append(EvalResult(
+                task_type="multiple-choice", task_name=f"{task} (zero-shot, lm-eval)",
+                dataset_type=dataset_id, dataset_name=task, dataset_config=res.get("config"),
+                dataset_split=res.get("split"), metric_type=metric,
+                metric_value=round(float(res[metric]), 4),
+                metric_name=f"{metric} ({res.get('samples')} examples, 0-shot)"))
+            datasets.append(dataset_id)
     return ModelCardData(
         language=None,
         license=license,
@@ -318,9 +333,11 @@ def render_model_card(
                              "base_model": {**(pruning.get("base_model") or {}),
                                             "id": base_model_id, "revision": base_revision}},
                             calibration)
+    zero_shot = pruning.get("zero_shot") or {}
     data = card_data(base_model_id=base_model_id, license=license, profile=profile,
                      calibration=calibration, eval_metrics=eval_metrics,
-                     model_name=name or f"{base_model_id.split('/')[-1]}-slimgpt", recipe=recipe)
+                     model_name=name or f"{base_model_id.split('/')[-1]}-slimgpt", recipe=recipe,
+                     zero_shot=zero_shot)
     dataset = _dataset_id(calibration)
     ev = dict(eval_metrics or {})
     before, after = pruning["params_before"], pruning["params_after"]
@@ -337,6 +354,12 @@ def render_model_card(
         (f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
          f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |"),
     ]
+    for task, res in zero_shot.items():
+        for metric in ("acc", "acc_norm"):
+            if res.get(metric) is not None:
+                where = res.get("dataset") or "a local task file"
+                rows.append(f"| zero-shot {task} {metric} ({where}, {res.get('samples')} "
+                            f"examples; lm-eval) | – | {float(res[metric]):.4f} |")
     speed = pruning.get("speed") or {}
     if speed.get("prefill_speedup") is not None:
         where = f"{speed.get('device')}, {speed.get('dtype')}, {speed.get('runtime')}"

@@ -107,6 +107,13 @@ class HealUnavailableError(WorkerError):
     code = "heal_unavailable"
 
 
+class ZeroShotUnavailableError(WorkerError):
+    """Zero-shot tasks were asked for and this worker cannot run them (no `zeroshot` extra,
+    an unknown task, a model streamed from its shards)."""
+
+    code = "zero_shot_unavailable"
+
+
 class PublishError(WorkerError):
     code = "publish_failed"
 

@@ -50,7 +50,12 @@ from app.crud import jobs as crud
 from app.db.models import JobEvent
 from app.db.session import session_scope
 from worker import fleet
-from worker.errors import HealUnavailableError, JobCancelled, describe_exception
+from worker.errors import (
+    HealUnavailableError,
+    JobCancelled,
+    ZeroShotUnavailableError,
+    describe_exception,
+)
 from worker.lifecycle import (
     STOP,
     HandBack,
@@ -318,6 +323,10 @@ class JobRunner:
             self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers, {how})",
                        num_layers=num_layers, percent=PHASE_PERCENT["loading"] + 4)
 
+        zero_shot_tasks = list(evaluate.get("zero_shot_tasks") or [])
+        if zero_shot_tasks:  # fail before the expensive part, not after it
+            self._check_zero_shot(zero_shot_tasks, handle.streamed)
+
         # calibrating --------------------------------------------------------------------
         num_samples, seq_len = int(calib.get("num_samples", 128)), int(calib.get("seq_len", 2048))
         seed = int(calib.get("seed", 0))
@@ -430,6 +439,15 @@ class JobRunner:
                     "ppl_after": state.metrics["perplexity_after"],
                     **evaluation,
                 }, repo_id=destination.get("hub_repo_id"))
+        if zero_shot_tasks:
+            with phase("evaluating", f"zero-shot accuracy on {', '.join(zero_shot_tasks)}"):
+                from slimgpt_core.zero_shot import zero_shot
+
+                state.metrics["zero_shot"] = zero_shot(
+                    model, tokenizer, zero_shot_tasks, limit=evaluate.get("zero_shot_limit"),
+                    include_path=self.settings.zero_shot_tasks_dir, seed=seed)
+                _record_in_export(out, zero_shot=state.metrics["zero_shot"],
+                                  repo_id=destination.get("hub_repo_id"))
         if self.settings.speed_benchmark:
             with phase("evaluating", "measuring inference speed, dense vs pruned"):
                 state.metrics["speed"] = (
@@ -514,6 +532,22 @@ class JobRunner:
                  "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
                  "kl_last": round(report.loss_last, 5)},
                 heal_settings(config, windows=count, window_seed=seed + 1, seqlen=seq_len))
+
+    def _check_zero_shot(self, tasks: list[str], streamed: bool) -> None:
+        from slimgpt_core.zero_shot import ZeroShotUnavailable, check_tasks
+
+        if streamed:
+            raise ZeroShotUnavailableError(
+                "zero-shot tasks run on the pruned model in memory; this model is pruned "
+                "streamed from its shards (larger than host memory): submit without "
+                "`evaluate.zero_shot_tasks`")
+        try:
+            check_tasks(tasks, self.settings.zero_shot_tasks_dir)
+        except ZeroShotUnavailable as err:
+            raise ZeroShotUnavailableError(
+                f"{err}; on the worker, or submit without `evaluate.zero_shot_tasks`") from None
+        except ValueError as err:
+            raise ZeroShotUnavailableError(str(err)) from None
 
     # components -------------------------------------------------------------------------------
     def _resolve_model(self, source: str, model_id: str, local_path: str | None,
@@ -681,7 +715,8 @@ def _measure_speed(model: Any, dense_config: Any) -> dict[str, Any]:
 
 
 def _record_in_export(folder: Path, *, evaluation: dict[str, Any] | None = None,
-                      speed: dict[str, Any] | None = None, repo_id: str | None) -> None:
+                      speed: dict[str, Any] | None = None,
+                      zero_shot: dict[str, Any] | None = None, repo_id: str | None) -> None:
     """Put perplexities / measured speed into the exported ``pruning_config.json`` and card."""
     import slimgpt_core
     from slimgpt_core.export import PRUNING_CONFIG_FILE
@@ -693,6 +728,8 @@ def _record_in_export(folder: Path, *, evaluation: dict[str, Any] | None = None,
         pcfg["evaluation"] = evaluation
     if speed is not None:
         pcfg["speed"] = speed
+    if zero_shot is not None:
+        pcfg["zero_shot"] = zero_shot
     path.write_text(json.dumps(pcfg, indent=2, default=str) + "\n")
     base = pcfg.get("base_model") or {}
     card = render_model_card(

@@ -61,6 +61,7 @@ JOB_ERROR_CODES: dict[str, str] = {
     "hub_unavailable": "the Hub kept failing (rate limits, 5xx, network)",
     "hub_offline": "HF_HUB_OFFLINE is set and the data is not in the local cache",
     "publish_failed": "publishing the result failed",
+    "zero_shot_unavailable": "zero-shot tasks were asked for and the worker cannot run them",
     "cholesky_failed": "a Hessian stayed not positive definite after more damping",
     "non_finite_hessian": "a layer's inputs had NaN/inf values",
     "gpu_out_of_memory": "the GPU ran out of memory",

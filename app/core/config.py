@@ -37,6 +37,7 @@
 | SLIMGPT_STREAM_MODELS           | auto                             | worker: `auto` streams models larger than host memory from disk; `always`, `never` |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_WORKER_MAX_TASKS_PER_CHILD | 1                             | worker: jobs per pool process (0 = no limit)  |
+| SLIMGPT_ZERO_SHOT_TASKS_DIR     | unset                            | worker: extra lm-eval task YAML files (e.g. offline copies of tasks) |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
 | SLIMGPT_LOG_LEVEL               | INFO                             |                                              |
 | SLIMGPT_AUTH_DISABLED           | false                            | embedded only: every request is tenant `local` |
@@ -108,6 +109,8 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(120, gt=0)
     runner: str = "worker.runner:run_job"
     speed_benchmark: bool = True
+    # Extra lm-eval task YAML files for zero-shot evaluation (the `zeroshot` extra).
+    zero_shot_tasks_dir: Path | None = None
     # A fresh process per job returns all GPU memory; CPU-only fleets (and tests) may reuse.
     worker_max_tasks_per_child: int = Field(1, ge=0)
 
