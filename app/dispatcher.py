@@ -61,7 +61,11 @@ class Dispatcher:
         if publisher is None and not settings.embedded:
             publisher = CeleryPublisher(settings)
         self.publisher = publisher
-        self.leadership = leadership or make_leadership(str(settings.database_url))
+        self.leadership = leadership or make_leadership(str(settings.database_url),
+                                                        settings.leader_lease_s)
+        # Stand-by candidates try this often, so a frozen leader is replaced within about
+        # lease + lease/3 (default 15 + 5 s), a dead one within lease/3.
+        self.retry_s = min(settings.sweep_interval_s, settings.leader_lease_s / 3)
         # Workers cannot renew while the database is unreachable, so right after an outage (or
         # a new leader's start) give them one renewal period before calling them lost.
         self.sweep_grace_s = (settings.job_lease_s / 3 + 1 if sweep_grace_s is None
@@ -109,7 +113,7 @@ class Dispatcher:
                     if self.is_leader:
                         log.warning("no longer the dispatcher leader")
                     self.is_leader = False
-                    self._stop.wait(self.settings.sweep_interval_s)
+                    self._stop.wait(self.retry_s)
                     continue
                 if not self.is_leader:
                     self.is_leader, self._db_ok_since = True, None
@@ -122,7 +126,7 @@ class Dispatcher:
                 self._db_ok_since = None
                 log.warning("dispatcher pass failed (database unreachable?); retrying",
                             exc_info=failures == 1)
-                self._stop.wait(min(self.settings.sweep_interval_s, 0.5 * 2 ** min(failures, 6)))
+                self._stop.wait(min(self.retry_s, 0.5 * 2 ** min(failures, 6)))
         self.leadership.release()
         self.is_leader = False
 
@@ -181,7 +185,12 @@ class Dispatcher:
                 break
             sent: list[outbox.Due] = []
             error: Exception | None = None
+            fenced = False
             for item in due:
+                # A leader that was frozen past its lease must not send (app.leader).
+                if not self.leadership.fence():
+                    fenced = True
+                    break
                 try:
                     self.publisher.publish(item.job.id, queue_for_job(item.job, self.settings))
                 except Exception as err:  # noqa: BLE001 - any broker error ends this pass
@@ -195,6 +204,10 @@ class Dispatcher:
                 self.counts["published"] += len(sent)
             if error is not None:
                 self._broker_failed(error, len(due) - len(sent))
+                break
+            if fenced:
+                log.warning("no longer the dispatcher leader: %d due jobs left to the new one",
+                            len(due) - len(sent))
                 break
             self._broker_failures = 0
             if len(due) < BATCH:

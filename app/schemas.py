@@ -119,6 +119,10 @@ class DestinationSpec(Strict):
         return v
 
 
+ZeroShotTask = Annotated[str, Field(min_length=1, max_length=100,
+                                     pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
 class EvaluateSpec(Strict):
     perplexity: bool = Field(True, description="measure perplexity before and after pruning")
     eval_source: str | None = Field(
@@ -132,6 +136,14 @@ class EvaluateSpec(Strict):
     seq_len: int = Field(512, ge=16, le=32768,
                          description="tokens per evaluation window (capped at the model's "
                          "context length)")
+    zero_shot_tasks: list[ZeroShotTask] | None = Field(
+        None, max_length=16, description="lm-evaluation-harness tasks to measure the pruned "
+        "model's zero-shot accuracy on (e.g. `arc_easy`, `hellaswag`, `piqa`); needs the "
+        "`zeroshot` extra on the worker, and the tasks' datasets from the Hub or its cache",
+        examples=[["arc_easy", "piqa"]])
+    zero_shot_limit: int | None = Field(
+        None, ge=1, le=100_000, description="at most this many examples per zero-shot task "
+        "(the first ones; default: all)")
 
     @field_validator("eval_source")
     @classmethod
@@ -315,6 +327,18 @@ class EvaluationInfo(Open):
     perplexity_after: float | None = None
 
 
+class ZeroShotResult(Open):
+    acc: float | None = Field(None, description="accuracy")
+    acc_stderr: float | None = None
+    acc_norm: float | None = Field(None, description="length-normalized accuracy")
+    acc_norm_stderr: float | None = None
+    samples: int = Field(..., description="examples measured")
+    dataset: str | None = Field(None, description="the task's Hub dataset id")
+    config: str | None = None
+    split: str | None = None
+    num_fewshot: int = 0
+
+
 class JobMetrics(Open):
     params_before: int | None = Field(None, description="parameters of the base model")
     params_after: int | None = Field(None, description="parameters of the pruned model")
@@ -324,6 +348,8 @@ class JobMetrics(Open):
     perplexity_after: float | None = None
     evaluation: EvaluationInfo | None = Field(None, description="what the perplexity was "
                                               "measured on")
+    zero_shot: dict[str, ZeroShotResult] | None = Field(
+        None, description="the pruned model's zero-shot accuracy per lm-eval task")
     resumed_from: int | None = Field(None, description="first layer pruned in the last "
                                      "attempt (earlier ones came from checkpoints)")
     seconds: dict[str, float] | None = Field(None, description="wall time per phase")

@@ -1,10 +1,12 @@
 """Fit the time coefficients of :mod:`slimgpt_core.costs` on the H200 benchmark runs.
 
-    python benchmarks/fit_costs.py [benchmarks/results/h200_scale.jsonl]
+    python benchmarks/fit_costs.py [benchmarks/results/h200_scale.jsonl [HELD_OUT.jsonl]]
 
 Prints the coefficients (to paste into ``slimgpt_core.costs.Coefficients``), then every run's
 measured and predicted seconds and peak GPU/host memory, the largest relative errors, and
 the errors when each model shape is left out of the fit (how far the model extrapolates).
+Runs in ``HELD_OUT`` (default ``results/h200_scale_full.jsonl``, the whole 80-layer 70B runs)
+are predicted by the fitted model but not fitted on.
 """
 
 from __future__ import annotations
@@ -85,11 +87,25 @@ def predict(r: dict, coef: Coefficients) -> float:
                            placement=r["place"], layers=r["k"], coef=coef)["total_s"]
 
 
+def host_pred_meas(r: dict) -> tuple[float, float]:
+    """Predicted and measured host peak (GiB) of a run: the whole job (every rank's VmHWM
+    summed) where each rank's was recorded, else the leader's alone (one rank's prediction)."""
+    per_rank = r.get("peak_host_GiB_per_rank")
+    whole_job = per_rank is not None and len(per_rank) == r["gpus"]
+    h_pred = host_peak_bytes(r["shape_obj"], r["work"], placement=r["place"],
+                             gpus=r["gpus"] if whole_job else 1)
+    if r["placement"] == "generated" and not r.get("lm_head_in_host"):  # older runs had none
+        h_pred -= r["w"]["embed_bytes"]  # the embeddings were there, the LM head was not
+    return h_pred / GiB, sum(per_rank) if whole_job else r["peak_host_GiB"]
+
+
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else \
-        Path(__file__).resolve().parent / "results" / "h200_scale.jsonl"
+    results = Path(__file__).resolve().parent / "results"
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else results / "h200_scale.jsonl"
+    held_path = Path(sys.argv[2]) if len(sys.argv) > 2 else results / "h200_scale_full.jsonl"
     runs = load(path)
     coef = fit(runs)
+    held = load(held_path) if held_path.exists() else []
     print("fitted:", {k: float(f"{v:.4g}") for k, v in vars(coef).items()
                       if isinstance(v, float) and not k.startswith("error")})
     errs, gpu_errs, host_errs = [], [], []
@@ -101,11 +117,8 @@ def main() -> None:
         errs.append(abs(err))
         g_pred = gpu_peak_bytes(r["shape_obj"], r["work"], gpus=r["gpus"],
                                 placement=r["place"], include_base=False) / GiB
-        h_pred = host_peak_bytes(r["shape_obj"], r["work"], placement=r["place"])
-        if r["placement"] == "generated":  # the generated benchmark loads no LM head
-            h_pred -= r["w"]["embed_bytes"]
-        h_pred /= GiB
-        g_meas, h_meas = r["peak_gpu_GiB"][0], r["peak_host_GiB"]
+        h_pred, h_meas = host_pred_meas(r)
+        g_meas = r["peak_gpu_GiB"][0]
         gpu_errs.append(abs(g_pred / g_meas - 1))
         if r["placement"] != "disk":  # disk runs' VmHWM counted mapped page cache (see docs)
             host_errs.append(abs(h_pred / h_meas - 1))
@@ -113,6 +126,18 @@ def main() -> None:
               f"{g_pred:6.2f} | {h_meas:8.2f} {h_pred:6.2f}")
     print(f"time: max |error| {max(errs):.1%}; GPU peak: {max(gpu_errs):.1%}; "
           f"host peak (not disk): {max(host_errs):.1%}")
+    held_host_errs: list[float] = []
+    for r in held:
+        pred = predict(r, coef)
+        g_pred = gpu_peak_bytes(r["shape_obj"], r["work"], gpus=r["gpus"],
+                                placement=r["place"], include_base=False) / GiB
+        h_pred, h_meas = host_pred_meas(r)
+        held_host_errs.append(abs(h_pred / h_meas - 1))
+        print(f"held out {r['label']:27s} {r['prune_s']:10.2f} {pred:8.2f} "
+              f"{pred / r['prune_s'] - 1:+6.1%} | {r['peak_gpu_GiB'][0]:7.2f} {g_pred:6.2f} | "
+              f"{h_meas:8.2f} {h_pred:6.2f}")
+    if held:
+        print(f"held-out runs: host peak max |error| {max(held_host_errs):.1%}")
     loo = []
     for left in sorted({r["shape_name"] for r in runs}):
         c = fit([r for r in runs if r["shape_name"] != left])

@@ -10,21 +10,27 @@ Placements (``--placement``):
     python benchmarks/prune_speed.py --shape 7b --placement host [--no-prefetch]
     python benchmarks/prune_speed.py --shape 13b --write /tmp/m13     # make the checkpoint
     python benchmarks/prune_speed.py --placement disk --model /tmp/m13
-    python benchmarks/prune_speed.py --shape 70b --placement generated --stop-after 8 [--gpus 2]
+    python benchmarks/prune_speed.py --shape 70b --placement generated [--stop-after 8] [--gpus 2]
     python benchmarks/prune_speed.py --shape tiny --placement host --device cpu --nsamples 4 --seqlen 128
 
 Prints one JSON line: per-phase seconds, per-layer wall seconds, peak GPU memory (torch's
 allocator high-water mark, per rank) and peak host memory (VmHWM of the pruning process).
 Disk and generated placements write nothing to keep (pruned layers are copied back to host
 memory and dropped), so the figures include the device-to-host traffic but no disk writes.
+
+``--gpus N`` (disk and generated placements) runs the job through the library's own launcher,
+:func:`slimgpt_core.multi_gpu.prune_streamed`, as the worker does: this process leads and
+starts N-1 helper ranks (NCCL on GPUs, gloo on CPU); ``prune_s`` then includes starting them.
+``--trace FILE`` appends one JSON line per finished layer (seconds, memory so far), so a run
+stopped at a time limit still leaves its figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,10 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import (
     SHAPES,
-    GeneratedSource,
-    config_for,
     dump,
     host_peak_bytes,
+    open_generated,
     random_model,
     write_checkpoint,
 )
@@ -46,18 +51,6 @@ from slimgpt_core.pruner import PruneConfig, prune_model
 
 def _drop(_index: int, _tensors: dict, report: dict) -> None:
     """Pruned layers of a benchmark are not kept."""
-
-
-def _spawn_helpers(world: int) -> list[subprocess.Popen]:
-    from slimgpt_core.multi_gpu import free_port, rank_env
-
-    port = free_port()
-    os.environ.update(rank_env(0, world, port))
-    procs = []
-    for rank in range(1, world):
-        env = dict(os.environ, **rank_env(rank, world, port))
-        procs.append(subprocess.Popen([sys.executable, *sys.argv], env=env))
-    return procs
 
 
 def main() -> None:
@@ -78,6 +71,7 @@ def main() -> None:
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
+    ap.add_argument("--trace", type=Path, default=None, help="append a line per finished layer")
     args = ap.parse_args()
 
     if args.write:
@@ -85,21 +79,13 @@ def main() -> None:
         dump({"wrote": str(args.write), "shape": args.shape, **info}, args.out)
         return
 
-    rank = int(os.environ.get("RANK", "0"))
-    procs = _spawn_helpers(args.gpus) if args.gpus > 1 and rank == 0 and \
-        "WORLD_SIZE" not in os.environ else []
-    comm = None
-    if args.gpus > 1:
-        from slimgpt_core.collective import init_from_env
-
-        comm = init_from_env()
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    if args.gpus > 1 and args.placement not in ("disk", "generated"):
+        ap.error("--gpus > 1 streams the model: use --placement disk or generated")
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
 
     t0 = time.perf_counter()
-    source = None
+    streamed = None
     shape_name = args.shape
     if args.placement in ("resident", "host"):
         model = random_model(args.shape, dtype)
@@ -107,18 +93,11 @@ def main() -> None:
         from slimgpt_core.streaming import open_streamed
 
         streamed = open_streamed(args.model, dtype)
-        model, source = streamed.model, streamed.source
         shape_name = f"{args.model.name}"
     else:
-        from slimgpt_core.streaming import build_skeleton
-
-        cfg = config_for(args.shape)
-        model = build_skeleton(cfg, dtype)
-        emb = model.model.embed_tokens
-        gen = "cuda" if cuda else "cpu"  # drawing 1B numbers on the CPU takes a while
-        emb.weight = torch.nn.Parameter(torch.empty(emb.weight.shape, dtype=dtype, device=gen)
-                                        .normal_(0, 0.02).cpu(), requires_grad=False)
-        source = GeneratedSource(cfg, dtype)
+        streamed = open_generated(args.shape, dtype)
+    if streamed is not None:
+        model = streamed.model
     build_s = time.perf_counter() - t0
     ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen),
                         generator=torch.Generator().manual_seed(1))
@@ -128,29 +107,42 @@ def main() -> None:
                          min_group=args.min_group, resident=args.placement == "resident",
                          prefetch=not args.no_prefetch, stop_after=args.stop_after)
     stamps: list[float] = []
+    wall0 = time.perf_counter()
 
     def progress(ev) -> None:
         if ev.phase == "layer_done":
             stamps.append(ev.elapsed_s)
+            if args.trace is not None:
+                with args.trace.open("a") as fh:
+                    fh.write(json.dumps({
+                        "label": args.label, "layer": ev.layer, "pruner_s": round(ev.elapsed_s, 2),
+                        "wall_s": round(time.perf_counter() - wall0, 2),
+                        "peak_gpu_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                        if cuda else None,
+                        "peak_host_GiB": round(host_peak_bytes() / 2**30, 2)}) + "\n")
 
+    work = tempfile.mkdtemp(prefix="prune-speed-")
     t0 = time.perf_counter()
-    result = prune_model(model, ids, config, progress=progress, source=source, comm=comm,
-                         on_layer=_drop if source is not None else None)
+    if args.gpus > 1:
+        from slimgpt_core.multi_gpu import prune_streamed, rank_stats
+
+        result = prune_streamed(
+            streamed, ids, config, gpus=args.gpus, work_dir=work, progress=progress,
+            on_layer=_drop, dtype=str(dtype).removeprefix("torch."),
+            opener="synthetic:open_generated" if args.placement == "generated" else None,
+            pythonpath=[str(Path(__file__).resolve().parent)])
+    else:
+        result = prune_model(model, ids, config, progress=progress,
+                             source=streamed.source if streamed is not None else None,
+                             on_layer=_drop if streamed is not None else None)
     if cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    peaks = [peak]
-    if comm is not None:
-        peaks = comm_gather(comm, peak)
-    if comm is not None:
-        from slimgpt_core.collective import shutdown
-
-        shutdown()
-    for p in procs:
-        p.wait()
-    if rank != 0:
-        return
+    helpers = rank_stats(work) if args.gpus > 1 else []
+    peaks = [torch.cuda.max_memory_allocated() / 2**30 if cuda else None]
+    peaks += [None if h["peak_gpu_bytes"] is None else h["peak_gpu_bytes"] / 2**30
+              for h in helpers]
+    host_peaks = [host_peak_bytes() / 2**30] + [h["peak_host_bytes"] / 2**30 for h in helpers]
     layers_done = len(result.layers)
     per_layer = [round(b - a, 3) for a, b in zip([0.0, *stamps[:-1]], stamps)]
     dump({
@@ -165,7 +157,9 @@ def main() -> None:
         "first_layer_s": per_layer[0] if per_layer else None,
         "phases_s": {k: round(v, 2) for k, v in result.seconds.items()},
         "peak_gpu_GiB": [None if p is None else round(p, 2) for p in peaks],
-        "peak_host_GiB": round(host_peak_bytes() / 2**30, 2),
+        "peak_host_GiB": round(host_peaks[0], 2),
+        "peak_host_GiB_per_rank": [round(h, 2) for h in host_peaks],
+        "pruner_s": round(result.seconds.get("total", 0.0), 2),
         "transfer_GB": {k: round(v / 1e9, 2) for k, v in result.transfer.items()},
         "params_before": result.params_before, "params_after": result.params_after,
         "per_layer_s": per_layer,
@@ -174,16 +168,11 @@ def main() -> None:
             for phase in ("attn_pass", "ffn_pass", "heads", "ffn", "output_pass",
                           "hessian_finalize")
         },
-        "generated_s": round(getattr(source, "seconds", 0.0), 1),
+        # open_generated holds the LM head in host memory as a checkpoint's would be (runs
+        # recorded before 2026-11-30 had none).
+        "lm_head_in_host": True,
+        "generated_s": round(getattr(getattr(streamed, "source", None), "seconds", 0.0), 1),
     }, args.out)
-
-
-def comm_gather(comm, value: float | None) -> list[float | None]:
-    import torch.distributed as dist
-
-    out: list[float | None] = [None] * comm.world_size
-    dist.all_gather_object(out, value)
-    return out
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 # docs/BENCHMARKS.md records the figures). Usage: benchmarks/scale_suite.sh PART OUTDIR
 #   part 1: floor, 7B resident/offloaded/disk (+ 2 GPUs), 70B generated on 1 and 2 GPUs
 #   part 2: Llama-3-8B resident/offloaded/disk, 13B streamed from disk
+#   part 3 (2 GPUs): a rank killed mid-job under NCCL (fail fast, resume), then the whole 80-layer
+#           Llama-3-70B shape on 2 GPUs through the library's launcher (the worker's path)
+#   part 4 (2 GPUs): the whole 80-layer 70B shape on GPU 0 while GPU 1 writes a 13B checkpoint
+#           and streams it from disk (host-memory peak); the two share the host (stated in the doc)
 set -uo pipefail
 PART=${1:?part}; OUT=${2:?outdir}
 cd "$(dirname "$0")/.."
@@ -38,5 +42,17 @@ if [ "$PART" = 2 ]; then
   run1 150 --shape 13b --write /tmp/m13
   drop_caches
   run1 200 --placement disk --model /tmp/m13 --label 13b-disk
+fi
+if [ "$PART" = 3 ]; then
+  timeout 100 python3 benchmarks/rank_death.py --out "$R" 2>&1 | grep -v "^\[rank" | tail -8
+  timeout "${T70:-480}" python3 benchmarks/prune_speed.py --shape 70b --placement generated --gpus 2 \
+    --label 70b-2gpu-80layers --trace "$OUT/trace.jsonl" --out "$R"
+fi
+if [ "$PART" = 4 ]; then
+  ( CUDA_VISIBLE_DEVICES=1 timeout 300 python3 benchmarks/prune_speed.py --shape 13b --write /tmp/m13 --out "$R" \
+    && drop_caches && CUDA_VISIBLE_DEVICES=1 timeout 150 python3 benchmarks/prune_speed.py --placement disk \
+    --model /tmp/m13 --label 13b-disk-rss --out "$R"; rm -rf /tmp/m13 ) > "$OUT/13b.log" 2>&1 &
+  run1 "${T70:-540}" --shape 70b --placement generated --label 70b-1gpu-80layers --trace "$OUT/trace.jsonl"
+  wait
 fi
 echo "== results"; cat "$R"

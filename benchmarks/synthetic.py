@@ -157,6 +157,42 @@ class GeneratedSource:
         return out
 
 
+def open_generated(shape: str, dtype: str | torch.dtype | None = None) -> Any:
+    """A skeleton of ``shape`` with its embeddings, and a :class:`GeneratedSource` for its
+    layers: what :func:`slimgpt_core.streaming.open_streamed` returns for a checkpoint, for
+    a model that no disk holds. Every rank of a multi-GPU job opens the same one (it is the
+    ``opener`` that ``prune_streamed`` hands its helper ranks)."""
+    import os
+    from types import SimpleNamespace
+
+    from slimgpt_core.streaming import build_skeleton
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or torch.bfloat16
+    cfg = config_for(shape)
+    model = build_skeleton(cfg, dtype)
+    # Everything outside the decoder layers (embeddings, final norm, LM head) is held in host
+    # memory, as open_streamed loads it from a checkpoint. Drawing 1B numbers on the CPU takes
+    # a while; the same seed gives every rank the same ones.
+    gen = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() \
+        else "cpu"
+    g = torch.Generator(device=gen).manual_seed(0)
+    from slimgpt_core.layer_store import assign_tensors
+
+    tensors = {}
+    for name, p in model.named_parameters():
+        if name.startswith("model.layers.") or not p.is_meta:
+            continue
+        t = torch.empty(p.shape, dtype=dtype, device=gen)
+        t = t.fill_(1.0) if "norm" in name else t.normal_(0, 0.02, generator=g)
+        tensors[name] = t.cpu()
+    assign_tensors(model, tensors, strict=False)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return SimpleNamespace(model=model, source=GeneratedSource(cfg, dtype), folder=shape)
+
+
 def host_peak_bytes() -> int:
     """High-water mark of this process's resident memory (VmHWM)."""
     with open("/proc/self/status") as fh:

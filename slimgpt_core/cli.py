@@ -92,7 +92,8 @@ def _summary(result: PruneResult, ppl: dict[str, float | None], out: Path) -> di
 
 def _prune_config(args: argparse.Namespace, schedule: str, device: torch.device) -> PruneConfig:
     # Options left unset keep the library's defaults.
-    options = {k: getattr(args, k) for k in ("target", "local_search", "allocation")
+    options = {k: getattr(args, k) for k in ("target", "local_search", "allocation",
+                                             "expert_min_tokens")
                if getattr(args, k, None) is not None}
     return PruneConfig(
         **options,
@@ -214,19 +215,21 @@ def run_prune(args: argparse.Namespace) -> int:
 
 def _heal(model: Any, teacher: Any, calib_text: str, tokenizer: Any, args: argparse.Namespace,
           device: torch.device) -> dict[str, Any]:
-    """Distil ``teacher`` into ``model`` on fresh windows of the calibration text."""
-    from slimgpt_core.heal import HealConfig, heal
+    """Distil ``teacher`` into ``model`` on fresh windows of the calibration text; returns the
+    report, with the settings the recipe records under ``settings``."""
+    from slimgpt_core.heal import HealConfig, heal, heal_settings
 
     count = max(1, min(4096, args.heal_tokens // args.seqlen))
     windows = sample_windows(calib_text, tokenizer, count, args.seqlen, args.seed + 1)
     print(f"healing: {args.heal_tokens:,} tokens ({args.heal_mode}) ...", file=sys.stderr)
     model.to(device)
-    report = heal(model, teacher.to(device), windows,
-                  HealConfig(tokens=args.heal_tokens, mode=args.heal_mode, seed=args.seed),
-                  device=device)
+    config = HealConfig(tokens=args.heal_tokens, mode=args.heal_mode, seed=args.seed)
+    report = heal(model, teacher.to(device), windows, config, device=device)
     return {"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
             "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
-            "kl_last": round(report.loss_last, 5)}
+            "kl_last": round(report.loss_last, 5),
+            "settings": heal_settings(config, windows=count, window_seed=args.seed + 1,
+                                      seqlen=args.seqlen)}
 
 
 def _host_bytes(gb: float | None) -> int | None:
@@ -241,6 +244,7 @@ def run_streamed(args: argparse.Namespace, schedule: str, folder: Path, device: 
 
     from transformers import AutoTokenizer
 
+    from slimgpt_core.errors import RankFailed
     from slimgpt_core.loading import folder_source_info
     from slimgpt_core.multi_gpu import prune_streamed
     from slimgpt_core.pruner import Probe
@@ -274,6 +278,11 @@ def run_streamed(args: argparse.Namespace, schedule: str, folder: Path, device: 
                                 work_dir=Path(config.checkpoint_dir) / "ranks",
                                 dtype=str(dtype).removeprefix("torch."), progress=on_event,
                                 probes=probes)
+    except RankFailed as err:
+        print(f"slimgpt prune: error: {err}\nthe finished layers are checkpointed in "
+              f"{config.checkpoint_dir}: run the same command with --checkpoint-dir "
+              f"{config.checkpoint_dir} to resume after them", file=sys.stderr)
+        return 1
     finally:
         bar.close()
     ppl: dict[str, float | None] = {"before": None, "after": None}
@@ -308,7 +317,7 @@ def _export_and_report(args: argparse.Namespace, result: PruneResult, tokenizer:
         base_model_id=source.get("base_model_id") or args.model,
         base_revision=source.get("revision"), calibration_info=calibration_info,
         eval_metrics=eval_metrics, verify=not args.no_verify, license=source.get("license"),
-        **verify,
+        heal=(heal_report or {}).get("settings"), **verify,
     )
     if report.verification is not None:
         print(f"verified: reloaded in a fresh process, max logit difference "

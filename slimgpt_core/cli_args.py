@@ -173,6 +173,10 @@ def prune(
         "--allocation", help="per-layer widths from the schedule, or redistributed by "
         "measured sensitivity (same size); default: the library's",
         rich_help_panel=PRUNING)] = None,
+    expert_min_tokens: Annotated[int | None, typer.Option(
+        "--expert-min-tokens", min=0, metavar="TOKENS", help="mixture of experts: an expert "
+        "routed fewer calibration tokens has its Hessian blended with its all-token one "
+        "(default: the expert's width)", rich_help_panel=PRUNING)] = None,
     heal: HealOpt = False,
     heal_tokens: HealTokensOpt = 1_000_000,
     heal_mode: HealModeOpt = HealMode.lora,
@@ -193,7 +197,7 @@ def prune(
         no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
         host_memory_gb=host_memory_gb, target=target.value if target else None,
         local_search=local_search, allocation=allocation.value if allocation else None,
-        heal=heal, heal_tokens=heal_tokens or 1_000_000,
+        expert_min_tokens=expert_min_tokens, heal=heal, heal_tokens=heal_tokens or 1_000_000,
         heal_mode=(heal_mode or HealMode.lora).value)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]
 

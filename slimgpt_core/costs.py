@@ -8,11 +8,14 @@ is split across GPUs), two Hessians are accumulated, and the leader runs the OBS
 in ``benchmarks/results/h200_scale.jsonl`` by ``benchmarks/fit_costs.py``; its printout (and
 ``docs/BENCHMARKS.md``) gives the error on every run. Other GPU types are scaled from the H200
 by datasheet ratios (bf16 tensor rate for the forwards, fp32 rate for the maths): those are
-estimates nobody has measured here, and the result says so.
+estimates nobody has measured here, and the result says so. Mixture of experts: the Hessian
+memory and the OBS maths count every expert (:mod:`slimgpt_core.experts`); the forward-pass
+terms still price a dense FFN of the per-expert width, and no MoE run has been timed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -70,6 +73,11 @@ COEFFICIENTS = Coefficients()
 #: max_memory_allocated does not count; host: python, torch, transformers); and the host memory share a streamed model decision leaves free.
 GPU_BASE_BYTES = 1.0 * GiB
 HOST_BASE_BYTES = 1.0 * GiB
+#: The same for a process that moves layers through pinned buffers (offloaded or streamed):
+#: reader and writer threads, the pinned allocator's pool, CUDA's host-side state. Set from
+#: the whole-model runs of 2026-11-30 (70B on 1 and 2 H200s, 13B from disk), which the 1 GiB
+#: above under-predicted by 21-36%.
+HOST_STREAM_BASE_BYTES = 2.0 * GiB
 STREAM_HOST_SHARE = 0.6
 
 
@@ -115,7 +123,8 @@ def layer_work(shape: ModelShape, plan: PruningPlan, work: Workload,
     return {
         "pass_flop": gemm + sdpa,
         "layers": float(len(chosen)),
-        "ffn_maths": len(chosen) * f ** 3 / 1e12,
+        # a mixture of experts runs the FFN maths once per expert
+        "ffn_maths": len(chosen) * max(1, shape.num_experts) * f ** 3 / 1e12,
         "heads_units": heads_units,
         "layer_bytes": float(layer_bytes),
         "model_bytes": float((shape.num_layers * shape.dense_layer_params
@@ -168,25 +177,37 @@ def gpu_peak_bytes(shape: ModelShape, work: Workload, *, gpus: int = 1,
     layers = layer if placement == "resident" else 2 * layer
     forward = 4 * f * f + work.batch_size * work.seq_len * (3 * f + 4 * h) * work.dtype_bytes
     maths = 3 * 4 * f * f + 2 * 4 * f * min(f, 4096) + 3 * 4 * h * f
+    if shape.num_experts:
+        # Every expert's Hessian is held at once, and at worst a pooled one per expert too
+        # (slimgpt_core.experts' few-token policy); the compensated down_proj of all experts.
+        maths += 2 * 4 * f * f * shape.num_experts + 4 * h * f * shape.num_experts
     model = (shape.num_layers * shape.dense_layer_params + shape.non_layer_params) * \
         work.dtype_bytes if placement == "resident" else 0
     base = GPU_BASE_BYTES if include_base else 0  # torch's allocator peak does not see it
     return float(acts + layers + max(forward, maths) + model + base)
 
 
-def host_peak_bytes(shape: ModelShape, work: Workload, *, placement: str = "host") -> float:
-    """Peak host memory: the whole model unless streamed (then what lies outside the decoder
-    layers), two pinned staging buffers of a layer, and the process itself."""
+def pinned_bytes(nbytes: float) -> float:
+    """What a pinned buffer of ``nbytes`` takes: torch's pinned-memory allocator rounds every
+    allocation up to a power of two."""
+    return float(2 ** math.ceil(math.log2(nbytes))) if nbytes > 1 else float(max(nbytes, 0))
+
+
+def host_peak_bytes(shape: ModelShape, work: Workload, *, placement: str = "host",
+                    gpus: int = 1) -> float:
+    """Peak host memory of the whole job (all its processes): the whole model unless streamed
+    (then what lies outside the decoder layers), a pinned inbound buffer of one layer, and the
+    process itself, in every rank; plus the leader's outbound buffer. Each rank of a multi-GPU
+    job is a process with its own copy of what lies outside the layers."""
     layer = shape.dense_layer_params * work.dtype_bytes
-    slabs = 2 * layer
-    if placement == "stream":
-        held = shape.non_layer_params * work.dtype_bytes
-    else:
-        held = (shape.num_layers * shape.dense_layer_params + shape.non_layer_params) * \
-            work.dtype_bytes
+    whole = (shape.num_layers * shape.dense_layer_params + shape.non_layer_params) * \
+        work.dtype_bytes
     if placement == "resident":
-        slabs = 0
-    return float(held + slabs + HOST_BASE_BYTES + 8 * work.tokens)
+        return float(whole + HOST_BASE_BYTES + 8 * work.tokens)
+    held = shape.non_layer_params * work.dtype_bytes if placement == "stream" else whole
+    slab = pinned_bytes(layer)
+    rank = held + slab + HOST_STREAM_BASE_BYTES + 8 * work.tokens
+    return float(gpus * rank + slab)
 
 
 def choose_placement(model_bytes: float, gpu_bytes: float, host_bytes: float | None) -> str:
@@ -239,7 +260,7 @@ def estimate_resources(shape: ModelShape, plan: PruningPlan, work: Workload | No
     if gpus > 1 and placement != "stream":
         placement = "stream"  # every rank reads the shards; host memory must not grow with N
     peak_gpu = gpu_peak_bytes(shape, work, gpus=gpus, placement=placement)
-    peak_host = host_peak_bytes(shape, work, placement=placement)
+    peak_host = host_peak_bytes(shape, work, placement=placement, gpus=gpus)
     seconds = predict_seconds(shape, plan, work, gpus=gpus, placement=placement, gpu=gpu_type)
     export_s = w["pruned_bytes"] / (COEFFICIENTS.disk_write_gbps * 1e9)
     reasons = []

@@ -20,3 +20,17 @@ class NonFiniteHessianError(ValueError):
             "window); damping cannot repair it: prune in bfloat16 or float32, or check the "
             "calibration text"
         )
+
+
+class RankFailed(RuntimeError):
+    """A rank of a multi-GPU job exited abnormally (or never became ready); the job stopped.
+
+    ``rank`` is the failed rank, ``cause`` how it ended ("killed by SIGKILL", "exited with
+    code 1"). The layers the job finished are checkpointed, so another attempt resumes after
+    them.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, cause: str | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.cause = cause

@@ -34,7 +34,12 @@ from torch import nn
 import slimgpt_core
 from slimgpt_core import modeling_slimgpt
 from slimgpt_core.families import Family, all_families, family_for_config
-from slimgpt_core.model_card import CHART_FILE, plot_layer_widths, render_model_card
+from slimgpt_core.model_card import (
+    CHART_FILE,
+    plot_layer_widths,
+    pruning_recipe,
+    render_model_card,
+)
 from slimgpt_core.verify import ExportVerificationError, default_windows, verify_export
 
 __all__ = [
@@ -174,8 +179,8 @@ def export_config(model: nn.Module, profile: str = "hetero") -> Any:
                 f"({w['num_heads']}). Prune with PruneConfig(plain_heads=True) (the CLI's "
                 "--profile uniform does), or export with profile='hetero'."
             )
-        d.update(num_attention_heads=w["num_heads"], num_key_value_heads=w["num_kv_heads"],
-                 intermediate_size=w["intermediate_size"])
+        d.update({"num_attention_heads": w["num_heads"], "num_key_value_heads": w["num_kv_heads"],
+                  family.ffn_width_key: w["intermediate_size"]})
         from transformers import CONFIG_MAPPING
 
         config = CONFIG_MAPPING[base](**d)
@@ -224,6 +229,14 @@ def describe_calibration(input_ids: torch.Tensor, *, source: str, dataset: str |
     }
 
 
+def _compute_dtype(model: nn.Module) -> str | None:
+    """The dtype the layers were pruned in (the pruner works in the model's own dtype)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
 def _versions() -> dict[str, str]:
     import huggingface_hub
     import safetensors
@@ -266,6 +279,10 @@ def _pruning_config(result: Any, widths: list[dict[str, Any]], profile: str,
                          attn_error=r.attn_error, ffn_error=r.ffn_error,
                          attn_error_uncompensated=r.attn_error_uncompensated,
                          ffn_error_uncompensated=r.ffn_error_uncompensated)
+            if r.expert_channels_kept is not None:
+                entry.update(expert_channels_kept=[list(c) for c in r.expert_channels_kept],
+                             expert_tokens=list(r.expert_tokens or []),
+                             expert_pooled_share=list(r.expert_pooled_share or []))
         layers.append(entry)
     return {
         "method": "slimgpt",
@@ -291,7 +308,8 @@ def _pruning_config(result: Any, widths: list[dict[str, Any]], profile: str,
         "r_last": plan.r_last,
         "dense": {"num_layers": shape.num_layers, "hidden_size": shape.hidden_size,
                   "num_heads": shape.num_heads, "num_kv_heads": shape.num_kv_heads,
-                  "head_dim": shape.head_dim, "intermediate_size": shape.intermediate_size},
+                  "head_dim": shape.head_dim, "intermediate_size": shape.intermediate_size,
+                  **({"num_experts": shape.num_experts} if shape.num_experts else {})},
         "layers": layers,
         "calibration": dict(calibration_info),
         "evaluation": dict(eval_metrics) if eval_metrics else None,
@@ -414,6 +432,7 @@ def export_pruned(
     repo_id: str | None = None,
     overwrite: bool = False,
     verify_logits: torch.Tensor | None = None,
+    heal: dict[str, Any] | None = None,
 ) -> ExportReport:
     """Write ``result.model`` (a :class:`~slimgpt_core.pruner.PruneResult`) to ``out_dir``.
 
@@ -427,6 +446,9 @@ def export_pruned(
     the logits the pruner computed for ``verify_ids`` (a pruned :class:`Probe`), by a fresh
     process that loads the folder one layer at a time.
 
+    ``heal``: the settings of a healing step run after pruning
+    (:func:`slimgpt_core.heal.heal_settings`), part of the recipe the card records.
+
     The folder is written under a staging name and renamed into place only when complete (and
     verified, when ``verify``); a failed verification raises :class:`ExportVerificationError`
     and leaves the staged folder, with the failed check in its ``pruning_config.json``.
@@ -436,9 +458,8 @@ def export_pruned(
     if profile not in PROFILES:
         raise ExportError(f"unknown export profile {profile!r}; choose one of {PROFILES}")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} exists and is not empty (pass overwrite=True)")
     license = license or "other"
     config = export_config(model, profile)  # validates the profile before anything is written
     widths = layer_widths(model)
@@ -473,6 +494,10 @@ def export_pruned(
             tokenizer.save_pretrained(staging)
         pcfg = _pruning_config(result, widths, profile, base_model_id, base_revision, license,
                                calibration_info, eval_metrics, architecture)
+        pcfg["dtype"] = _compute_dtype(model)
+        pcfg["heal"] = dict(heal) if heal else None
+        # Everything that decides the weights, in one place (the card shows the same).
+        pcfg["recipe"] = pruning_recipe(pcfg)
         plot_layer_widths(widths, pcfg["dense"], staging / CHART_FILE)
 
         def write_docs() -> None:

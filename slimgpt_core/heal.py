@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,21 @@ class HealConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.mode == "lora" else 2e-5)
+
+
+def heal_settings(config: HealConfig, *, windows: int, window_seed: int,
+                  seqlen: int) -> dict[str, Any]:
+    """What decides a healing run's weights, for the recipe in the model card: the training
+    settings and the windows it trained on (``windows`` windows of ``seqlen`` tokens sampled
+    from the calibration text with ``window_seed``)."""
+    out: dict[str, Any] = {"mode": config.mode, "tokens": config.tokens,
+                           "lr": config.learning_rate, "batch_size": config.batch_size,
+                           "hidden_weight": config.hidden_weight,
+                           "temperature": config.temperature, "seed": config.seed,
+                           "windows": windows, "window_seed": window_seed, "seqlen": seqlen}
+    if config.mode == "lora":
+        out["rank"] = config.rank
+    return out
 
 
 @dataclass

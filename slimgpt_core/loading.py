@@ -8,6 +8,7 @@ accepted, with an error that lists them otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -45,7 +46,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
             return dtype
         resolved = getattr(torch, dtype.removeprefix("torch."), None)
         if not isinstance(resolved, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
+            raise ValueError(f"unknown dtype {dtype!r}")  # noqa: TRY004 - a bad name, not a bad type
         return resolved
     return dtype
 
@@ -58,7 +59,7 @@ def _card_license(folder: Path) -> str | None:
         from huggingface_hub import ModelCard
 
         return ModelCard.load(readme).data.to_dict().get("license")
-    except Exception:  # a malformed card must not stop the job
+    except Exception:  # noqa: BLE001 - a malformed card must not stop the job
         return None
 
 
@@ -72,12 +73,10 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
                     "general.basename", "general.size_label", "general.architecture"):
             field = reader.fields.get(key)
             if field is not None:
-                try:
+                with contextlib.suppress(Exception):  # a field the reader cannot decode
                     out[key] = field.contents()
-                except Exception:
-                    pass
         return out
-    except Exception:
+    except Exception:  # noqa: BLE001 - metadata is informational; the loader reports real errors
         return {}
 
 
@@ -174,8 +173,8 @@ def load_base_model(
             from huggingface_hub import ModelCard
 
             license = ModelCard.load(ref, token=token).data.to_dict().get("license")
-        except Exception:
-            pass  # offline or no card: unknown licence
+        except Exception:  # noqa: BLE001, S110 - offline or no card: unknown licence
+            pass
         info = {"kind": "hub", "ref": ref, "base_model_id": ref,
                 "revision": getattr(config, "_commit_hash", None) or revision,
                 "requested_revision": revision, "license": license}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -58,6 +59,16 @@ def loading_snippet(profile: str, repo_or_path: str) -> str:
     )
 
 
+def _vllm_hetero_refusal(architecture: str | None) -> str | None:
+    """The family adapter's reason the vLLM plugin refuses its ``hetero`` exports, if any."""
+    from slimgpt_core.families import all_families  # torch-free
+
+    for family in all_families():
+        if architecture in (family.stock_model, f"SlimGPT{family.stock_model}"):
+            return family.vllm_hetero_refusal
+    return None
+
+
 def serving_text(profile: str, repo_or_path: str, architecture: str | None = None) -> str:
     """How to serve an export of ``profile`` with vLLM (markdown)."""
     if profile != "hetero" and architecture == "Qwen2ForCausalLM":
@@ -68,10 +79,13 @@ def serving_text(profile: str, repo_or_path: str, architecture: str | None = Non
                 "the `hetero` profile and serve it with the SlimGPT plugin "
                 '(`pip install "slimgpt-service[vllm]"`).\n')
     if profile == "hetero":
+        refusal = _vllm_hetero_refusal(architecture)
+        if refusal:
+            return f"The SlimGPT vLLM plugin does not serve this folder: {refusal}\n"
         return (
-            "vLLM serves this folder through the SlimGPT plugin, which registers the per-layer "
-            "widths with vLLM's own Llama layers (paged attention, CUDA graphs, tensor "
-            "parallelism where the widths split):\n\n"
+            "vLLM serves this folder through the SlimGPT plugin, which builds each layer from "
+            "vLLM's own layers for the family with that layer's widths (paged attention, CUDA "
+            "graphs, tensor parallelism where the widths split):\n\n"
             "```bash\n"
             'pip install "slimgpt-service[vllm]"   # the plugin; installs vLLM too\n'
             f"vllm serve {repo_or_path}\n"
@@ -113,6 +127,8 @@ def card_data(
     calibration: Mapping[str, Any],
     eval_metrics: Mapping[str, Any] | None,
     model_name: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    zero_shot: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Any:
     """The card's metadata (``huggingface_hub.ModelCardData``): the base model and how this one
     relates to it (``pruned``), the Hub datasets used for calibration and evaluation, and the
@@ -138,6 +154,20 @@ def card_data(
             metric_type="perplexity", metric_value=round(float(ppl), 4),
             metric_name=f"perplexity ({windows} windows of {seq_len} tokens)"
             if windows and seq_len else "perplexity"))
+    for task, res in (zero_shot or {}).items():
+        dataset_id = res.get("dataset")
+        if not (isinstance(dataset_id, str) and _HUB_ID.match(dataset_id)):
+            continue  # a local task file has no id others could evaluate on
+        for metric in ("acc", "acc_norm"):
+            if res.get(metric) is None:
+                continue
+            eval_results.append(EvalResult(
+                task_type="multiple-choice", task_name=f"{task} (zero-shot, lm-eval)",
+                dataset_type=dataset_id, dataset_name=task, dataset_config=res.get("config"),
+                dataset_split=res.get("split"), metric_type=metric,
+                metric_value=round(float(res[metric]), 4),
+                metric_name=f"{metric} ({res.get('samples')} examples, 0-shot)"))
+            datasets.append(dataset_id)
     return ModelCardData(
         language=None,
         license=license,
@@ -149,31 +179,137 @@ def card_data(
         datasets=list(dict.fromkeys(datasets)) or None,
         model_name=model_name,
         eval_results=eval_results or None,
+        slimgpt_recipe=dict(recipe) if recipe else None,
     )
 
 
-def _recipe(pruning: Mapping[str, Any], calibration: Mapping[str, Any],
-            profile: str) -> str:
-    """The settings that produced the model, as the `slimgpt prune` flags that repeat it."""
+#: The settings that decide the weights, in the order the card lists them, with the default a
+#: pruning config of an older release leaves implicit. Device, batch size, offloading and
+#: checkpoint paths only change speed and memory, and are left out.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "target_ratio": None, "schedule": "log", "alpha": 0.25, "gqa_policy": None,
+    "head_ratio": None, "ffn_ratio": None, "percdamp": 0.01, "min_group": 64,
+    "max_group": 1024, "method": "slimgpt", "target": "layer", "local_search": 0,
+    "allocation": "schedule", "plain_heads": False, "compact": True, "seed": 0,
+    "expert_min_tokens": None,  # mixture of experts only (None: each expert's width)
+}
+_CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_samples", "seqlen",
+                     "seed", "sha256")
+#: `slimgpt prune` flag of each pruning setting; `submit` shares the names (not the last three).
+_PRUNE_FLAGS = {"schedule": "--schedule", "alpha": "--alpha", "gqa_policy": "--gqa-policy",
+                "head_ratio": "--head-ratio", "ffn_ratio": "--ffn-ratio",
+                "percdamp": "--percdamp", "min_group": "--min-group", "target": "--target",
+                "local_search": "--local-search", "allocation": "--allocation",
+                "expert_min_tokens": "--expert-min-tokens"}
+_LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens")
+
+
+def pruning_recipe(pruning: Mapping[str, Any],
+                   calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that decides the pruned weights, as one plain mapping: the base model and
+    revision, every pruning setting (explicit, defaults included), the calibration windows
+    (source, count, length, seed and the sha256 of their token ids, to check a re-run used
+    the same), the compute dtype, the healing step and the profile. It is the card's
+    ``slimgpt_recipe`` metadata and ``pruning_config.json``'s ``recipe``."""
+    settings = dict(pruning.get("settings") or {})
+    base = pruning.get("base_model") or {}
+    cal = calibration if calibration is not None else (pruning.get("calibration") or {})
+    prune = {}
+    for key, default in RECIPE_DEFAULTS.items():
+        value = settings.get(key, pruning.get(key, default))
+        prune[key] = list(value) if isinstance(value, (list, tuple)) else value
+    if prune["gqa_policy"] is None:  # PruneConfig's own resolution
+        prune["gqa_policy"] = "balanced" if prune["plain_heads"] else "free"
+    recipe: dict[str, Any] = {
+        "base_model": base.get("id"),
+        "base_revision": base.get("revision"),
+        "profile": pruning.get("profile"),
+        "pruning": prune,
+        "calibration": {k: cal[k] for k in _CALIBRATION_KEYS if cal.get(k) is not None},
+        "dtype": pruning.get("dtype"),
+        "heal": dict(pruning["heal"]) if pruning.get("heal") else None,
+    }
+    versions = pruning.get("versions") or {}
+    if versions:
+        recipe["versions"] = {k: versions[k] for k in ("slimgpt_core", "torch", "transformers")
+                              if k in versions}
+    # Plain JSON types only (torch.__version__ is a str subclass that YAML would tag).
+    return dict(json.loads(json.dumps(recipe, default=str)))
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def recipe_commands(recipe: Mapping[str, Any]) -> dict[str, str | None]:
+    """The `slimgpt prune` (local) and `slimgpt submit` (service) command lines that repeat
+    ``recipe``; ``submit`` is None when the service cannot express a setting."""
+    prune, cal, heal = recipe["pruning"], recipe.get("calibration") or {}, recipe.get("heal")
+    common = [f"--ratio {prune['target_ratio']}"]
+    if recipe.get("base_revision"):
+        common.insert(0, f"--revision {recipe['base_revision']}")
+    for key, flag in _PRUNE_FLAGS.items():
+        if prune.get(key) is not None and key not in _LOCAL_ONLY:
+            common.append(f"{flag} {_flag_value(prune[key])}")
+    common.append(f"--profile {recipe.get('profile') or 'hetero'}")
+    for key, flag in (("num_samples", "--nsamples"), ("seqlen", "--seqlen"), ("seed", "--seed")):
+        if cal.get(key) is not None:
+            common.append(f"{flag} {cal[key]}")
+    if heal:
+        common += ["--heal", f"--heal-tokens {heal.get('tokens')}",
+                   f"--heal-mode {heal.get('mode', 'lora')}"]
+    local = [f"{flag} {prune[key]}" for key, flag in _PRUNE_FLAGS.items()
+             if key in _LOCAL_ONLY and prune.get(key) != RECIPE_DEFAULTS[key]]
+    source = str(cal.get("source") or "")
+    calib = (f"--calib {source}" if source and not source.startswith(("bundled:", "upload"))
+             and source not in ("c4", "wikitext2") else "--calib CALIBRATION_TEXT")
+    dtype = f" --dtype {recipe['dtype']}" if recipe.get("dtype") else ""
+    commands: dict[str, str | None] = {
+        "prune": (f"slimgpt prune --model {recipe.get('base_model') or 'BASE'} --out DIR "
+                  f"{' '.join(common + local)} {calib}{dtype}")}
+    service_ok = (not local and prune.get("method") == "slimgpt"
+                  and prune.get("max_group") == max(1024, int(prune.get("min_group") or 64)))
+    calib_source = (f"--calib-source {source}" if source in ("c4", "wikitext2")
+                    else "--calib CALIBRATION_TEXT")
+    commands["submit"] = (f"slimgpt submit --model {recipe.get('base_model') or 'BASE'} "
+                          f"{' '.join(common)} {calib_source}") if service_ok else None
+    return commands
+
+
+def _recipe(pruning: Mapping[str, Any], recipe: Mapping[str, Any]) -> str:
+    """The recipe as text: every setting that decides the weights, and the commands that
+    repeat it."""
     ratios = [r for r in pruning.get("layer_ratios") or [] if r is not None]
     spread = f" (per layer {min(ratios):.3f} .. {max(ratios):.3f})" if ratios else ""
-    settings = pruning.get("settings") or {}
-    flags = [f"--ratio {pruning.get('target_ratio')}", f"--schedule {pruning.get('schedule')}",
-             f"--gqa-policy {pruning.get('gqa_policy')}", f"--profile {profile}"]
-    for key, flag in (("alpha", "--alpha"), ("percdamp", "--percdamp"),
-                      ("min_group", "--min-group")):
-        if settings.get(key) is not None:
-            flags.append(f"{flag} {settings[key]}")
-    if calibration.get("num_samples") is not None:
-        flags.append(f"--nsamples {calibration['num_samples']}")
-    if calibration.get("seqlen") is not None:
-        flags.append(f"--seqlen {calibration['seqlen']}")
-    if calibration.get("seed") is not None:
-        flags.append(f"--seed {calibration['seed']}")
-    return (f"- Target: {pruning.get('target_ratio')} of the decoder-layer parameters, schedule "
-            f"`{pruning.get('schedule')}`{spread}; GQA policy `{pruning.get('gqa_policy')}`.\n"
-            f"- Equivalent local run: `slimgpt prune --model BASE --out DIR "
-            f"{' '.join(flags)}`")
+    prune = recipe["pruning"]
+    lines = [(f"- Target: {prune['target_ratio']} of the decoder-layer parameters, schedule "
+              f"`{_flag_value(prune['schedule'])}`{spread}; GQA policy "
+              f"`{prune['gqa_policy']}`."),
+             ("- Every setting that decides the weights (also this card's `slimgpt_recipe` "
+              "metadata and `pruning_config.json`'s `recipe`):")]
+    lines += [f"  - `{key}`: `{_flag_value(value)}`" for key, value in prune.items()]
+    lines.append(f"  - compute dtype: `{recipe.get('dtype') or 'not recorded'}`")
+    heal = recipe.get("heal")
+    if heal:
+        detail = ", ".join(f"{k} {v}" for k, v in heal.items())
+        lines.append(f"  - healing (distillation of the base model, after pruning): {detail}")
+    else:
+        lines.append("  - healing: none")
+    commands = recipe_commands(recipe)
+    lines.append(f"- Equivalent local run: `{commands['prune']}`")
+    if "CALIBRATION_TEXT" in (commands["prune"] or ""):
+        lines.append("  (CALIBRATION_TEXT: a file with the calibration text described below; "
+                     "the windows' sha256 tells whether a re-run sampled the same ones)")
+    if commands["submit"]:
+        lines.append(f"- Equivalent service job: `{commands['submit']}`")
+    else:
+        lines.append("- The service cannot run this recipe (settings only the local "
+                     "`slimgpt prune` or the library take).")
+    lines.append("- A re-run with the same recipe, calibration windows (same sha256), dtype and "
+                 "versions on the same kind of device gives the same kept heads and channels.")
+    return "\n".join(lines)
 
 
 def render_model_card(
@@ -193,9 +329,15 @@ def render_model_card(
     from huggingface_hub import ModelCard
 
     name = repo_or_path.rstrip("/").split("/")[-1] if _HUB_ID.match(repo_or_path) else None
+    recipe = pruning_recipe({**pruning, "profile": profile,
+                             "base_model": {**(pruning.get("base_model") or {}),
+                                            "id": base_model_id, "revision": base_revision}},
+                            calibration)
+    zero_shot = pruning.get("zero_shot") or {}
     data = card_data(base_model_id=base_model_id, license=license, profile=profile,
                      calibration=calibration, eval_metrics=eval_metrics,
-                     model_name=name or f"{base_model_id.split('/')[-1]}-slimgpt")
+                     model_name=name or f"{base_model_id.split('/')[-1]}-slimgpt", recipe=recipe,
+                     zero_shot=zero_shot)
     dataset = _dataset_id(calibration)
     ev = dict(eval_metrics or {})
     before, after = pruning["params_before"], pruning["params_after"]
@@ -212,6 +354,12 @@ def render_model_card(
         (f"| perplexity{' (' + ev['dataset'] + ')' if ev.get('dataset') else ''} | "
          f"{_fmt_ppl(ev.get('ppl_before'))} | {_fmt_ppl(ev.get('ppl_after'))} |"),
     ]
+    for task, res in zero_shot.items():
+        for metric in ("acc", "acc_norm"):
+            if res.get(metric) is not None:
+                where = res.get("dataset") or "a local task file"
+                rows.append(f"| zero-shot {task} {metric} ({where}, {res.get('samples')} "
+                            f"examples; lm-eval) | – | {float(res[metric]):.4f} |")
     speed = pruning.get("speed") or {}
     if speed.get("prefill_speedup") is not None:
         where = f"{speed.get('device')}, {speed.get('dtype')}, {speed.get('runtime')}"
@@ -241,6 +389,13 @@ def render_model_card(
         cal_bits.append(f"seed {calibration['seed']}")
     if calibration.get("sha256"):
         cal_bits.append(f"sha256 `{str(calibration['sha256'])[:16]}…`")
+    experts = (pruning.get("dense") or {}).get("num_experts")
+    moe_line = (f"\n- Mixture of experts ({experts} per layer, router unchanged): every expert's "
+                "channels were pruned on the Hessian of the calibration tokens routed to it "
+                "(blended with its all-token one when it saw fewer than `expert_min_tokens`, "
+                "by default its width); "
+                "the experts of a layer keep as many channels each, each expert its own."
+                if experts else "")
     profile_text = (
         "`hetero`: every layer keeps its own number of heads and FFN channels; `config.json` "
         "lists the per-layer widths and points (`auto_map`) to `modeling_slimgpt.py` in this "
@@ -281,8 +436,8 @@ Profile {profile_text}
 
 - Method: SlimGPT (`slimgpt_core` {library_version}): batched greedy head pruning on `o_proj`,
   dynamic-group FFN channel pruning on `down_proj`, layer by layer on the outputs of the
-  already-pruned layers.
-{_recipe(pruning, calibration, profile)}
+  already-pruned layers.{moe_line}
+{_recipe(pruning, recipe)}
 - Calibration: {', '.join(cal_bits)}.
 - {ver_line}
 - Per-layer kept head / KV head / channel indices and all settings: `pruning_config.json`.

@@ -15,7 +15,9 @@ docs/HETERO_FORMAT.md):
   ``layer_intermediate_sizes[i]`` and optionally ``layer_kv_index[i]`` (for each kept query head,
   the position of the key/value head it reads; absent = the standard grouping);
 * ``slimgpt_layout``: where the prunable rows live (``qkv``: separate | fused;
-  ``head_norm``: none | per_head | projection; ``ffn``: gated | fused).
+  ``head_norm``: none | per_head | projection; ``ffn``: gated | fused | experts). With
+  ``experts`` (Mixtral, Qwen3-MoE) ``layer_intermediate_sizes[i]`` is the width of every
+  expert of layer ``i`` (the fused 3-D expert weights hold one width per layer).
 
 A layer whose query heads read KV heads irregularly keeps its compact KV projections and
 cache; the gather to one KV head per query head happens right before the attention kernel,
@@ -195,7 +197,17 @@ def resize_layer(layer: nn.Module, layout: Mapping[str, str], num_heads: int, nu
     if layout.get("head_norm", "none") == "projection":
         _resize_norm(attn.q_norm, num_heads * d)
         _resize_norm(attn.k_norm, num_kv_heads * d)
-    if layout.get("ffn", "gated") == "fused":
+    ffn = layout.get("ffn", "gated")
+    if ffn == "experts":
+        experts = mlp.experts
+        num_experts = experts.gate_up_proj.shape[0]
+        set_expert_weights(experts,
+                           _empty_like(experts.gate_up_proj,
+                                       (num_experts, 2 * intermediate_size, hidden)),
+                           _empty_like(experts.down_proj, (num_experts, hidden, intermediate_size)))
+        set_attention_layout(attn, num_heads, num_kv_heads, kv_index)
+        return
+    if ffn == "fused":
         mlp.gate_up_proj = _linear_like(mlp.gate_up_proj, 2 * intermediate_size, hidden)
     else:
         mlp.gate_proj = _linear_like(mlp.gate_proj, intermediate_size, hidden)
@@ -203,6 +215,20 @@ def resize_layer(layer: nn.Module, layout: Mapping[str, str], num_heads: int, nu
     mlp.down_proj = _linear_like(mlp.down_proj, hidden, intermediate_size)
     set_mlp_width(mlp, intermediate_size)
     set_attention_layout(attn, num_heads, num_kv_heads, kv_index)
+
+
+def _empty_like(param: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, device=param.device, dtype=param.dtype)
+
+
+def set_expert_weights(experts: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Give a fused experts module (``gate_up_proj`` ``[E, 2F, D]``, ``down_proj``
+    ``[E, D, F]``) new weights of width ``F``; its forward reads the width from them."""
+    for name, value in (("gate_up_proj", gate_up), ("down_proj", down)):
+        old = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(value, requires_grad=old.requires_grad))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = int(down.shape[-1])
 
 
 def set_mlp_width(mlp: nn.Module, intermediate_size: int) -> None:
@@ -257,15 +283,38 @@ def _config_class(stock: type) -> type:
     })
 
 
+def _share_weight_conversions(stock: type, name: str) -> None:
+    """Give class ``name`` the checkpoint conversions of ``stock``.
+
+    transformers 5.x renames and fuses some families' weights on load and splits them back on
+    save (Mixtral's and Qwen3-MoE's per-expert ``experts.<e>.*`` tensors <-> fused 3-D
+    ``experts.gate_up_proj``/``down_proj``), but never for custom code unless the mapping is
+    registered under the custom class's name. The folder holds the stock on-disk layout, so
+    the per-layer-width class must convert exactly as the stock one does."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers before 5: no conversions, nothing to share
+        return
+    mapping = (get_checkpoint_conversion_mapping(stock.__name__)
+               or get_checkpoint_conversion_mapping(stock.config_class.model_type))
+    if mapping:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+
+
 def _model_class(stock: type) -> type:
     config_cls = hetero_class(stock.config_class.__name__)
 
     def __init__(self: Any, config: Any) -> None:
         stock.__init__(self, config)
 
-    return type(CLASS_PREFIX + stock.__name__, (SlimGPTModelMixin, stock), {
+    name = CLASS_PREFIX + stock.__name__
+    _share_weight_conversions(stock, name)
+    return type(name, (SlimGPTModelMixin, stock), {
         "config_class": config_cls, "__init__": __init__,
-        "__module__": __name__, "__qualname__": CLASS_PREFIX + stock.__name__,
+        "__module__": __name__, "__qualname__": name,
     })
 
 

@@ -7,21 +7,36 @@ it reports progress, writes the pruned layers and exports. It starts ranks ``1..
 the same safetensors folder (memory-mapped, so the page cache is shared and host memory does
 not grow with the number of GPUs) and joins the process group; see
 :mod:`slimgpt_core.collective` for what the ranks exchange.
+
+A rank that dies must not leave the others waiting for it until the collective timeout. The
+leader watches its helpers (:class:`RankWatch`): when one exits abnormally it kills the
+others, aborts its own process group (so a collective waiting for the dead rank returns) and
+the job fails with :class:`~slimgpt_core.errors.RankFailed` naming the rank and how it ended,
+within about a second. Finished layers are already checkpointed, so the next attempt resumes
+after them. A helper whose leader dies is killed by the kernel (``PR_SET_PDEATHSIG``) or, where
+that is unavailable, exits when it notices that its parent has gone.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from slimgpt_core.errors import RankFailed
+
+logger = logging.getLogger(__name__)
 #: Collectives that take longer than this fail the job instead of hanging it (the leader's
 #: maths for one layer of a 70B model takes seconds; a dead rank is what this catches).
 COLLECTIVE_TIMEOUT_S = 900.0
@@ -38,6 +53,12 @@ class RankJob:
     #: Each helper touches ``{ready_dir}/rank{r}.ready`` once it has everything it needs and
     #: is about to join the group, so the leader never waits on a rank that already failed.
     ready_dir: str | None = None
+    #: ``"module:function"`` that opens the model as ``function(model_dir, dtype)`` (an object
+    #: with ``.model`` and ``.source``); default :func:`~slimgpt_core.streaming.open_streamed`.
+    #: Benchmarks use it for weights made on the fly.
+    opener: str | None = None
+    #: Folders put in front of ``sys.path`` before ``opener`` is imported.
+    pythonpath: list[str] | None = None
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -58,7 +79,13 @@ def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
             "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
             # Keep NVLink multicast off (the host's GPUs are shared; see the deployment notes).
-            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
+            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0"),
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST":
+                os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+            "NVSHMEM_DISABLE_NVLS": os.environ.get("NVSHMEM_DISABLE_NVLS", "1")}
+
+#: Tells a helper which process leads it (it exits when that process is gone).
+LEADER_PID_ENV = "SLIMGPT_LEADER_PID"
 
 
 def start_helpers(job_path: Path, world_size: int, port: int,
@@ -67,11 +94,20 @@ def start_helpers(job_path: Path, world_size: int, port: int,
     procs = []
     for rank in range(1, world_size):
         env = dict(os.environ, **rank_env(rank, world_size, port))
+        env[LEADER_PID_ENV] = str(os.getpid())
         out = (log_dir / f"rank{rank}.log").open("wb") if log_dir is not None else None
+        # A session of their own: a signal meant for the worker's process group (Ctrl-C, a
+        # SIGTERM to the group) reaches the leader, which stops at a layer boundary and stops
+        # them; it must not kill them mid-collective, which would fail the job instead.
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "slimgpt_core.multi_gpu", str(job_path)],
-            env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
+            env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True))
     return procs
+
+
+#: Held while the leader's process group is aborted or shut down (two threads may try).
+_GROUP_LOCK = threading.Lock()
 
 
 @contextmanager
@@ -80,13 +116,23 @@ def leader_group(world_size: int, port: int,
     """Join the job's process group as rank 0 (the caller's own process) for the block."""
     from slimgpt_core.collective import init_from_env, shutdown
 
-    saved = {k: os.environ.get(k) for k in rank_env(0, world_size, port)}
-    os.environ.update(rank_env(0, world_size, port))
+    env = rank_env(0, world_size, port)
+    # NCCL's default (3) kills a process whose collective failed or timed out; the leader is the
+    # worker's own process and must live to report the job, so errors surface as exceptions
+    # (2: abort the communicator, raise on the next wait) unless the deployment says otherwise.
+    env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING",
+                                                            "2")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         comm = init_from_env(timeout_s)
         yield comm
     finally:
-        shutdown()
+        with _GROUP_LOCK:
+            try:
+                shutdown()
+            except Exception:  # an aborted group (a rank died) may not shut down
+                logger.debug("process group shutdown after an abort", exc_info=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -94,15 +140,40 @@ def leader_group(world_size: int, port: int,
                 os.environ[k] = v
 
 
-class HelperFailed(RuntimeError):
-    """A helper rank exited with an error (its log is named in the message)."""
+#: The name this module used before :class:`~slimgpt_core.errors.RankFailed` existed.
+HelperFailed = RankFailed
+
+
+def exit_cause(code: int) -> str:
+    """How a process ended, from its ``Popen.returncode``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (also what the kernel's out-of-memory killer sends)" if -code == 9 else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
+
+
+def _log_tail(rank: int, log_dir: Path | None) -> str:
+    path = log_dir / f"rank{rank}.log" if log_dir is not None else None
+    if path is None or not path.exists():
+        return ""
+    lines = path.read_text(errors="replace").strip().splitlines()
+    return f"; its log {path} ends: " + " | ".join(lines[-3:]) if lines else ""
+
+
+def rank_failure(rank: int, proc: subprocess.Popen[bytes], code: int,
+                 log_dir: Path | None) -> RankFailed:
+    cause = exit_cause(code)
+    return RankFailed(f"helper rank {rank} (pid {proc.pid}) {cause}{_log_tail(rank, log_dir)}",
+                      rank=rank, cause=cause)
 
 
 def wait_ready(procs: list[subprocess.Popen[bytes]], ready_dir: Path, log_dir: Path | None,
                timeout_s: float = 600.0) -> None:
     """Wait until every helper is ready to join the group; raise as soon as one has died."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     while True:
         waiting = [r for r in range(1, len(procs) + 1)
@@ -112,18 +183,115 @@ def wait_ready(procs: list[subprocess.Popen[bytes]], ready_dir: Path, log_dir: P
         for r in waiting:
             code = procs[r - 1].poll()
             if code is not None:
-                raise HelperFailed(_failure(r, code, log_dir))
+                raise rank_failure(r, procs[r - 1], code, log_dir)
         if time.monotonic() > deadline:
-            raise HelperFailed(f"helper ranks {waiting} were not ready after {timeout_s:.0f}s")
+            raise RankFailed(f"helper ranks {waiting} were not ready after {timeout_s:.0f}s",
+                             rank=waiting[0], cause="not ready")
         time.sleep(0.2)
 
 
-def _failure(rank: int, code: int, log_dir: Path | None) -> str:
-    tail = ""
-    if log_dir is not None and (log_dir / f"rank{rank}.log").exists():
-        lines = (log_dir / f"rank{rank}.log").read_text(errors="replace").strip().splitlines()
-        tail = ": " + " | ".join(lines[-3:])
-    return f"helper rank {rank} exited with code {code}{tail}"
+def abort_group() -> None:
+    """Abort this process's process group so a collective that waits for a dead rank
+    returns (NCCL: ``ncclCommAbort``; gloo already fails once the peer's sockets close)."""
+    import torch.distributed as dist
+
+    with _GROUP_LOCK:
+        if not dist.is_initialized():
+            return
+        try:
+            from torch.distributed.distributed_c10d import _abort_process_group
+
+            _abort_process_group()
+        except Exception:  # older torch, or a backend without the call
+            logger.debug("_abort_process_group failed; aborting the default group", exc_info=True)
+            try:
+                dist.distributed_c10d._get_default_group().abort()
+            except Exception:  # best effort: the rank's death is what counts
+                logger.warning("could not abort the process group", exc_info=True)
+
+
+class RankWatch:
+    """Watches the helper ranks while the leader works (a thread polling every ``poll_s``).
+
+    When a helper exits with a non-zero status (an error, a signal, the OOM killer), the
+    watch records a :class:`RankFailed` naming it, kills the other helpers, and calls
+    ``on_failure`` (the leader aborts its process group there). The leader then raises the
+    recorded failure: from its next collective, or at the latest at the next layer boundary
+    (:meth:`check` runs with the cancel check).
+    """
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], log_dir: Path | None,
+                 on_failure: Callable[[], None] | None = None, poll_s: float = 0.1) -> None:
+        self.procs, self.log_dir, self.on_failure, self.poll_s = procs, log_dir, on_failure, poll_s
+        self.failure: RankFailed | None = None
+        self.failed_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slimgpt-rank-watch", daemon=True)
+
+    def __enter__(self) -> RankWatch:  # noqa: PYI034
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def poll(self) -> RankFailed | None:
+        """The first helper that has exited abnormally, if any (checked now)."""
+        if self.failure is None:
+            for r, p in enumerate(self.procs, start=1):
+                code = p.poll()
+                if code is not None and code != 0:
+                    self.failure = rank_failure(r, p, code, self.log_dir)
+                    self.failed_at = time.monotonic()
+                    break
+        return self.failure
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.poll() is not None:
+                break
+            self._stop.wait(self.poll_s)
+        if self.failure is None:
+            return
+        logger.error("multi-GPU job: %s; stopping the other ranks", self.failure)
+        kill_helpers(self.procs, grace_s=0.0)
+        if self.on_failure is not None:
+            try:
+                self.on_failure()
+            except Exception:  # the rank's death is what the leader reports
+                logger.warning("after rank failure: on_failure raised", exc_info=True)
+
+    def check(self) -> None:
+        """Raise the recorded failure (the leader calls this between layers)."""
+        if self.failure is not None:
+            raise self.failure
+
+    def failure_after(self, error: BaseException, wait_s: float = 3.0) -> RankFailed | None:
+        """The leader's ``error`` may be a dead rank seen from a collective (a closed socket,
+        an aborted communicator): give the helpers ``wait_s`` to be seen exiting."""
+        if isinstance(error, RankFailed):
+            return error
+        deadline = time.monotonic() + wait_s
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.failure
+
+
+def kill_helpers(procs: list[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+    """Stop every helper still running: SIGTERM, then SIGKILL after ``grace_s``."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
+        if grace_s > 0:
+            p.terminate()
+        else:
+            p.kill()
+    for p in live:
+        try:
+            p.wait(timeout=max(grace_s, 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def stop_helpers(procs: list[subprocess.Popen[bytes]], timeout_s: float = 60.0) -> list[int]:
@@ -138,31 +306,103 @@ def stop_helpers(procs: list[subprocess.Popen[bytes]], timeout_s: float = 60.0) 
     return codes
 
 
+def _follow_leader() -> None:
+    """Make sure this helper does not outlive its leader (see the module docstring)."""
+    leader = int(os.environ.get(LEADER_PID_ENV, "0") or 0)
+    if not leader:
+        return
+    try:  # Linux: the kernel kills us when the leader (the thread that started us) exits
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the polling thread below still works
+        logger.debug("PR_SET_PDEATHSIG unavailable", exc_info=True)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != leader:
+                os._exit(75)  # EX_TEMPFAIL: the leader is gone, nothing left to do
+            time.sleep(1.0)
+
+    if os.getppid() != leader:
+        os._exit(75)
+    threading.Thread(target=watch, name="slimgpt-leader-watch", daemon=True).start()
+
+
+def _discard(_index: int, _tensors: dict[str, Any], report: dict[str, Any]) -> None:
+    """Helpers write nothing (the leader writes the pruned layers)."""
+
+
+def _open(job: RankJob) -> Any:
+    if job.opener is None:
+        from slimgpt_core.streaming import open_streamed
+
+        return open_streamed(job.model_dir, job.dtype)
+    import importlib
+
+    for folder in reversed(job.pythonpath or []):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    module, _, name = job.opener.partition(":")
+    return getattr(importlib.import_module(module), name)(job.model_dir, job.dtype)
+
+
+def peak_host_bytes() -> int:
+    """High-water mark of this process's resident memory (VmHWM; 0 where unknown)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def run_helper(job: RankJob) -> None:
-    """A non-leader rank: prune along with the others, write nothing."""
+    """A non-leader rank: prune along with the others, write nothing but its own figures
+    (``rank{r}.stats.json`` in ``ready_dir``: peak GPU and host memory, seconds)."""
     from safetensors.torch import load_file
 
     from slimgpt_core.collective import init_from_env, shutdown
     from slimgpt_core.pruner import PruneConfig, prune_model
-    from slimgpt_core.streaming import open_streamed
 
-    streamed = open_streamed(job.model_dir, job.dtype)
+    _follow_leader()
+    t0 = time.perf_counter()
+    streamed = _open(job)
     ids = load_file(job.calibration_file)["input_ids"]
     config = PruneConfig(**job.config)
+    rank = os.environ.get("RANK", "?")
+    cuda = False
     if config.device is None or config.device.startswith("cuda"):
         import torch
 
         if torch.cuda.is_available():
+            cuda = True
             config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if job.ready_dir:
-        (Path(job.ready_dir) / f"rank{os.environ.get('RANK', '?')}.ready").touch()
+        (Path(job.ready_dir) / f"rank{rank}.ready").touch()
     comm = init_from_env(COLLECTIVE_TIMEOUT_S)
     if comm is None:
         raise SystemExit("slimgpt_core.multi_gpu: WORLD_SIZE must be > 1")
     try:
-        prune_model(streamed.model, ids, config, source=streamed.source, comm=comm)
+        prune_model(streamed.model, ids, config, source=streamed.source, comm=comm,
+                    on_layer=_discard if config.checkpoint_dir is None else None)
     finally:
         shutdown()
+    if job.ready_dir:
+        stats: dict[str, Any] = {"rank": rank, "seconds": round(time.perf_counter() - t0, 2),
+                                 "peak_host_bytes": peak_host_bytes(), "peak_gpu_bytes": None}
+        if cuda:
+            import torch
+
+            stats["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(config.device)
+        (Path(job.ready_dir) / f"rank{rank}.stats.json").write_text(json.dumps(stats))
+
+
+def rank_stats(work_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """What each helper of the last job in ``work_dir`` recorded about itself."""
+    return [json.loads(p.read_text()) for p in sorted(Path(work_dir).glob("rank*.stats.json"))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,10 +412,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_helper(RankJob.load(args[0]))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def config_fields(config: Any) -> dict[str, Any]:
@@ -197,38 +433,71 @@ def prune_streamed(
     progress: Any = None,
     should_cancel: Any = None,
     probes: Any = None,
+    on_layer: Any = None,
+    opener: str | None = None,
+    pythonpath: list[str] | None = None,
 ) -> Any:
     """Prune a model opened with :func:`~slimgpt_core.streaming.open_streamed` on ``gpus``
     GPUs of this host (this process leads; ``gpus - 1`` helper processes are started and
-    waited for). Returns the leader's :class:`~slimgpt_core.pruner.PruneResult`."""
+    waited for). Returns the leader's :class:`~slimgpt_core.pruner.PruneResult`.
+
+    Raises :class:`~slimgpt_core.errors.RankFailed` as soon as a helper exits abnormally
+    (the other helpers are stopped; finished layers stay checkpointed). ``on_layer`` is the
+    leader's layer sink (see ``prune_model``); ``opener``/``pythonpath``: how helpers open
+    the model when it is not a safetensors folder (see :class:`RankJob`).
+    """
     from safetensors.torch import save_file
 
-    from slimgpt_core.pruner import prune_model
+    from slimgpt_core.pruner import PruningCancelled, prune_model
 
     if gpus <= 1:
         return prune_model(streamed.model, calibration, config, progress, should_cancel,
-                           source=streamed.source, probes=probes)
+                           source=streamed.source, probes=probes, on_layer=on_layer)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     calib_file = work / "calibration.safetensors"
     save_file({"input_ids": calibration.contiguous()}, str(calib_file))
-    for old in work.glob("rank*.ready"):
+    for old in [*work.glob("rank*.ready"), *work.glob("rank*.stats.json")]:
         old.unlink()
     job = RankJob(model_dir=str(streamed.folder), calibration_file=str(calib_file),
-                  config=config_fields(config), dtype=dtype, ready_dir=str(work))
+                  config=config_fields(config), dtype=dtype, ready_dir=str(work),
+                  opener=opener, pythonpath=pythonpath)
     job_path = job.save(work / "rank_job.json")
     port = free_port()
     procs = start_helpers(job_path, gpus, port, log_dir=work)
     ok = False
     try:
         wait_ready(procs, work, work)
-        with leader_group(gpus, port) as comm:
-            result = prune_model(streamed.model, calibration, config, progress, should_cancel,
-                                 source=streamed.source, comm=comm, probes=probes)
+        with leader_group(gpus, port) as comm, \
+                RankWatch(procs, work, on_failure=abort_group) as watch:
+            def cancel_or_dead() -> bool:
+                watch.check()
+                return bool(should_cancel()) if should_cancel is not None else False
+
+            try:
+                result = prune_model(streamed.model, calibration, config, progress,
+                                     cancel_or_dead, source=streamed.source, comm=comm,
+                                     probes=probes, on_layer=on_layer)
+            except PruningCancelled:
+                raise
+            except Exception as exc:
+                failure = watch.failure_after(exc)
+                if failure is not None and failure is not exc:
+                    raise failure from exc
+                raise
         ok = True
     finally:
-        codes = stop_helpers(procs, timeout_s=120.0 if ok else 5.0)
+        if ok:
+            codes = stop_helpers(procs, timeout_s=120.0)
+        else:
+            kill_helpers(procs)
+            codes = [p.returncode for p in procs]
     bad = [(r + 1, c) for r, c in enumerate(codes) if c != 0]
     if bad:
-        raise HelperFailed("; ".join(_failure(r, c, work) for r, c in bad))
+        r, c = bad[0]
+        raise rank_failure(r, procs[r - 1], c, work)
     return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

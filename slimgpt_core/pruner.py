@@ -28,6 +28,7 @@ from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
 from slimgpt_core.collective import Collective
 from slimgpt_core.compact import compact_attention, compact_mlp
+from slimgpt_core.experts import ExpertPruning, collect_expert_hessians, prune_experts
 from slimgpt_core.families import Family, family_for_config
 from slimgpt_core.heads import prune_heads
 from slimgpt_core.hessian import CrossAccumulator, HessianAccumulator
@@ -57,7 +58,7 @@ ALLOCATIONS: tuple[str, ...] = ("schedule", "sensitivity")
 #: Settings added after checkpoints existed: they join the fingerprint only when not at these
 #: defaults, so older checkpoints still resume.
 _LATER_SETTINGS: dict[str, Any] = {"target": "layer", "local_search": 0,
-                                   "allocation": "schedule"}
+                                   "allocation": "schedule", "expert_min_tokens": None}
 
 
 def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
@@ -114,6 +115,9 @@ class PruneConfig:
     local_search: int = 0
     #: See :data:`ALLOCATIONS`.
     allocation: str = "schedule"
+    #: Mixture of experts: an expert routed fewer calibration tokens than this has its Hessian
+    #: blended with its pooled one (:mod:`slimgpt_core.experts`); None = the expert's width.
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.gqa_policy is None:
@@ -131,6 +135,8 @@ class PruneConfig:
             raise ValueError("batch_size and min_group must be >= 1 and max_group >= min_group")
         if self.percdamp <= 0:
             raise ValueError("percdamp must be positive")
+        if self.expert_min_tokens is not None and self.expert_min_tokens < 0:
+            raise ValueError("expert_min_tokens must be >= 0 (0: never blend)")
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the result (not device, batch size or paths)."""
@@ -193,6 +199,12 @@ class LayerReport:
     ffn_percdamp: float = 0.0
     attn_swaps: int = 0  # improving swaps of the local search (PruneConfig.local_search)
     ffn_swaps: int = 0
+    #: Mixture of experts only (None otherwise). ``channels_kept`` is then expert 0's list
+    #: (every expert of a layer keeps as many); per expert: its kept channels, the calibration
+    #: tokens routed to it, and the pooled Hessian's share in its Hessian (few-token policy).
+    expert_channels_kept: list[list[int]] | None = None
+    expert_tokens: list[int] | None = None
+    expert_pooled_share: list[float] | None = None
 
     def damping_raised(self) -> list[dict[str, Any]]:
         """One entry per projection whose damping had to be raised to invert its Hessian."""
@@ -383,6 +395,16 @@ def _least_squares_start(W: torch.Tensor, cross: torch.Tensor, hessian: torch.Te
     return out
 
 
+def _check_experts(family: Family, config: PruneConfig) -> None:
+    if family.layout.ffn != "experts":
+        return
+    for name, value, default in (("target", config.target, "layer"),
+                                 ("allocation", config.allocation, "schedule")):
+        if value != default:
+            raise ValueError(f"{name} {value!r} is not implemented for mixture-of-experts "
+                             f"models ({family.name}); use {name} {default!r}")
+
+
 def _check_dense_target(family: Family) -> None:
     if family.attn_out_norm is not None or family.ffn_out_norm is not None:
         raise ValueError(f"target 'dense' needs each branch's output to join the residual "
@@ -433,7 +455,7 @@ def _prune_layer(
     ``dense_acts`` is advanced to this dense layer's output."""
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
-    o_proj, down_proj = family.o_proj(layer), family.down_proj(layer)
+    o_proj = family.o_proj(layer)
     n = acts.shape[0]
     batches = list(micro_batches(n, config.batch_size))
     leader = comm.is_leader
@@ -511,55 +533,63 @@ def _prune_layer(
          {"attn_error": attn_err, "attn_error_uncompensated": attn_err_nc,
           "attn_damping_retries": float(heads.retries), "attn_percdamp": heads.percdamp})
 
-    # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups.
-    h_ffn = HessianAccumulator(down_proj.in_features, device,
-                               name=f"layer {lp.index} mlp.down_proj")
-    x_ffn = None if dense_acts is None else CrossAccumulator(
-        down_proj.out_features, down_proj.in_features, device,
-        name=f"layer {lp.index} mlp.down_proj targets")
-    with _Phase(clock, seconds, "ffn_pass", device):
-        for sl in batches:
-            h = family.attention_block(layer, acts[sl].to(device), ctx)
-            residual[sl] = h.to(residual.device)
-            f = family.ffn_hidden(layer, h)
-            h_ffn.add(f)
-            if x_ffn is not None and dense_acts is not None:
-                # The FFN is still dense here, so this is the dense layer's output.
-                y_dense = family.ffn_block(layer, dense_acts[sl].to(device))
-                x_ffn.add(_branch_target(y_dense, h, down_proj, scale), f)
-                dense_acts[sl] = y_dense.to(dense_acts.device)
-                del y_dense
-            del h, f
-    with _Phase(clock, seconds, "hessian_finalize", device):
-        H = _hessian(h_ffn, comm)
-        C = _cross(x_ffn, comm)
-        del x_ffn
-    with _Phase(clock, seconds, "ffn", device):
-        W = torch.empty(down_proj.weight.shape, dtype=torch.float32, device=device)
-        if leader:
-            assert H is not None
-            W0 = down_proj.weight.detach().float()
-            if C is not None:
-                W0 = _least_squares_start(W0, C, H, config.percdamp)
-            W.copy_(W0)
-            channels = prune_channels(
-                W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed,
-                percdamp=config.percdamp, min_group=config.min_group,
-                max_group=config.max_group, swaps=config.local_search,
-            )
-            kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
-            kept[channels.kept_channels] = True
-            W = _apply_method(W0, W, ~kept, config.method)
-            ffn_err_nc, ffn_err = output_errors(W0, W, ~kept, H)
-            del W0, H, C
-            info = (channels, ffn_err_nc, ffn_err)
-        channels, ffn_err_nc, ffn_err = comm.broadcast_object(info if leader else None)
-        W = comm.broadcast_(W.contiguous())
-        if config.compact:
-            compact_mlp(mlp, family.layout.as_dict(), channels.kept_channels, W)
-        else:
-            down_proj.weight.data.copy_(W)
-        del W
+    # 2. FFN: Hessian of down_proj's input behind the pruned attention, then channel groups
+    # (per expert, on the tokens routed to it, in a mixture of experts).
+    moe: ExpertPruning | None = None
+    if family.layout.ffn == "experts":
+        moe = _prune_expert_ffn(layer, lp, acts, residual, ctx, config, device, clock, seconds,
+                                comm, family, batches)
+        channels, ffn_err_nc, ffn_err = moe.summary(), moe.error_uncompensated, moe.error
+    else:
+        down_proj = family.down_proj(layer)
+        h_ffn = HessianAccumulator(down_proj.in_features, device,
+                                   name=f"layer {lp.index} mlp.down_proj")
+        x_ffn = None if dense_acts is None else CrossAccumulator(
+            down_proj.out_features, down_proj.in_features, device,
+            name=f"layer {lp.index} mlp.down_proj targets")
+        with _Phase(clock, seconds, "ffn_pass", device):
+            for sl in batches:
+                h = family.attention_block(layer, acts[sl].to(device), ctx)
+                residual[sl] = h.to(residual.device)
+                f = family.ffn_hidden(layer, h)
+                h_ffn.add(f)
+                if x_ffn is not None and dense_acts is not None:
+                    # The FFN is still dense here, so this is the dense layer's output.
+                    y_dense = family.ffn_block(layer, dense_acts[sl].to(device))
+                    x_ffn.add(_branch_target(y_dense, h, down_proj, scale), f)
+                    dense_acts[sl] = y_dense.to(dense_acts.device)
+                    del y_dense
+                del h, f
+        with _Phase(clock, seconds, "hessian_finalize", device):
+            H = _hessian(h_ffn, comm)
+            C = _cross(x_ffn, comm)
+            del x_ffn
+        with _Phase(clock, seconds, "ffn", device):
+            W = torch.empty(down_proj.weight.shape, dtype=torch.float32, device=device)
+            if leader:
+                assert H is not None
+                W0 = down_proj.weight.detach().float()
+                if C is not None:
+                    W0 = _least_squares_start(W0, C, H, config.percdamp)
+                W.copy_(W0)
+                channels = prune_channels(
+                    W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed,
+                    percdamp=config.percdamp, min_group=config.min_group,
+                    max_group=config.max_group, swaps=config.local_search,
+                )
+                kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
+                kept[channels.kept_channels] = True
+                W = _apply_method(W0, W, ~kept, config.method)
+                ffn_err_nc, ffn_err = output_errors(W0, W, ~kept, H)
+                del W0, H, C
+                info = (channels, ffn_err_nc, ffn_err)
+            channels, ffn_err_nc, ffn_err = comm.broadcast_object(info if leader else None)
+            W = comm.broadcast_(W.contiguous())
+            if config.compact:
+                compact_mlp(mlp, family.layout.as_dict(), channels.kept_channels, W)
+            else:
+                down_proj.weight.data.copy_(W)
+            del W
     emit("ffn", f"layer {lp.index}: kept {len(channels.kept_channels)}/"
          f"{shape.intermediate_size} channels" + _damping_note(channels.retries, channels.percdamp),
          {"ffn_error": ffn_err, "ffn_error_uncompensated": ffn_err_nc,
@@ -582,7 +612,39 @@ def _prune_layer(
         attn_damping_retries=heads.retries, ffn_damping_retries=channels.retries,
         attn_percdamp=heads.percdamp, ffn_percdamp=channels.percdamp,
         attn_swaps=heads.swaps, ffn_swaps=channels.swaps,
+        expert_channels_kept=None if moe is None else moe.kept,
+        expert_tokens=None if moe is None else moe.tokens,
+        expert_pooled_share=None if moe is None else moe.pooled_share,
     )
+
+
+def _prune_expert_ffn(layer: nn.Module, lp: LayerPlan, acts: torch.Tensor,
+                      residual: torch.Tensor, ctx: LayerContext, config: PruneConfig,
+                      device: torch.device, clock: _Clock, seconds: dict[str, float],
+                      comm: Collective, family: Family, batches: list[slice]) -> ExpertPruning:
+    """Step 2 for a mixture of experts: per-expert Hessians of the tokens routed to each
+    (the pass also fills ``residual``), then every expert pruned on its own."""
+
+    def ffn_inputs(first: bool) -> Any:
+        for sl in batches:
+            if first:
+                h = family.attention_block(layer, acts[sl].to(device), ctx)
+                residual[sl] = h.to(residual.device)
+            else:
+                h = residual[sl].to(device)
+            yield family.ffn_input(layer, h)
+
+    with _Phase(clock, seconds, "ffn_pass", device):
+        hessians = collect_expert_hessians(family, layer, ffn_inputs, device, comm,
+                                           config.expert_min_tokens,
+                                           name=f"layer {lp.index} mlp.experts")
+    with _Phase(clock, seconds, "ffn", device):
+        return prune_experts(
+            family, layer, hessians, channels_to_remove=lp.channels_removed,
+            percdamp=config.percdamp, min_group=config.min_group, max_group=config.max_group,
+            swaps=config.local_search, compact=config.compact, comm=comm, device=device,
+            select=functools.partial(_selection_hessian, method=config.method),
+            finish=functools.partial(_apply_method, method=config.method))
 
 
 def _damping_note(retries: int, percdamp: float) -> str:
@@ -649,6 +711,7 @@ def prune_model(
                          "layers are written there as they finish")
     model.eval()
     family = model_family(model)
+    _check_experts(family, config)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                      config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
@@ -695,7 +758,9 @@ def prune_model(
     if config.checkpoint_dir is not None:
         fingerprint = {
             "model": getattr(model.config, "_name_or_path", ""),
-            "shape": asdict(shape),
+            # (num_experts joined the shape later: dense checkpoints stay resumable)
+            "shape": {k: v for k, v in asdict(shape).items()
+                      if not (k == "num_experts" and v == 0)},
             "plan": plan.to_dict()["layers"],
             "config": config.fingerprint(),
             "calibration": tensor_digest(calibration),

@@ -7,7 +7,9 @@ Units that can be removed from one decoder layer:
   * a query head: its `head_dim` rows of q_proj and columns of o_proj (plus its bias and, in
     OLMo-2, its share of the whole-projection q_norm);
   * a key/value head: its rows of k_proj and v_proj (only when no query head uses it any more);
-  * an FFN channel: one row of gate_proj and up_proj and one column of down_proj.
+  * an FFN channel: one row of gate_proj and up_proj and one column of down_proj; in a mixture
+    of experts (``num_experts`` > 0) one such channel in *each* expert, since the fused expert
+    weights give every expert of a layer the same width (the router is never touched).
 Hidden size, norms, embeddings and lm_head are never touched. What differs between model
 families (biases, norms per layer, per-head norms) comes from the family adapter
 (:mod:`slimgpt_core.families`, torch-free) as plain numbers on :class:`ModelShape`.
@@ -40,7 +42,7 @@ TARGET_TOLERANCE = 0.01
 #: Kept FFN widths are rounded to a multiple of this (when the dense width is one): GEMMs whose
 #: inner dimension is not a multiple of 8 fall off the tensor-core fast path. Measured on an
 #: H200, an FFN forward at width 9403 took 5x as long as at 9240 (docs/BENCHMARKS.md), and the
-#: pruned model pays the same price at inference.
+#: pruned model pays the same price at inference. Mixture-of-experts widths are always rounded.
 CHANNEL_MULTIPLE = 8
 
 
@@ -63,6 +65,8 @@ DIMENSION_LIMITS: dict[str, int] = {
     "intermediate_size": 1 << 22,
     "vocab_size": 1 << 24,
 }
+#: Largest accepted number of routed experts per layer (released models have up to 256).
+MAX_EXPERTS = 1 << 12
 #: The schedule solver stops bisecting once r_last is known to this precision: plans whose
 #: r_last differ by less remove the same units in every layer but in freak cases.
 SOLVER_PRECISION = 1e-10
@@ -79,7 +83,9 @@ class ModelShape:
     ``layer_norms``: hidden-size norms per layer (2 for Llama, 4 for Gemma 2/3);
     ``head_norm``: ``per_head`` q/k norms of ``head_dim`` (fixed), ``projection`` q/k norms
     over the whole projection (removed with the heads), or ``none``;
-    ``heads_divide_hidden``: the stock config needs ``hidden_size % heads == 0``.
+    ``heads_divide_hidden``: the stock config needs ``hidden_size % heads == 0``;
+    ``num_experts``: routed experts per layer (0: a dense FFN), each ``intermediate_size``
+    channels wide, behind a bias-free ``[num_experts, hidden_size]`` router.
     """
 
     num_layers: int
@@ -97,8 +103,13 @@ class ModelShape:
     layer_norms: int = 2
     head_norm: str = "none"
     heads_divide_hidden: bool = False
+    num_experts: int = 0
 
     def __post_init__(self) -> None:
+        if (isinstance(self.num_experts, bool) or not isinstance(self.num_experts, int)
+                or not 0 <= self.num_experts <= MAX_EXPERTS):
+            raise PlanError(f"model config: the number of experts must be an integer in "
+                            f"[0, {MAX_EXPERTS}], got {self.num_experts!r}")
         for name, limit in DIMENSION_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
@@ -154,13 +165,14 @@ class ModelShape:
 
     @property
     def params_per_channel(self) -> int:
-        return 3 * self.hidden_size + (2 if self.mlp_bias else 0)
+        return (3 * self.hidden_size + (2 if self.mlp_bias else 0)) * max(1, self.num_experts)
 
     @property
     def layer_fixed_params(self) -> int:
         """Parameters of a layer that pruning never removes: its norms (hidden-size ones and
-        shared per-head q/k norms) and the o_proj/down_proj biases."""
+        shared per-head q/k norms), the o_proj/down_proj biases and the MoE router."""
         return (self.layer_norms * self.hidden_size
+                + self.num_experts * self.hidden_size
                 + (2 * self.head_dim if self.head_norm == "per_head" else 0)
                 + (self.hidden_size if self.o_bias else 0)
                 + (self.hidden_size if self.mlp_bias else 0))
@@ -328,7 +340,10 @@ def plan_layer(
         wanted = ratio * (before - shape.layer_fixed_params) - attn_removed
         channels = round(wanted / shape.params_per_channel)
     channels = min(max(channels, 0), max_channels)
-    multiple = CHANNEL_MULTIPLE if shape.intermediate_size % CHANNEL_MULTIPLE == 0 else 1
+    # Experts always keep multiples of 8: transformers' default experts kernel (grouped_mm)
+    # refuses weights whose rows are not a multiple of 16 bytes (8 bf16 values) apart.
+    multiple = (CHANNEL_MULTIPLE if shape.intermediate_size % CHANNEL_MULTIPLE == 0
+                or shape.num_experts else 1)
     kept = round((shape.intermediate_size - channels) / multiple) * multiple
     min_kept = -(-(shape.intermediate_size - max_channels) // multiple) * multiple
     channels = shape.intermediate_size - max(kept, min_kept)

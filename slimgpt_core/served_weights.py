@@ -3,7 +3,15 @@
 Each tensor is rewritten on its own (no layer has to be complete first), so this works on the
 stream of (name, tensor) pairs that vLLM's loaders produce shard by shard. Names are those of the
 Hugging Face checkpoint (``model.layers.<i>.self_attn.q_proj.weight`` ...); anything else passes
-through untouched. Torch only: usable without vLLM (the tests check the rewrite in transformers).
+through untouched. Fused projections (Phi-3's ``qkv_proj`` rows ``[q | k | v]`` and
+``gate_up_proj`` rows ``[gate | up]``) are split at the pruned layer's widths, each section is
+rewritten like its separate projection, and the sections are fused again.
+
+Per-head q/k norms (Qwen3, Gemma 3: one ``head_dim`` weight shared by all heads) need nothing:
+a zero head's query is zero before and after its norm, a KV copy is normed like its original.
+Norms over the whole projection (OLMo-2) cannot be padded exactly (zero heads and copies change
+the root-mean-square they divide by), so the vLLM plugin refuses that layout.
+Torch only: usable without vLLM (the tests check the rewrite in transformers).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from slimgpt_core.served_layout import LayerLayout
 __all__ = ["rewrite_tensor", "rewrite_weights"]
 
 _LAYER_TENSOR = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj)"
+    r"(?:^|\.)layers\.(\d+)\.(self_attn\.(?:q|k|v|o|qkv)_proj|mlp\.(?:gate|up|down|gate_up)_proj)"
     r"\.(weight|bias)$")
 
 
@@ -45,6 +53,11 @@ def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _qkv_sections(lay: LayerLayout, head_dim: int) -> list[int]:
+    w = lay.widths
+    return [w.num_heads * head_dim, w.num_kv_heads * head_dim, w.num_kv_heads * head_dim]
+
+
 def rewrite_tensor(name: str, tensor: torch.Tensor, layouts: Sequence[LayerLayout],
                    head_dim: int) -> torch.Tensor:
     """``tensor`` as the served layout of its layer needs it (unchanged if not a layer tensor
@@ -59,6 +72,15 @@ def rewrite_tensor(name: str, tensor: torch.Tensor, layouts: Sequence[LayerLayou
     if lay.is_identity:
         return tensor
     proj = module.rsplit(".", 1)[1]
+    if proj == "qkv_proj":  # rows [q heads | k heads | v heads] of the pruned widths
+        q, k, v = tensor.split(_qkv_sections(lay, head_dim), dim=0)
+        return torch.cat([_gather_heads(q, lay.q_source, head_dim, 0),
+                          _gather_heads(k, lay.kv_source, head_dim, 0),
+                          _gather_heads(v, lay.kv_source, head_dim, 0)], dim=0)
+    if proj == "gate_up_proj":  # rows [gate | up], each padded on its own
+        gate, up = tensor.split(lay.widths.intermediate_size, dim=0)
+        return torch.cat([_pad(gate, lay.intermediate_size, 0),
+                          _pad(up, lay.intermediate_size, 0)], dim=0)
     if proj == "q_proj":  # rows are query heads (weight and bias)
         return _gather_heads(tensor, lay.q_source, head_dim, 0)
     if proj in ("k_proj", "v_proj"):

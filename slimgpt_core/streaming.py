@@ -106,6 +106,18 @@ def load_outside_layers(model: nn.Module, ckpt: ShardedCheckpoint, dtype: torch.
         raise ShardError(f"{ckpt.folder}: no weights for {left[:5]}")
 
 
+def _refuse_experts(config: Any, folder: Path) -> None:
+    # Layers stream tensor by tensor under the model's own names, but MoE checkpoints store
+    # one tensor per expert that transformers fuses into 3-D parameters only when it loads.
+    from slimgpt_core.families import family_for_config
+
+    family = family_for_config(config, allow_hetero=True)
+    if family.layout.ffn == "experts":
+        raise ValueError(f"{folder}: streaming layers from the checkpoint is not supported for "
+                         f"mixture-of-experts models ({family.name}); load the model into host "
+                         "memory instead")
+
+
 def open_streamed(folder: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                   trust_remote_code: bool = False) -> StreamedModel:
     """A skeleton of the model in ``folder`` plus its shards as a layer source.
@@ -120,6 +132,7 @@ def open_streamed(folder: str | os.PathLike[str], dtype: str | torch.dtype | Non
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     _check_model_type(config, str(folder))
+    _refuse_experts(config, folder)
     ckpt = ShardedCheckpoint(folder)
     resolved = _resolve_dtype(dtype)
     compute = _checkpoint_dtype(ckpt) if resolved == "auto" else resolved

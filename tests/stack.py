@@ -147,7 +147,7 @@ class Stack:
             # Recovery in seconds instead of minutes; the visibility timeout stays as in
             # production (hours): recovery must not depend on it.
             "job_lease_s": 3, "sweep_interval_s": 0.5, "retry_backoff_base_s": 0.5,
-            "retry_backoff_max_s": 1.0,
+            "retry_backoff_max_s": 1.0, "leader_lease_s": 3,
             # Fault tests measure recovery; the per-tenant limits have tests of their own.
             "rate_limit_per_minute": 0, "max_queued_jobs_per_tenant": 0,
         }
@@ -215,6 +215,13 @@ class Stack:
             pass
         proc.wait(timeout=10)
 
+    def freeze(self, name: str) -> None:
+        """SIGSTOP the process group: a long GC or VM pause; its connections stay open."""
+        os.killpg(self.procs[name].pid, signal.SIGSTOP)
+
+    def thaw(self, name: str) -> None:
+        os.killpg(self.procs[name].pid, signal.SIGCONT)
+
     def term(self, name: str) -> None:
         """SIGTERM to the main process only, as `docker stop` sends it."""
         os.kill(self.procs[name].pid, signal.SIGTERM)
@@ -223,6 +230,7 @@ class Stack:
         for proc in self.procs.values():
             if proc.poll() is None:
                 try:
+                    os.killpg(proc.pid, signal.SIGCONT)  # a frozen one could not stop
                     os.killpg(proc.pid, signal.SIGTERM)
                     proc.wait(timeout=15)
                 except (subprocess.TimeoutExpired, ProcessLookupError):

@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from slimgpt_core.errors import NonFiniteHessianError
+from slimgpt_core.errors import NonFiniteHessianError, RankFailed
 from worker.redact import redact
 from worker.retry import RetryPolicy, call_with_retries
 
@@ -105,6 +105,13 @@ class HealUnavailableError(WorkerError):
     """The request asks for healing that this job's placement cannot do."""
 
     code = "heal_unavailable"
+
+
+class ZeroShotUnavailableError(WorkerError):
+    """Zero-shot tasks were asked for and this worker cannot run them (no `zeroshot` extra,
+    an unknown task, a model streamed from its shards)."""
+
+    code = "zero_shot_unavailable"
 
 
 class PublishError(WorkerError):
@@ -229,6 +236,11 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
         # Checked before the Cholesky failure below: more damping cannot fix a NaN, so a
         # retry would only repeat the same work.
         return ErrorDescription("non_finite_hessian", redact(str(exc)), False)
+    if isinstance(exc, RankFailed):
+        # A GPU process of a multi-GPU job died (OOM killer, a GPU fault, a crash): the others
+        # were stopped and the finished layers are checkpointed, so another attempt resumes.
+        return ErrorDescription("gpu_rank_failed", redact(
+            f"{exc}; the job resumes from its last finished layer on the next attempt"), True)
     torch_error = _torch_error(exc)
     if torch_error is not None:
         return torch_error

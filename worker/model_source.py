@@ -25,6 +25,7 @@ from slimgpt_core.families import (
     family_for_model_type,
     supported_model_types,
 )
+from slimgpt_core.schedule import PlanError
 from worker.errors import (
     ModelSourceError,
     UnsupportedModelError,
@@ -92,8 +93,13 @@ def read_model_type(config_path: Path, *, what: str) -> str:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"{what}: config.json is not valid JSON ({exc})") from exc
-    return check_model_type(config.get("model_type") if isinstance(config, dict) else None,
-                            what=what)
+    model_type = check_model_type(config.get("model_type") if isinstance(config, dict) else None,
+                                  what=what)
+    try:  # a variant the family's adapter refuses (e.g. Qwen3-MoE with dense layers)
+        family_for_model_type(model_type).check_supported(config)
+    except PlanError as exc:
+        raise UnsupportedModelError(f"{what}: {exc}") from None
+    return model_type
 
 
 def check_weight_files(names: Iterable[str], *, what: str) -> None:

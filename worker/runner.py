@@ -50,7 +50,12 @@ from app.crud import jobs as crud
 from app.db.models import JobEvent
 from app.db.session import session_scope
 from worker import fleet
-from worker.errors import HealUnavailableError, JobCancelled, describe_exception
+from worker.errors import (
+    HealUnavailableError,
+    JobCancelled,
+    ZeroShotUnavailableError,
+    describe_exception,
+)
 from worker.lifecycle import (
     STOP,
     HandBack,
@@ -318,6 +323,10 @@ class JobRunner:
             self.event(job_id, "loading", f"loaded {model_id} ({num_layers} layers, {how})",
                        num_layers=num_layers, percent=PHASE_PERCENT["loading"] + 4)
 
+        zero_shot_tasks = list(evaluate.get("zero_shot_tasks") or [])
+        if zero_shot_tasks:  # fail before the expensive part, not after it
+            self._check_zero_shot(zero_shot_tasks, handle.streamed)
+
         # calibrating --------------------------------------------------------------------
         num_samples, seq_len = int(calib.get("num_samples", 128)), int(calib.get("seq_len", 2048))
         seed = int(calib.get("seed", 0))
@@ -371,6 +380,7 @@ class JobRunner:
                 "healed here: submit without `heal`")
         # The dense model, kept as the teacher of the optional healing step.
         teacher = copy.deepcopy(model) if heal_spec else None
+        heal_settings: dict[str, Any] | None = None
         with phase("pruning", f"pruning {num_layers} layers to target ratio "
                    f"{config.target_ratio}"):
             try:
@@ -393,8 +403,9 @@ class JobRunner:
                        f"one ({int(heal_spec['tokens']):,} tokens, "
                        f"{heal_spec.get('mode', 'lora')})", percent=PRUNING_SPAN[1])
             t0 = time.perf_counter()
-            state.metrics["heal"] = self._heal(job_id, model, teacher, heal_spec, calib_source,
-                                               tokenizer, seq_len, seed, token, ctl)
+            state.metrics["heal"], heal_settings = self._heal(
+                job_id, model, teacher, heal_spec, calib_source, tokenizer, seq_len, seed, token,
+                ctl)
             state.seconds["healing"] = round(time.perf_counter() - t0, 3)
             del teacher
 
@@ -409,7 +420,7 @@ class JobRunner:
                 calibration_info=_calibration_info(describe_calibration, windows,
                                                    calibration_path, calib_source, seed),
                 eval_metrics=None, verify=True, license=info.get("license"),
-                repo_id=destination.get("hub_repo_id"), overwrite=True,
+                repo_id=destination.get("hub_repo_id"), overwrite=True, heal=heal_settings,
                 **handle.export_kwargs(result),
             )
             state.metrics["achieved_ratio"] = report.achieved_ratio
@@ -428,6 +439,15 @@ class JobRunner:
                     "ppl_after": state.metrics["perplexity_after"],
                     **evaluation,
                 }, repo_id=destination.get("hub_repo_id"))
+        if zero_shot_tasks:
+            with phase("evaluating", f"zero-shot accuracy on {', '.join(zero_shot_tasks)}"):
+                from slimgpt_core.zero_shot import zero_shot
+
+                state.metrics["zero_shot"] = zero_shot(
+                    model, tokenizer, zero_shot_tasks, limit=evaluate.get("zero_shot_limit"),
+                    include_path=self.settings.zero_shot_tasks_dir, seed=seed)
+                _record_in_export(out, zero_shot=state.metrics["zero_shot"],
+                                  repo_id=destination.get("hub_repo_id"))
         if self.settings.speed_benchmark:
             with phase("evaluating", "measuring inference speed, dense vs pruned"):
                 state.metrics["speed"] = (
@@ -477,12 +497,13 @@ class JobRunner:
 
     def _heal(self, job_id: str, model: Any, teacher: Any, spec: dict[str, Any],
               calib_source: Any, tokenizer: Any, seq_len: int, seed: int, token: str | None,
-              ctl: Any) -> dict[str, Any]:
-        """Distil ``teacher`` into ``model`` on fresh windows of the calibration text."""
+              ctl: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Distil ``teacher`` into ``model`` on fresh windows of the calibration text; returns
+        the job's heal metrics and the settings the model card's recipe records."""
         import torch
 
         from slimgpt_core.calibration import sample_windows
-        from slimgpt_core.heal import HealConfig, heal
+        from slimgpt_core.heal import HealConfig, heal, heal_settings
 
         tokens = int(spec["tokens"])
         count = max(1, min(HEAL_MAX_WINDOWS, tokens // seq_len))
@@ -502,16 +523,31 @@ class JobRunner:
                            percent=PRUNING_SPAN[1],
                            metrics={"kind": "heal", "step": step, "steps": steps, "kl": loss})
 
-        report = heal(model, teacher, windows, HealConfig(tokens=tokens,
-                                                          mode=spec.get("mode", "lora"),
-                                                          seed=seed),
-                      device=device, progress=progress,
+        config = HealConfig(tokens=tokens, mode=spec.get("mode", "lora"), seed=seed)
+        report = heal(model, teacher, windows, config, device=device, progress=progress,
                       should_cancel=lambda: ctl.should_stop())
         ctl.raise_reason(throttle=False)
         teacher.to("cpu")
-        return {"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
-                "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
-                "kl_last": round(report.loss_last, 5)}
+        return ({"mode": report.mode, "steps": report.steps, "tokens": report.tokens,
+                 "seconds": round(report.seconds, 2), "kl_first": round(report.loss_first, 5),
+                 "kl_last": round(report.loss_last, 5)},
+                heal_settings(config, windows=count, window_seed=seed + 1, seqlen=seq_len))
+
+    def _check_zero_shot(self, tasks: list[str], streamed: bool) -> None:
+        from slimgpt_core.zero_shot import ZeroShotUnavailable, check_tasks
+
+        if streamed:
+            raise ZeroShotUnavailableError(
+                "zero-shot tasks run on the pruned model in memory; this model is pruned "
+                "streamed from its shards (larger than host memory): submit without "
+                "`evaluate.zero_shot_tasks`")
+        try:
+            check_tasks(tasks, self.settings.zero_shot_tasks_dir)
+        except ZeroShotUnavailable as err:
+            raise ZeroShotUnavailableError(
+                f"{err}; on the worker, or submit without `evaluate.zero_shot_tasks`") from None
+        except ValueError as err:
+            raise ZeroShotUnavailableError(str(err)) from None
 
     # components -------------------------------------------------------------------------------
     def _resolve_model(self, source: str, model_id: str, local_path: str | None,
@@ -679,7 +715,8 @@ def _measure_speed(model: Any, dense_config: Any) -> dict[str, Any]:
 
 
 def _record_in_export(folder: Path, *, evaluation: dict[str, Any] | None = None,
-                      speed: dict[str, Any] | None = None, repo_id: str | None) -> None:
+                      speed: dict[str, Any] | None = None,
+                      zero_shot: dict[str, Any] | None = None, repo_id: str | None) -> None:
     """Put perplexities / measured speed into the exported ``pruning_config.json`` and card."""
     import slimgpt_core
     from slimgpt_core.export import PRUNING_CONFIG_FILE
@@ -691,6 +728,8 @@ def _record_in_export(folder: Path, *, evaluation: dict[str, Any] | None = None,
         pcfg["evaluation"] = evaluation
     if speed is not None:
         pcfg["speed"] = speed
+    if zero_shot is not None:
+        pcfg["zero_shot"] = zero_shot
     path.write_text(json.dumps(pcfg, indent=2, default=str) + "\n")
     base = pcfg.get("base_model") or {}
     card = render_model_card(

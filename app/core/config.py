@@ -26,7 +26,8 @@
 | SLIMGPT_JOB_MAX_ATTEMPTS        | 3                                | deliveries before a job is failed (alias SLIMGPT_MAX_ATTEMPTS) |
 | SLIMGPT_JOB_LEASE_S             | 120                              | worker lease length (renewed every third of it) |
 | SLIMGPT_DISPATCHER_ENABLED      | true                             | api: run the dispatcher thread (leader-elected) |
-| SLIMGPT_SWEEP_INTERVAL_S        | 15                               | dispatcher: lease sweep / leader retry period |
+| SLIMGPT_SWEEP_INTERVAL_S        | 15                               | dispatcher: lease sweep period                |
+| SLIMGPT_LEADER_LEASE_S          | 15                               | dispatcher leader lease (renewed every third of it): a frozen or hung leader is replaced within about 4/3 of it |
 | SLIMGPT_REPUBLISH_AFTER_S       | 300                              | dispatcher: re-send a queued job nobody took (doubles, max 1 h) |
 | SLIMGPT_RETRY_BACKOFF_BASE_S    | 10                               | delay before the retry of a lost job (doubles, jittered) |
 | SLIMGPT_RETRY_BACKOFF_MAX_S     | 600                              | longest delay before a retry                  |
@@ -36,6 +37,7 @@
 | SLIMGPT_STREAM_MODELS           | auto                             | worker: `auto` streams models larger than host memory from disk; `always`, `never` |
 | SLIMGPT_RUNNER                  | worker.runner:run_job            | worker: `module:function` run per job (tests) |
 | SLIMGPT_WORKER_MAX_TASKS_PER_CHILD | 1                             | worker: jobs per pool process (0 = no limit)  |
+| SLIMGPT_ZERO_SHOT_TASKS_DIR     | unset                            | worker: extra lm-eval task YAML files (e.g. offline copies of tasks) |
 | SLIMGPT_LOG_JSON                | false                            | one JSON object per log line                  |
 | SLIMGPT_LOG_LEVEL               | INFO                             |                                              |
 | SLIMGPT_AUTH_DISABLED           | false                            | embedded only: every request is tenant `local` |
@@ -107,12 +109,15 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(120, gt=0)
     runner: str = "worker.runner:run_job"
     speed_benchmark: bool = True
+    # Extra lm-eval task YAML files for zero-shot evaluation (the `zeroshot` extra).
+    zero_shot_tasks_dir: Path | None = None
     # A fresh process per job returns all GPU memory; CPU-only fleets (and tests) may reuse.
     worker_max_tasks_per_child: int = Field(1, ge=0)
 
     # The dispatcher (outbox publisher + lease sweeper), see app/dispatcher.py.
     dispatcher_enabled: bool = True
     sweep_interval_s: float = Field(15.0, gt=0)
+    leader_lease_s: float = Field(15.0, gt=0)
     republish_after_s: float = Field(300.0, gt=0)
     retry_backoff_base_s: float = Field(10.0, ge=0)
     retry_backoff_max_s: float = Field(600.0, ge=0)

@@ -231,6 +231,22 @@ class Worker(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+class DispatcherLease(Base):
+    """Who runs the dispatcher (app.leader): one row per elected role. The holder renews
+    ``expires_at`` (database clock) every third of the lease; a candidate takes the row when it
+    expired, or when the holder's database session (``backend_pid``) is gone."""
+
+    __tablename__ = "dispatcher_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255))  # host:pid:random of the process
+    backend_pid: Mapped[int | None] = mapped_column(Integer)  # its leader connection's backend
+    term: Mapped[int] = mapped_column(BigInteger, default=0)  # +1 on every change of holder
+    acquired_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    renewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 # The metrics collector reads jobs that started / finished since its last scrape.
 Index("ix_jobs_started_at", Job.started_at)
 Index("ix_jobs_finished_at", Job.finished_at)

@@ -26,7 +26,7 @@ QKV_LAYOUTS = ("separate", "fused")
 #: ``Layout.head_norm``
 HEAD_NORMS = ("none", "per_head", "projection")
 #: ``Layout.ffn``
-FFN_LAYOUTS = ("gated", "fused")
+FFN_LAYOUTS = ("gated", "fused", "experts")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,11 @@ class Layout:
         every head (shared weights, never sliced: Qwen3, Gemma 3); ``projection`` = norms over
         the whole projection, ``heads*head_dim`` wide, sliced with the heads (OLMo-2).
     ffn: ``gated`` = ``gate_proj``/``up_proj``/``down_proj``; ``fused`` = one ``gate_up_proj``
-        whose rows are ``[gate | up]`` and ``down_proj`` (Phi-3).
+        whose rows are ``[gate | up]`` and ``down_proj`` (Phi-3); ``experts`` = a routed
+        mixture of experts stored as transformers 5.x fused 3-D parameters,
+        ``mlp.experts.gate_up_proj`` ``[E, 2F, D]`` (per expert ``[gate | up]``) and
+        ``mlp.experts.down_proj`` ``[E, D, F]``, behind the router ``mlp.gate`` (Mixtral,
+        Qwen3-MoE; :mod:`slimgpt_core.families._moe`).
     """
 
     qkv: str = "separate"
@@ -81,8 +85,14 @@ class Family:
     #: The stock config refuses ``hidden_size % num_attention_heads != 0`` even with an
     #: explicit ``head_dim``, so a ``uniform`` export must keep head counts that divide it.
     heads_divide_hidden: ClassVar[bool] = False
+    #: The ``config.json`` key of the FFN width that pruning narrows (a ``uniform`` export
+    #: writes the kept width there; Qwen3-MoE's experts use ``moe_intermediate_size``).
+    ffn_width_key: ClassVar[str] = "intermediate_size"
     #: Values the stock config class uses when ``config.json`` leaves a key out.
     config_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Why the vLLM plugin (``slimgpt_vllm``) does not serve this family's ``hetero`` exports;
+    #: None when it does. The plugin refuses such a checkpoint with it; the model card says it.
+    vllm_hetero_refusal: ClassVar[str | None] = None
 
     # -- torch-free: config -> the numbers the plan needs ---------------------------------------
     def get(self, config: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -91,12 +101,17 @@ class Family:
             value = self.config_defaults.get(key, default)
         return value
 
+    def check_supported(self, config: Mapping[str, Any]) -> None:
+        """Raise :class:`~slimgpt_core.schedule.PlanError` for a variant of this family that
+        the adapter refuses (the worker calls this right after reading ``config.json``)."""
+
     def shape_fields(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Keyword arguments of :class:`~slimgpt_core.schedule.ModelShape` for ``config``.
 
         Raises ``KeyError`` for a missing required key and ``ValueError``/``TypeError`` for a
         malformed one (the caller turns both into a clear error).
         """
+        self.check_supported(config)
         hidden = int(config["hidden_size"])
         heads = int(config["num_attention_heads"])
         bias = bool(self.get(config, "attention_bias", False))
@@ -106,7 +121,7 @@ class Family:
             "num_heads": heads,
             "num_kv_heads": int(self.get(config, "num_key_value_heads") or heads),
             "head_dim": int(self.get(config, "head_dim") or hidden // heads),
-            "intermediate_size": int(config["intermediate_size"]),
+            "intermediate_size": int(config[self.ffn_width_key]),
             "vocab_size": int(config["vocab_size"]),
             "tie_word_embeddings": bool(self.get(config, "tie_word_embeddings", False)),
             "qkv_bias": bias,
@@ -140,6 +155,10 @@ class Family:
         """The FFN output projection, one column per channel."""
         return layer.mlp.down_proj
 
+    def ffn_width(self, layer: Any) -> int:
+        """FFN channels ``layer`` has now (per expert in a mixture of experts)."""
+        return int(self.down_proj(layer).in_features)
+
     def widths(self, layer: Any) -> tuple[int, int, int]:
         """``(query heads, KV heads, FFN channels)`` that ``layer``'s modules have now."""
         attn = layer.self_attn
@@ -149,7 +168,7 @@ class Family:
             kv = (attn.qkv_proj.out_features - heads * d) // (2 * d)
         else:
             kv = attn.k_proj.out_features // d
-        return heads, kv, self.down_proj(layer).in_features
+        return heads, kv, self.ffn_width(layer)
 
     def residual_scale(self, layer: Any) -> float:
         """Factor on each branch's output before it joins the residual stream."""

@@ -20,6 +20,13 @@ class Olmo2(Family):
     attn_out_norm = "post_attention_layernorm"
     ffn_in_norm = None
     ffn_out_norm = "post_feedforward_layernorm"
+    vllm_hetero_refusal = (
+        "vLLM (0.32) has no OLMo-2 layers of its own for the SlimGPT plugin to build from (it "
+        "runs OLMo-2 through its Transformers backend), and OLMo-2's q/k norms run over the "
+        "whole projection, so the zero heads and KV copies that uneven (gqa_policy 'free') or "
+        "tensor-parallel widths are served with would change the root-mean-square they divide "
+        "by. Serve the uniform export (vLLM loads it as it is) or this one with transformers "
+        "(trust_remote_code=True).")
 
 
 FAMILY = Olmo2()

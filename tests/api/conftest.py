@@ -142,7 +142,7 @@ class RecordingPublisher:
 
 @dataclass
 class Outbox:
-    """A dispatcher on the test database, run one pass at a time."""
+    """A dispatcher on the test database, run one pass at a time (as the leader)."""
 
     dispatcher: Any
     publisher: RecordingPublisher
@@ -162,12 +162,13 @@ def publisher() -> RecordingPublisher:
 @pytest.fixture
 def outbox(settings: Settings) -> Iterator[Outbox]:
     from app.dispatcher import Dispatcher
+    from app.leader import SingleProcessLeadership
 
     publisher = RecordingPublisher()
     prod = settings.model_copy(update={"broker_url": "redis://recording.invalid/0"})
     d = Dispatcher(prod, sessionmaker(bind=db_session.get_engine(settings),
                                       expire_on_commit=False), publisher=publisher,
-                   sweep_grace_s=0)
+                   leadership=SingleProcessLeadership(), sweep_grace_s=0)
     try:
         yield Outbox(d, publisher)
     finally:

@@ -117,11 +117,18 @@ def test_the_sweeper_requeues_a_job_whose_lease_expired_and_sends_it_after_the_b
     assert job["id"] in outbox.run_pass()
 
 
+def wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s"
+        time.sleep(0.05)
+
+
 def test_an_embedded_leader_is_always_elected():
     assert SingleProcessLeadership().acquire()
 
 
-def test_only_one_postgres_candidate_leads_until_it_goes(settings):
+def test_only_one_postgres_candidate_leads_until_it_steps_down(settings):
     if settings.is_sqlite:
         pytest.skip("leader election through Postgres")
     a, b = PostgresLeadership(str(settings.database_url)), PostgresLeadership(
@@ -129,12 +136,55 @@ def test_only_one_postgres_candidate_leads_until_it_goes(settings):
     try:
         assert a.acquire()
         assert not b.acquire()
-        a.release()  # the leader's process or connection dies
+        a.release()  # a clean stop gives the lease up
         assert b.acquire()
         assert not a.acquire()
     finally:
         a.release()
         b.release()
+
+
+def test_a_candidate_takes_over_at_once_when_the_leaders_session_is_gone(settings):
+    if settings.is_sqlite:
+        pytest.skip("leader election through Postgres")
+    a, b = (PostgresLeadership(str(settings.database_url), lease_s=60) for _ in range(2))
+    try:
+        assert a.acquire()
+        a._close()  # the process died or lost its connection; the lease has 60 s left
+        wait_for(b.acquire, 5)
+    finally:
+        a.release()
+        b.release()
+
+
+def test_a_frozen_leader_loses_the_lease_once_it_expires_and_does_not_send_after(
+        settings, submit, db):
+    """The leader's session stays open (a frozen process): only the lease's expiry frees it.
+    Resumed, the ex-leader's dispatcher sends nothing and stands down."""
+    if settings.is_sqlite:
+        pytest.skip("leader election through Postgres")
+    from app.dispatcher import Dispatcher
+    from tests.api.conftest import RecordingPublisher
+
+    lease_s = 0.9
+    url = str(settings.database_url)
+    frozen, other = PostgresLeadership(url, lease_s), PostgresLeadership(url, lease_s)
+    publisher = RecordingPublisher()
+    prod = settings.model_copy(update={"broker_url": "redis://recording.invalid/0"})
+    d = Dispatcher(prod, db, publisher=publisher, leadership=frozen, sweep_grace_s=0)
+    try:
+        assert frozen.acquire()
+        assert not other.acquire()  # the lease is live
+        t0 = time.monotonic()
+        wait_for(other.acquire, 5)  # nobody renewed: taken once the lease ran out
+        assert time.monotonic() - t0 >= lease_s * 0.9
+        job = submit()
+        assert d.publish_due() == 0  # the resumed ex-leader checks before sending
+        assert job["id"] not in publisher.job_ids
+        assert not frozen.acquire() and other.acquire()
+    finally:
+        d.stop()
+        other.release()
 
 
 def test_the_leader_is_woken_by_a_commit_in_another_session_within_a_second(settings, submit,

@@ -47,7 +47,8 @@ def test_estimate_plan_error_is_422(client, tenant):
                     headers=tenant.headers)
     detail = r.json()["detail"]
     assert r.status_code == 422 and "'gpt2' is not supported" in detail
-    assert all(t in detail for t in ("llama", "qwen3", "gemma3_text", "phi3", "olmo2", "granite"))
+    assert all(t in detail for t in ("llama", "qwen3", "gemma3_text", "phi3", "olmo2", "granite",
+                                     "mixtral", "qwen3_moe"))
 
 
 def test_estimate_missing_config_key_is_422(client, tenant):

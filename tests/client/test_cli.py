@@ -377,6 +377,9 @@ def test_version_and_shell_completion(capsys, monkeypatch):
     assert main(["--version"]) == EXIT_OK
     assert capsys.readouterr().out.strip() == f"slimgpt {__version__}"
     # What the script `slimgpt --install-completion` installs asks: complete "slimgpt hub-t".
+    # Not `--show-completion bash`: that option is a flag that ignores "bash" and detects the
+    # shell from the process ancestry (shellingham), so the outcome depended on what launched
+    # pytest (nearest shell dash: "Shell dash not supported", exit 1).
     monkeypatch.setenv("_SLIMGPT_COMPLETE", "complete_bash")
     monkeypatch.setenv("COMP_WORDS", "slimgpt hub-t")
     monkeypatch.setenv("COMP_CWORD", "1")

@@ -41,13 +41,26 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
                 {"embedding_multiplier": 4.0, "residual_multiplier": 0.5,
                  "attention_multiplier": 0.1, "logits_scaling": 2.0, "attention_bias": True,
                  "mlp_bias": True}),
+    # Mixture of experts: 4 experts of 512 channels, 2 per token (Mixtral's intermediate_size,
+    # Qwen3-MoE's moe_intermediate_size; Qwen3-MoE's dense intermediate_size is then unused).
+    # Expert widths move in steps of 8 channels in every expert, so experts narrower than
+    # this make steps too coarse for a 3-layer toy to meet the target within 1%.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 512,
+                 "sliding_window": 16}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 512,
+                   "norm_topk_prob": True}),
 }
+#: The cases whose FFN is a routed mixture of experts.
+MOE_FAMILIES = ["mixtral", "qwen3_moe"]
 FAMILIES = list(CASES)
 
 
-def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(family: str, seed: int = 0,
+               overrides: dict[str, Any] | None = None) -> PreTrainedModel:
     config_name, model_name, extra = CASES[family]
-    config = getattr(transformers, config_name)(**{**COMMON, **extra})
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, **(overrides or {})})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():

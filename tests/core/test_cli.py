@@ -80,6 +80,12 @@ def test_heal_flag_distils_and_reports_it(model_dir: Path, tmp_path: Path,
                       "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["heal"]["mode"] == "lora" and summary["heal"]["steps"] == 256 // (4 * 32)
+    # The card's recipe says the model was healed, and how (its settings decide the weights).
+    from huggingface_hub import ModelCard
+
+    recipe = ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()["slimgpt_recipe"]
+    assert recipe["heal"] == summary["heal"]["settings"]
+    assert recipe["heal"]["tokens"] == 256 and recipe["heal"]["mode"] == "lora"
 
 
 def test_default_gqa_policy_follows_the_profile(model_dir: Path, tmp_path: Path) -> None:
@@ -140,3 +146,20 @@ def test_dry_run_prints_resources_per_gpu_without_loading_weights(
     h200 = [e for e in doc["estimates"] if e["gpu_type"] == "h200"]
     assert [e["gpus"] for e in h200] == [1, 2, 4, 8]
     assert all(e["fits"] and e["peak_gpu_gb"] > 0 and e["predicted_s"] > 0 for e in h200)
+
+
+def test_a_dead_gpu_rank_is_a_clear_error_that_says_how_to_resume(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import slimgpt_core.multi_gpu
+    from slimgpt_core.errors import RankFailed
+
+    def rank_dies(*_args: object, **_kwargs: object) -> None:
+        raise RankFailed("helper rank 1 (pid 42) was killed by SIGKILL", rank=1,
+                         cause="was killed by SIGKILL")
+
+    monkeypatch.setattr(slimgpt_core.multi_gpu, "prune_streamed", rank_dies)
+    assert main(_args(model_dir, tmp_path, "--stream")) == 1
+    err = capsys.readouterr().err
+    assert "helper rank 1 (pid 42) was killed by SIGKILL" in err
+    assert "--checkpoint-dir" in err and ".out.layers-" in err

@@ -49,6 +49,26 @@ def test_gpu_memory_model_reproduces_the_recorded_peaks(runs) -> None:
         assert abs(pred / r["peak_gpu_GiB"][0] - 1) <= 0.1, r["label"]
 
 
+def test_host_memory_model_reproduces_the_whole_model_runs_summed_over_ranks() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        from fit_costs import host_pred_meas, load
+    finally:
+        sys.path.remove(str(BENCH))
+    full = load(BENCH / "results" / "h200_scale_full.jsonl")
+    assert {r["gpus"] for r in full} == {1, 2}
+    for r in full:
+        pred, measured = host_pred_meas(r)  # a 2-GPU run: both processes' VmHWM summed
+        assert abs(pred / measured - 1) <= 0.1, r["label"]
+
+
+def test_every_rank_of_a_multi_gpu_job_counts_in_its_host_memory() -> None:
+    shape, plan = _shape_plan()
+    one = estimate_resources(shape, plan, gpu_type="h200", gpus=1)
+    eight = estimate_resources(shape, plan, gpu_type="h200", gpus=8)
+    assert eight.peak_host_gb > 6 * one.peak_host_gb
+
+
 def _shape_plan():
     shape = ModelShape.from_config(LLAMA3_70B)
     return shape, make_plan(shape, 0.2)

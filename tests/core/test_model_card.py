@@ -47,7 +47,10 @@ def test_card_metadata_parses_with_the_hubs_parser(tmp_path):
 def test_card_text_has_results_recipe_loading_and_serving(tmp_path):
     _, text = _card(tmp_path)
     assert "20.500" in text and "27.250" in text and "Salesforce/wikitext, 16 x 512" in text
-    assert "slimgpt prune --model BASE --out DIR --ratio 0.2 --schedule log" in text
+    assert ("slimgpt prune --model HuggingFaceTB/SmolLM2-135M --out DIR --revision abc123 "
+            "--ratio 0.2 --schedule log") in text
+    assert ("slimgpt submit --model HuggingFaceTB/SmolLM2-135M --revision abc123 --ratio 0.2"
+            in text and "--calib-source c4" in text)
     assert "--nsamples 128 --seqlen 2048 --seed 0" in text
     assert "`allenai/c4` (en, train)" in text
     assert 'from_pretrained("my-org/SmolLM2-135M-slim20", trust_remote_code=True)' in text
@@ -67,3 +70,25 @@ def test_an_uploaded_evaluation_file_is_in_the_table_but_not_in_model_index(tmp_
 def test_a_local_base_model_has_no_base_model_metadata(tmp_path):
     card, _ = _card(tmp_path, base="tiny4")
     assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+
+
+def test_zero_shot_accuracy_on_a_hub_task_is_in_model_index_and_the_table(tmp_path):
+    zero_shot = {"arc_easy": {"acc": 0.6123, "acc_norm": 0.5891, "samples": 2376,
+                              "dataset": "allenai/ai2_arc", "config": "ARC-Easy",
+                              "split": "test", "num_fewshot": 0}}
+    text = render_model_card(base_model_id="HuggingFaceTB/SmolLM2-135M", base_revision=None,
+                             license="apache-2.0", profile="hetero",
+                             pruning={**PRUNING, "zero_shot": zero_shot},
+                             calibration=CALIBRATION, eval_metrics=WIKITEXT,
+                             library_version="0.1.0")
+    (tmp_path / "README.md").write_text(text)
+    card = ModelCard.load(tmp_path / "README.md")
+    results = {(r.dataset_type, r.metric_type): r for r in card.data.eval_results}
+    acc = results["allenai/ai2_arc", "acc"]
+    assert (acc.metric_value, acc.dataset_config, acc.dataset_split) == (0.6123, "ARC-Easy",
+                                                                         "test")
+    assert "2376 examples, 0-shot" in acc.metric_name
+    assert results["allenai/ai2_arc", "acc_norm"].metric_value == 0.5891
+    assert ("Salesforce/wikitext", "perplexity") in results
+    assert "allenai/ai2_arc" in card.data.datasets
+    assert "| zero-shot arc_easy acc (allenai/ai2_arc, 2376 examples; lm-eval) | – | 0.6123 |" in text

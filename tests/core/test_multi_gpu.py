@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from slimgpt_core.errors import RankFailed
 from slimgpt_core.multi_gpu import HelperFailed, prune_streamed
 from slimgpt_core.pruner import PruneConfig, prune_model
 from slimgpt_core.streaming import open_streamed
@@ -42,6 +49,99 @@ def test_a_helper_that_dies_fails_the_job_at_once(tmp_path: Path) -> None:
     base.save_pretrained(tmp_path / "dense")
     streamed = open_streamed(tmp_path / "dense")
     streamed.folder = tmp_path / "gone"  # the helper cannot open the model
-    with pytest.raises(HelperFailed, match="rank 1 exited"):
+    with pytest.raises(HelperFailed, match="rank 1 .*exited with code 1"):
         prune_streamed(streamed, windows(4), PruneConfig(**CFG, checkpoint_dir=tmp_path / "c"),
                        gpus=2, work_dir=tmp_path / "work")
+
+
+def _helper_pids(work_dir: Path) -> list[int]:
+    """Live processes started as helpers of the job whose files are in ``work_dir``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().split(") ")[-1].split()[0]
+        except OSError:
+            continue
+        if "slimgpt_core.multi_gpu" in cmd and str(work_dir) in cmd and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(180)
+def test_a_rank_killed_mid_job_fails_it_within_seconds_naming_it_and_the_job_resumes(
+        tmp_path: Path) -> None:
+    base = tiny_llama(num_heads=8, num_kv_heads=2, layers=4)
+    base.save_pretrained(tmp_path / "dense")
+    ids = windows(4)
+    config = PruneConfig(**CFG, checkpoint_dir=tmp_path / "ckpt")
+    work = tmp_path / "work"
+    killed: list[float] = []
+
+    def kill_rank_1_after_layer_0(event) -> None:
+        if event.phase == "layer_done" and event.layer == 0:
+            pid = min(_helper_pids(work))  # rank 1 was started first
+            assert os.getpgid(pid) != os.getpgid(0)  # group signals to the worker miss it
+            os.kill(pid, signal.SIGKILL)
+            killed.append(time.monotonic())
+
+    # Three ranks: the survivor (rank 2) must be stopped too, not left waiting.
+    with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) was killed by SIGKILL") as err:
+        prune_streamed(open_streamed(tmp_path / "dense"), ids, config, gpus=3, work_dir=work,
+                       progress=kill_rank_1_after_layer_0)
+    assert time.monotonic() - killed[0] < 10.0  # not the 900 s collective timeout
+    assert err.value.rank == 1
+    assert _helper_pids(work) == []
+    assert (tmp_path / "ckpt" / "layer_0000.safetensors").exists()
+
+    # Resumed on another number of ranks: the checkpoints do not depend on it.
+    resumed = prune_streamed(open_streamed(tmp_path / "dense"), ids, config, gpus=2,
+                             work_dir=work)
+    assert resumed.resumed_from >= 1 and len(resumed.layers) == 4
+    single = prune_model(copy.deepcopy(base), ids, PruneConfig(**CFG))
+    assert [(r.heads_kept, r.channels_kept) for r in resumed.layers] == \
+        [(r.heads_kept, r.channels_kept) for r in single.layers]
+
+
+# A stand-in leader that starts one helper-like process, which follows it the way a helper
+# rank does, then waits to be killed. (On gloo a helper would also notice its leader's closed
+# sockets; NCCL ranks on one host would wait for the collective timeout.)
+LEADER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c",
+        "from slimgpt_core.multi_gpu import _follow_leader; import time; "
+        "_follow_leader(); print('following', flush=True); time.sleep(600)"],
+        env=dict(os.environ, SLIMGPT_LEADER_PID=str(os.getpid())), stdout=sys.stdout)
+    print(child.pid, flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_helper_rank_exits_when_its_leader_is_killed() -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    leader = subprocess.Popen([sys.executable, "-c", LEADER], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    assert leader.stdout is not None
+    child = int(leader.stdout.readline())
+    try:
+        assert leader.stdout.readline().strip() == "following"
+        leader.kill()
+        leader.wait()
+        deadline = time.monotonic() + 5.0
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        leader.kill()
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -78,7 +78,7 @@ def test_downdate_equals_inverse_of_reduced_hessian() -> None:
 
 
 def test_sequential_group_removals_equal_one_joint_removal() -> None:
-    W, X, H = _problem()
+    W, _X, H = _problem()
     W1, W2 = W.clone(), W.clone()
     h1, h2 = torch.linalg.inv(H), torch.linalg.inv(H)
     e1 = remove_group(W1, h1, torch.tensor([2, 3])) + remove_group(W1, h1, torch.tensor([7]))

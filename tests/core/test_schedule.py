@@ -18,13 +18,13 @@ from slimgpt_core.schedule import (
     schedule_ratios,
 )
 
-SMOLLM2 = dict(model_type="llama", hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-               head_dim=64, num_hidden_layers=30, intermediate_size=1536, vocab_size=49152,
-               tie_word_embeddings=True)
-LLAMA_7B = dict(model_type="llama", hidden_size=4096, num_attention_heads=32,
-                num_hidden_layers=32, intermediate_size=11008, vocab_size=32000)
-LLAMA_13B = dict(model_type="llama", hidden_size=5120, num_attention_heads=40,
-                 num_hidden_layers=40, intermediate_size=13824, vocab_size=32000)
+SMOLLM2 = {"model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
+           "num_key_value_heads": 3, "head_dim": 64, "num_hidden_layers": 30,
+           "intermediate_size": 1536, "vocab_size": 49152, "tie_word_embeddings": True}
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+            "num_hidden_layers": 32, "intermediate_size": 11008, "vocab_size": 32000}
+LLAMA_13B = {"model_type": "llama", "hidden_size": 5120, "num_attention_heads": 40,
+             "num_hidden_layers": 40, "intermediate_size": 13824, "vocab_size": 32000}
 
 
 @pytest.mark.parametrize("config", [SMOLLM2, LLAMA_7B, LLAMA_13B], ids=["30L", "32L", "40L"])

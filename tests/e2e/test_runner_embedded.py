@@ -152,3 +152,11 @@ def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
     # Healing happens after the last layer and before the export is verified.
     phases = [e["phase"] for e in rows]
     assert phases.index("verifying") > rows.index(heal_events[-1])
+    # The published card's recipe records the healing step with the pruning settings.
+    from huggingface_hub import ModelCard
+
+    (card_path,) = Path(settings.artifacts_dir).glob(f"**/{job_id}/**/README.md")
+    recipe = ModelCard.load(card_path).data.to_dict()["slimgpt_recipe"]
+    assert recipe["heal"]["tokens"] == 1_000 and recipe["heal"]["mode"] == "lora"
+    assert recipe["heal"]["windows"] == 1_000 // 32 and recipe["calibration"]["source"]
+    assert recipe["pruning"]["percdamp"] == 0.01 and recipe["dtype"]

@@ -7,6 +7,7 @@ One job runs in-process with a tenant Hub token; the API sends its message to th
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,7 +108,11 @@ def hub_job(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             old_level = logging.getLogger().level
             logging.getLogger().setLevel(logging.DEBUG)
             try:
-                run_job(job_id, settings, model_source=source, hub_publisher_factory=factory)
+                # Its own stop flag: by default an in-process job shares the process-wide
+                # SIGTERM flag (worker.lifecycle.STOP), which any earlier test of this pytest
+                # process may have left set; the job would then hand itself back at once.
+                run_job(job_id, settings, model_source=source, hub_publisher_factory=factory,
+                        stop_event=threading.Event())
             finally:
                 logging.getLogger().removeHandler(handler)
                 logging.getLogger().setLevel(old_level)

@@ -33,7 +33,7 @@ def test_hetero_reload_has_per_layer_widths_and_equal_logits(exported, case):
 
 
 def test_free_policy_case_has_an_irregular_kv_index_layer(exported):
-    result, folder = exported("gqa_free", "hetero")
+    _result, folder = exported("gqa_free", "hetero")
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["layer_kv_index"] is not None
     irregular = [idx for idx, h, kv in zip(cfg["layer_kv_index"], cfg["layer_num_heads"],

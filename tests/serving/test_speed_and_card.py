@@ -59,3 +59,10 @@ def test_uniform_card_serves_without_plugin_except_qwen2():
     assert "no plugin needed" in serving_text("uniform", "o/m", "LlamaForCausalLM")
     qwen = serving_text("uniform", "o/m", "Qwen2ForCausalLM")
     assert "cannot load" in qwen and "hetero" in qwen
+
+
+def test_hetero_card_says_when_the_vllm_plugin_does_not_serve_the_family():
+    served = serving_text("hetero", "o/m", "SlimGPTQwen3ForCausalLM")
+    assert "vllm serve o/m" in served
+    olmo = serving_text("hetero", "o/m", "SlimGPTOlmo2ForCausalLM")
+    assert "does not serve" in olmo and "vllm serve" not in olmo

@@ -96,12 +96,12 @@ def transformers_reference(folder: Path, profile: str, prompts: list[list[int]])
 
 
 def _run_vllm(python: Path, models: list[dict], prompts: list[list[int]], workdir: Path,
-              **env: str) -> dict:
+              spec_extra: dict | None = None, **env: str) -> dict:
     workdir.mkdir()
     spec = workdir / "spec.json"
     result = workdir / "result.json"
     spec.write_text(json.dumps({"models": models, "prompts": prompts, "max_tokens": MAX_TOKENS,
-                                "logprobs": TOP_LOGPROBS}))
+                                "logprobs": TOP_LOGPROBS, **(spec_extra or {})}))
     log = workdir / "vllm.log"
     with log.open("w") as fh:
         proc = subprocess.run([str(python), str(HERE / "vllm_generate.py"), str(spec),

@@ -12,16 +12,21 @@ from sqlalchemy.exc import OperationalError
 from worker.lifecycle import STOP, process_prefix, retry_db, stop_on_sigterm
 
 
-def test_sigterm_during_a_job_sets_the_stop_flag_instead_of_exiting() -> None:
+@pytest.fixture
+def clean_stop_flag():
+    # The flag is process-wide: left set (also when an assertion fails), it would make every
+    # later in-process job of this pytest process that uses it hand itself back.
+    yield
+    STOP.clear()
+
+
+def test_sigterm_during_a_job_sets_the_stop_flag_instead_of_exiting(clean_stop_flag) -> None:
     before = signal.getsignal(signal.SIGTERM)
     with stop_on_sigterm() as stop:
         assert stop is STOP and not stop.is_set()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.wait(5)
     assert signal.getsignal(signal.SIGTERM) == before  # restored after the job
-    # The flag is process-wide: left set, it would make every later job in this test process
-    # hand itself back (tests/e2e/test_runner_hub.py runs jobs in-process).
-    STOP.clear()
 
 
 def _flaky(failures: int):

@@ -72,8 +72,18 @@ def test_offline_mode_uses_the_cache_without_lookup(tmp_path: Path) -> None:
 
 def test_unsupported_model_type_fails_before_weights(tmp_path: Path, online: None) -> None:
     hub = FakeHub(tmp_path, {**GOOD_FILES, "config.json": '{"model_type": "bert"}'})
-    with pytest.raises(UnsupportedModelError, match="bert.*not supported.*llama, mistral"):
+    with pytest.raises(UnsupportedModelError, match="bert.*not supported.*llama, mistral, mixtral.*qwen3, qwen3_moe"):
         make_source(hub).resolve("org/bert")
+    assert len([c for c in hub.calls if c[0] == "snapshot_download"]) == 1
+
+
+def test_moe_variant_the_adapter_refuses_fails_before_weights(tmp_path: Path,
+                                                             online: None) -> None:
+    config = ('{"model_type": "qwen3_moe", "mlp_only_layers": [0], "hidden_size": 64, '
+              '"num_experts": 4}')
+    hub = FakeHub(tmp_path, {**GOOD_FILES, "config.json": config})
+    with pytest.raises(UnsupportedModelError, match="org/moe.*dense FFN layers.*not supported"):
+        make_source(hub).resolve("org/moe")
     assert len([c for c in hub.calls if c[0] == "snapshot_download"]) == 1
 
 

@@ -143,3 +143,12 @@ def test_a_cache_miss_under_hf_hub_offline_is_hub_offline_not_internal_error(mon
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     code, _, retryable = describe_exception(miss)  # online: the download failed, try again
     assert code == "hub_unavailable" and retryable
+
+
+def test_a_dead_gpu_rank_is_a_named_retryable_error() -> None:
+    from slimgpt_core.errors import RankFailed
+
+    desc = describe_exception(RankFailed("helper rank 1 (pid 42) was killed by SIGKILL",
+                                         rank=1, cause="was killed by SIGKILL"))
+    assert desc.code == "gpu_rank_failed" and desc.retryable
+    assert "rank 1" in desc.message and "SIGKILL" in desc.message
