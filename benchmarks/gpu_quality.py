@@ -1,15 +1,17 @@
 """SmolLM2-135M on a GPU: more calibration for the time, and what healing buys (fp32, CUDA).
 
     python benchmarks/gpu_quality.py --gguf PATH --data DIR --sizes 20=114836544 50=84303360 \
-        [--config '{"target": "dense"}'] [--out results.jsonl]
+        [--sizes-from quality_rows.jsonl] [--config '{"target": "dense"}'] [--out results.jsonl]
 
 ``--sizes`` gives, per point, the total parameter count to prune to (the authors' recreation's
-size from ``quality_smollm2.py``); every run is matched to it. What runs:
+size from ``quality_smollm2.py``; ``--sizes-from`` reads it from that script's output); every
+run is matched to it. What runs:
 
 * the default at 64 x 512 calibration windows (the baseline, and the pruning time);
 * 128 / 256 / 512 windows of 512 tokens (``--calib-windows``): quality and time;
 * healing the baseline with LoRA and with full weights, the token budget chosen so that the
-  healing takes about as long as the pruning did (``--heal-tokens`` overrides).
+  healing takes ``--heal-time-factors`` times as long as the pruning did (default 1: the same
+  time; the step rate is measured on a warm probe first; ``--heal-tokens`` overrides).
 
 Perplexity on the first ``--eval-windows`` windows of 512 tokens of ``eval.txt``.
 """

@@ -218,3 +218,21 @@ def test_head_swaps_end_in_a_local_optimum_within_the_policy(policy: str, total:
     units = [_cols([h]) for h in range(HEADS)]
     assert err <= _best_single_swap(W, X, _cols(removed), units, valid) * (1 + 1e-3)
     assert result.error == pytest.approx(2 / X.shape[1] * err, rel=1e-6)
+
+
+def test_head_swaps_skip_moves_whose_update_is_numerically_indefinite(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # On SmolLM2 (dense target + allocation) fp32 cancellation made a trial swap's blocks
+    # indefinite; such a move is not a candidate, and the search must not fail on it.
+    from slimgpt_core import local_search
+
+    def indefinite(*_args: object, **_kw: object) -> None:
+        raise torch.linalg.LinAlgError("the leading minor of order 2 is not positive-definite")
+
+    W, _, H = _latent_problem(HEADS * HEAD_DIM, 4)  # a seed where swaps improve on greedy
+    kw = {"num_heads": HEADS, "num_kv_heads": KV, "head_dim": HEAD_DIM, "heads_to_remove": 3,
+          "policy": "free", "percdamp": TINY_DAMP}
+    greedy = prune_heads(W.clone(), H, **kw)  # type: ignore[arg-type]
+    monkeypatch.setattr(local_search, "_restore", indefinite)
+    result = prune_heads(W.clone(), H, swaps=10, **kw)  # type: ignore[arg-type]
+    assert result.swaps == 0 and result.kept_heads == greedy.kept_heads
