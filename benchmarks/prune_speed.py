@@ -12,6 +12,7 @@ Placements (``--placement``):
     python benchmarks/prune_speed.py --placement disk --model /tmp/m13
     python benchmarks/prune_speed.py --shape 70b --placement generated [--stop-after 8] [--gpus 2]
     python benchmarks/prune_speed.py --shape tiny --placement host --device cpu --nsamples 4 --seqlen 128
+    python benchmarks/prune_speed.py --shape 7b --placement resident --allocation sensitivity --target dense
 
 Prints one JSON line: per-phase seconds, per-layer wall seconds, peak GPU memory (torch's
 allocator high-water mark, per rank) and peak host memory (VmHWM of the pruning process).
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--stop-after", type=int, default=None, help="prune only the first N layers")
     ap.add_argument("--no-prefetch", action="store_true")
+    # Spelled out so a run measures the same thing whatever PruneConfig's defaults are.
+    ap.add_argument("--allocation", choices=["schedule", "sensitivity"], default="schedule")
+    ap.add_argument("--target", choices=["layer", "dense"], default="layer")
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     ap.add_argument("--trace", type=Path, default=None, help="append a line per finished layer")
@@ -105,7 +109,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     config = PruneConfig(target_ratio=args.ratio, batch_size=args.batch_size, device=args.device,
                          min_group=args.min_group, resident=args.placement == "resident",
-                         prefetch=not args.no_prefetch, stop_after=args.stop_after)
+                         prefetch=not args.no_prefetch, stop_after=args.stop_after,
+                         allocation=args.allocation, target=args.target)
     stamps: list[float] = []
     wall0 = time.perf_counter()
 
@@ -148,6 +153,7 @@ def main() -> None:
     dump({
         "label": args.label, "shape": shape_name, "placement": args.placement,
         "gpus": args.gpus, "prefetch": not args.no_prefetch, "ratio": args.ratio,
+        "allocation": args.allocation, "target": args.target,
         "windows": args.nsamples, "seqlen": args.seqlen, "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
         "layers_pruned": layers_done, "num_layers": model.config.num_hidden_layers,
