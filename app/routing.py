@@ -108,7 +108,7 @@ def _plan_inputs(request: Mapping[str, Any], config: Mapping[str, Any]) -> tuple
     calib = request.get("calibration") or {}
     shape = ModelShape.from_config(config)
     plan = make_plan(shape, float(request["target_ratio"]), request.get("schedule", "log"),
-                     pruning.get("gqa_policy", "balanced"), float(pruning.get("alpha", 0.25)),
+                     pruning.get("gqa_policy"), float(pruning.get("alpha", 0.25)),
                      pruning.get("heads"), pruning.get("ffn"),
                      (request.get("export") or {}).get("profile") == "uniform")
     work = Workload(int(calib.get("num_samples", 128)), int(calib.get("seq_len", 2048)))

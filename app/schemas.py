@@ -15,6 +15,8 @@ from pydantic import (
     model_validator,
 )
 
+from slimgpt_core.schedule import default_gqa_policy  # torch-free
+
 #: Hub repo id syntax: ``owner/name``; letters, digits, '-', '_', '.'; no '--' or '..';
 #: neither part starts or ends with '-' or '.'; at most 96 characters per part.
 _HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
@@ -172,7 +174,7 @@ ScheduleSpec = (
 def _resolve_gqa_policy(pruning: PruningSpec, profile: str) -> None:
     """Fill the profile's default GQA policy; a plain (`uniform`) config cannot carry `free`."""
     if pruning.gqa_policy is None:
-        pruning.gqa_policy = "free" if profile == "hetero" else "balanced"
+        pruning.gqa_policy = default_gqa_policy(plain_heads=profile == "uniform")
     elif pruning.gqa_policy == "free" and profile == "uniform":
         raise ValueError(
             "pruning.gqa_policy 'free' gives layers uneven head groups, which a plain config "

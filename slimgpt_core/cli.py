@@ -20,6 +20,7 @@ from slimgpt_core.calibration import (
 )
 from slimgpt_core.evaluate import perplexity
 from slimgpt_core.pruner import ProgressEvent, PruneConfig, PruneResult, prune_model
+from slimgpt_core.schedule import default_gqa_policy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,7 +36,7 @@ def check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--ratio must be in (0, 0.9], got {args.ratio}")
     schedule = args.schedule or ("uniform" if args.profile == "uniform" else "log")
     if args.gqa_policy is None:
-        args.gqa_policy = "balanced" if args.profile == "uniform" else "free"
+        args.gqa_policy = default_gqa_policy(plain_heads=args.profile == "uniform")
     if args.profile == "uniform":
         if schedule != "uniform":
             raise UsageError("--profile uniform needs identical layers: use --schedule uniform")

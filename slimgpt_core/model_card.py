@@ -219,7 +219,9 @@ def pruning_recipe(pruning: Mapping[str, Any],
         value = settings.get(key, pruning.get(key, default))
         prune[key] = list(value) if isinstance(value, (list, tuple)) else value
     if prune["gqa_policy"] is None:  # PruneConfig's own resolution
-        prune["gqa_policy"] = "balanced" if prune["plain_heads"] else "free"
+        from slimgpt_core.schedule import default_gqa_policy  # torch-free
+
+        prune["gqa_policy"] = default_gqa_policy(bool(prune["plain_heads"]))
     recipe: dict[str, Any] = {
         "base_model": base.get("id"),
         "base_revision": base.get("revision"),

@@ -42,7 +42,13 @@ from slimgpt_core.layer_io import (
 from slimgpt_core.layer_store import LayerSource, LayerStore
 from slimgpt_core.modeling_slimgpt import resize_layer
 from slimgpt_core.obs import damped_inverse, output_errors
-from slimgpt_core.schedule import LayerPlan, ModelShape, PruningPlan, make_plan
+from slimgpt_core.schedule import (
+    LayerPlan,
+    ModelShape,
+    PruningPlan,
+    default_gqa_policy,
+    make_plan,
+)
 
 METHODS: tuple[str, ...] = ("slimgpt", "no_compensation", "magnitude")
 #: What the compensation reconstructs. ``layer`` (the paper): each projection's own output on
@@ -77,8 +83,8 @@ class PruneConfig:
     target_ratio: float = 0.2
     schedule: str | Sequence[float] = "log"
     alpha: float = 0.25
-    #: None: ``free`` (the better model at equal size; needs the ``hetero`` artifact), or
-    #: ``balanced`` with ``plain_heads`` (a plain config needs equal head groups).
+    #: None: :func:`slimgpt_core.schedule.default_gqa_policy` (``free``, or ``balanced`` with
+    #: ``plain_heads``: a plain config needs equal head groups).
     gqa_policy: str | None = None
     head_ratio: float | None = None
     ffn_ratio: float | None = None
@@ -121,7 +127,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if self.gqa_policy is None:
-            self.gqa_policy = "balanced" if self.plain_heads else "free"
+            self.gqa_policy = default_gqa_policy(self.plain_heads)
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.target not in TARGETS:

@@ -34,6 +34,15 @@ ScheduleName = Literal["log", "linear", "uniform"]
 GQA_POLICIES: tuple[str, ...] = ("balanced", "group", "free")
 SCHEDULES: tuple[str, ...] = ("log", "linear", "uniform")
 
+
+def default_gqa_policy(plain_heads: bool = False) -> str:
+    """The GQA policy when none is given -- the one place that decides it (the pruner, the
+    dry-run estimate, the CLI, the API and the model card all ask here, so an estimate made
+    without a policy has the size the job will have). ``free``: the better model at equal size
+    (docs/BENCHMARKS.md, issue 15), but uneven head groups, which only the ``hetero`` artifact
+    describes; ``balanced`` with ``plain_heads`` (the ``uniform`` profile's plain config)."""
+    return "balanced" if plain_heads else "free"
+
 #: No layer may lose more than this share of its heads or channels: a layer pruned to nothing
 #: turns into a residual pass-through that OBS cannot compensate for.
 MAX_LAYER_RATIO = 0.95
@@ -387,7 +396,7 @@ def make_plan(
     shape: ModelShape,
     target_ratio: float,
     schedule: str | Sequence[float] = "log",
-    gqa_policy: str = "balanced",
+    gqa_policy: str | None = None,
     alpha: float = 0.25,
     head_ratio: float | None = None,
     ffn_ratio: float | None = None,
@@ -396,8 +405,11 @@ def make_plan(
     """Solve the schedule for ``target_ratio`` of decoder-layer parameters and plan every layer.
 
     ``schedule`` is a name from :data:`SCHEDULES` or an explicit list of per-layer ratios (used
-    as given, the target then only being reported against).
+    as given, the target then only being reported against). ``gqa_policy`` None:
+    :func:`default_gqa_policy`.
     """
+    if gqa_policy is None:
+        gqa_policy = default_gqa_policy(plain_heads)
     if not 0.0 < target_ratio < 1.0:
         raise PlanError(f"target ratio must be in (0, 1), got {target_ratio}")
     if not 0.0 <= alpha <= 1.0:
@@ -452,7 +464,7 @@ def estimate(
     config: Mapping[str, Any],
     target_ratio: float,
     schedule: str | Sequence[float] = "log",
-    gqa_policy: str = "balanced",
+    gqa_policy: str | None = None,
     alpha: float = 0.25,
     head_ratio: float | None = None,
     ffn_ratio: float | None = None,

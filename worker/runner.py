@@ -359,8 +359,7 @@ class JobRunner:
             schedule=req.get("schedule", "log"),
             alpha=float(pruning.get("alpha", 0.25)),
             # Requests resolve the policy from the profile; this fallback covers older rows.
-            gqa_policy=pruning.get("gqa_policy") or (
-                "balanced" if export.get("profile") == "uniform" else "free"),
+            gqa_policy=pruning.get("gqa_policy"),  # None: PruneConfig resolves it
             head_ratio=pruning.get("heads"),
             ffn_ratio=pruning.get("ffn"),
             percdamp=float(pruning.get("percdamp", 0.01)) * state.percdamp_boost,

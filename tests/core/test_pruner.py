@@ -342,6 +342,25 @@ def test_free_policy_model_has_exactly_the_planned_size(ratio: float, schedule: 
         assert any(lp["kv_heads_kept"] < 4 for lp in planned["layers"])
 
 
+
+@pytest.mark.parametrize("plain_heads", [False, True], ids=["hetero", "plain"])
+def test_estimate_without_a_policy_has_the_size_of_a_run_without_one(plain_heads: bool) -> None:
+    # One default GQA policy for the dry run and the pruner (it once was `balanced` for the
+    # estimate and `free` for PruneConfig); the two policies give different sizes here.
+    from slimgpt_core.schedule import estimate
+
+    model = tiny_llama(num_heads=8, num_kv_heads=4)
+    config, ratio = model.config.to_dict(), 0.2
+    sizes = {p: estimate(config, ratio, "log", p, plain_heads=plain_heads)["total_params_after"]
+             for p in ("free", "balanced")}
+    assert sizes["free"] != sizes["balanced"]
+    planned = estimate(config, ratio, "log", plain_heads=plain_heads)
+    result = _prune(model, target_ratio=ratio, plain_heads=plain_heads)
+    assert result.params_after == planned["total_params_after"] + (
+        result.params_before - planned["total_params_before"])
+    assert planned["gqa_policy"] == result.plan.gqa_policy == (
+        "balanced" if plain_heads else "free")
+
 # -- compensating towards the dense model -----------------------------------------------------
 def _hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
