@@ -175,8 +175,7 @@ def ratio_for_params(shape: ModelShape, total_params: int, config: dict[str, Any
     estimate is the real size)."""
     kw = {k: config[k] for k in ("schedule", "gqa_policy", "alpha", "head_ratio", "ffn_ratio",
                                  "plain_heads") if k in config}
-    # PruneConfig's own default policy (make_plan's differs): the size the run will have.
-    kw.setdefault("gqa_policy", "balanced" if config.get("plain_heads") else "free")
+    # Without a policy make_plan takes PruneConfig's default: the size the run will have.
 
     def total(r: float) -> int:
         return make_plan(shape, r, **kw).total_params_after
