@@ -13,7 +13,15 @@ leader watches its helpers (:class:`RankWatch`): when one exits abnormally it ki
 others, aborts its own process group (so a collective waiting for the dead rank returns) and
 the job fails with :class:`~slimgpt_core.errors.RankFailed` naming the rank and how it ended,
 within about a second. Finished layers are already checkpointed, so the next attempt resumes
-after them. A helper whose leader dies is killed by the kernel (``PR_SET_PDEATHSIG``) or, where
+after them. A helper that exits with status 0 before it has finished its part of the job is a
+failure too. A helper that is alive but hung (SIGSTOPped, stuck in a kernel) is found by its
+heartbeat (:class:`Heartbeat`: a file it rewrites every half second with how many collectives
+it has entered and finished): the watch fails the job when a helper's heartbeat stops, or when
+it makes no progress outside a collective, for the *stall time*: the largest of
+``stall_min_s`` (default ``SLIMGPT_RANK_STALL_S``, 120 s) and ``STALL_LAYERS`` (10) times the
+longest layer the leader has measured in this job, so a slow layer is never taken for a hang.
+A helper waiting inside a collective (for the leader's maths, or for a hung peer) is not stalled.
+A helper whose leader dies is killed by the kernel (``PR_SET_PDEATHSIG``) or, where
 that is unavailable, exits when it notices that its parent has gone.
 """
 
@@ -40,6 +48,17 @@ logger = logging.getLogger(__name__)
 #: Collectives that take longer than this fail the job instead of hanging it (the leader's
 #: maths for one layer of a 70B model takes seconds; a dead rank is what this catches).
 COLLECTIVE_TIMEOUT_S = 900.0
+#: Floor of the stall time after which a live helper that makes no progress fails the job (the
+#: watch uses at least ``STALL_LAYERS`` times the longest layer measured so far).
+STALL_ENV = "SLIMGPT_RANK_STALL_S"
+DEFAULT_STALL_S = 120.0
+STALL_LAYERS = 10.0
+#: How often a helper rewrites its heartbeat file.
+BEAT_S = 0.5
+
+
+def default_stall_s() -> float:
+    return float(os.environ.get(STALL_ENV) or DEFAULT_STALL_S)
 
 
 @dataclass
@@ -153,6 +172,8 @@ def exit_cause(code: int) -> str:
             name = f"signal {-code}"
         hint = " (also what the kernel's out-of-memory killer sends)" if -code == 9 else ""
         return f"was killed by {name}{hint}"
+    if code == 0:
+        return "exited with code 0 before the job ended"
     return f"exited with code {code}"
 
 
@@ -190,6 +211,81 @@ def wait_ready(procs: list[subprocess.Popen[bytes]], ready_dir: Path, log_dir: P
         time.sleep(0.2)
 
 
+def beat_path(work_dir: Path, rank: int) -> Path:
+    return work_dir / f"rank{rank}.beat"
+
+
+class Heartbeat:
+    """A helper's sign of life for the leader's :class:`RankWatch`: ``rank{r}.beat`` holds
+    ``beats entered done finished``, rewritten every ``BEAT_S`` by a thread (a frozen process
+    stops beating) with the collectives this rank has entered and left (a rank stuck outside a
+    collective stops progressing while its peers wait inside one)."""
+
+    COLLECTIVES = ("share", "reduce_sum_", "reduce_count", "broadcast_", "broadcast_object",
+                   "barrier")
+
+    def __init__(self, path: Path, interval_s: float = BEAT_S) -> None:
+        self.path, self.interval_s = path, interval_s
+        self.beats = self.entered = self.done = 0
+        self.finished = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="slimgpt-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._write()
+        self._thread.start()
+        return self
+
+    def _write(self) -> None:
+        with self._lock:
+            if self.finished and self._stop.is_set():
+                return
+            self.beats += 1
+            tmp = self.path.with_suffix(".beat.tmp")
+            tmp.write_text(f"{self.beats} {self.entered} {self.done} {int(self.finished)}\n")
+            os.replace(tmp, self.path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._write()
+
+    @contextmanager
+    def collective(self) -> Iterator[None]:
+        self.entered += 1
+        try:
+            yield
+        finally:
+            self.done += 1
+
+    def wrap(self, comm: Any) -> Any:
+        """Count ``comm``'s collectives (the object's own methods are replaced)."""
+        for name in self.COLLECTIVES:
+            method = getattr(comm, name)
+
+            def counted(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                with self.collective():
+                    return _method(*args, **kwargs)
+
+            setattr(comm, name, counted)
+        return comm
+
+    def finish(self) -> None:
+        """This rank's part of the job is done: an exit 0 from now on is expected."""
+        self.finished = True
+        self._write()
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def read_beat(path: Path) -> tuple[int, int, int, bool] | None:
+    try:
+        beats, entered, done, finished = path.read_text().split()
+        return int(beats), int(entered), int(done), finished == "1"
+    except (OSError, ValueError):  # not written yet
+        return None
+
+
 def abort_group() -> None:
     """Abort this process's process group so a collective that waits for a dead rank
     returns (NCCL: ``ncclCommAbort``; gloo already fails once the peer's sockets close)."""
@@ -213,16 +309,28 @@ def abort_group() -> None:
 class RankWatch:
     """Watches the helper ranks while the leader works (a thread polling every ``poll_s``).
 
-    When a helper exits with a non-zero status (an error, a signal, the OOM killer), the
-    watch records a :class:`RankFailed` naming it, kills the other helpers, and calls
-    ``on_failure`` (the leader aborts its process group there). The leader then raises the
-    recorded failure: from its next collective, or at the latest at the next layer boundary
-    (:meth:`check` runs with the cancel check).
+    When a helper exits with a non-zero status (an error, a signal, the OOM killer), exits
+    with 0 before it has finished its part, or stalls (see the module docstring; only with
+    ``beat_dir``), the watch records a :class:`RankFailed` naming it, kills the helpers, and
+    calls ``on_failure`` (the leader aborts its process group there). The leader then raises
+    the recorded failure: from its next collective, or at the latest at the next layer boundary
+    (:meth:`check` runs with the cancel check, which also times the layers).
     """
 
     def __init__(self, procs: list[subprocess.Popen[bytes]], log_dir: Path | None,
-                 on_failure: Callable[[], None] | None = None, poll_s: float = 0.1) -> None:
+                 on_failure: Callable[[], None] | None = None, poll_s: float = 0.1,
+                 beat_dir: Path | None = None, stall_min_s: float | None = None,
+                 stall_layers: float = STALL_LAYERS) -> None:
         self.procs, self.log_dir, self.on_failure, self.poll_s = procs, log_dir, on_failure, poll_s
+        self.beat_dir = beat_dir
+        self.stall_min_s = default_stall_s() if stall_min_s is None else stall_min_s
+        self.stall_layers = stall_layers
+        self.longest_layer_s = 0.0
+        self._layer_started: float | None = None
+        now = time.monotonic()
+        # Per rank: the last beat and progress seen, and when each last changed.
+        self._seen: dict[int, tuple[int, tuple[int, int], float, float]] = {
+            r: (-1, (-1, -1), now, now) for r in range(1, len(procs) + 1)}
         self.failure: RankFailed | None = None
         self.failed_at: float | None = None
         self._stop = threading.Event()
@@ -236,15 +344,66 @@ class RankWatch:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    @property
+    def stall_s(self) -> float:
+        """How long a helper may make no progress before it counts as hung."""
+        return max(self.stall_min_s, self.stall_layers * self.longest_layer_s)
+
+    def layer_boundary(self) -> None:
+        """The leader starts a layer: the time since the last one is a layer's time."""
+        now = time.monotonic()
+        if self._layer_started is not None:
+            self.longest_layer_s = max(self.longest_layer_s, now - self._layer_started)
+        self._layer_started = now
+
+    def _finished(self, rank: int) -> bool:
+        if self.beat_dir is None:
+            return True  # nothing to tell an early exit from the end by
+        beat = read_beat(beat_path(self.beat_dir, rank))
+        return beat is not None and beat[3]
+
+    def _stalled(self, rank: int, now: float) -> str | None:
+        """Why ``rank`` (alive) counts as hung, if it does."""
+        assert self.beat_dir is not None
+        beat = read_beat(beat_path(self.beat_dir, rank))
+        last_beat, last_progress, beat_at, progress_at = self._seen[rank]
+        if beat is None:
+            beats, progress, inside = last_beat, last_progress, False
+        else:
+            beats, progress, inside = beat[0], (beat[1], beat[2]), beat[1] > beat[2] or beat[3]
+        if beats != last_beat:
+            beat_at = now
+        if progress != last_progress:
+            progress_at = now
+        self._seen[rank] = (beats, progress, beat_at, progress_at)
+        stall = self.stall_s
+        if now - beat_at > stall:
+            return (f"is hung: no heartbeat for {now - beat_at:.1f}s (stall limit {stall:.1f}s; "
+                    "frozen, e.g. SIGSTOP)")
+        if not inside and now - progress_at > stall:
+            return (f"is hung: no progress outside a collective for {now - progress_at:.1f}s "
+                    f"(stall limit {stall:.1f}s; stuck, e.g. in a kernel)")
+        return None
+
     def poll(self) -> RankFailed | None:
-        """The first helper that has exited abnormally, if any (checked now)."""
-        if self.failure is None:
-            for r, p in enumerate(self.procs, start=1):
-                code = p.poll()
-                if code is not None and code != 0:
-                    self.failure = rank_failure(r, p, code, self.log_dir)
-                    self.failed_at = time.monotonic()
-                    break
+        """The first helper that has failed (exited abnormally or early, or stalled), if any
+        (checked now)."""
+        if self.failure is not None:
+            return self.failure
+        now = time.monotonic()
+        for r, p in enumerate(self.procs, start=1):
+            code = p.poll()
+            if code is not None and (code != 0 or not self._finished(r)):
+                self.failure = rank_failure(r, p, code, self.log_dir)
+            elif code is None and self.beat_dir is not None:
+                why = self._stalled(r, now)
+                if why is not None:
+                    self.failure = RankFailed(
+                        f"helper rank {r} (pid {p.pid}) {why}{_log_tail(r, self.log_dir)}",
+                        rank=r, cause="hung")
+            if self.failure is not None:
+                self.failed_at = now
+                break
         return self.failure
 
     def _run(self) -> None:
@@ -380,14 +539,24 @@ def run_helper(job: RankJob) -> None:
         if torch.cuda.is_available():
             cuda = True
             config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    heart = None
     if job.ready_dir:
         (Path(job.ready_dir) / f"rank{rank}.ready").touch()
-    comm = init_from_env(COLLECTIVE_TIMEOUT_S)
+        heart = Heartbeat(beat_path(Path(job.ready_dir), int(rank))).start()
+    if heart is not None:
+        with heart.collective():  # forming the group waits for the others, like a collective
+            comm = init_from_env(COLLECTIVE_TIMEOUT_S)
+    else:
+        comm = init_from_env(COLLECTIVE_TIMEOUT_S)
     if comm is None:
         raise SystemExit("slimgpt_core.multi_gpu: WORLD_SIZE must be > 1")
+    if heart is not None:
+        heart.wrap(comm)
     try:
         prune_model(streamed.model, ids, config, source=streamed.source, comm=comm,
                     on_layer=_discard if config.checkpoint_dir is None else None)
+        if heart is not None:
+            heart.finish()
     finally:
         shutdown()
     if job.ready_dir:
@@ -436,6 +605,7 @@ def prune_streamed(
     on_layer: Any = None,
     opener: str | None = None,
     pythonpath: list[str] | None = None,
+    stall_min_s: float | None = None,
 ) -> Any:
     """Prune a model opened with :func:`~slimgpt_core.streaming.open_streamed` on ``gpus``
     GPUs of this host (this process leads; ``gpus - 1`` helper processes are started and
@@ -444,7 +614,9 @@ def prune_streamed(
     Raises :class:`~slimgpt_core.errors.RankFailed` as soon as a helper exits abnormally
     (the other helpers are stopped; finished layers stay checkpointed). ``on_layer`` is the
     leader's layer sink (see ``prune_model``); ``opener``/``pythonpath``: how helpers open
-    the model when it is not a safetensors folder (see :class:`RankJob`).
+    the model when it is not a safetensors folder (see :class:`RankJob`). ``stall_min_s``:
+    the floor of the stall time after which a live helper that makes no progress fails the
+    job (default ``SLIMGPT_RANK_STALL_S`` or 120 s; see the module docstring).
     """
     from safetensors.torch import save_file
 
@@ -457,7 +629,8 @@ def prune_streamed(
     work.mkdir(parents=True, exist_ok=True)
     calib_file = work / "calibration.safetensors"
     save_file({"input_ids": calibration.contiguous()}, str(calib_file))
-    for old in [*work.glob("rank*.ready"), *work.glob("rank*.stats.json")]:
+    for old in [*work.glob("rank*.ready"), *work.glob("rank*.stats.json"),
+                *work.glob("rank*.beat")]:
         old.unlink()
     job = RankJob(model_dir=str(streamed.folder), calibration_file=str(calib_file),
                   config=config_fields(config), dtype=dtype, ready_dir=str(work),
@@ -469,9 +642,11 @@ def prune_streamed(
     try:
         wait_ready(procs, work, work)
         with leader_group(gpus, port) as comm, \
-                RankWatch(procs, work, on_failure=abort_group) as watch:
+                RankWatch(procs, work, on_failure=abort_group, beat_dir=work,
+                          stall_min_s=stall_min_s) as watch:
             def cancel_or_dead() -> bool:
                 watch.check()
+                watch.layer_boundary()
                 return bool(should_cancel()) if should_cancel is not None else False
 
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from slimgpt_core.errors import RankFailed
-from slimgpt_core.multi_gpu import HelperFailed, prune_streamed
+from slimgpt_core.multi_gpu import HelperFailed, RankWatch, prune_streamed
 from slimgpt_core.pruner import PruneConfig, prune_model
 from slimgpt_core.streaming import open_streamed
 from tests.core.tiny import tiny_llama, windows
@@ -145,3 +146,102 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def _kill_leftovers(work_dir: Path) -> None:
+    for pid in _helper_pids(work_dir):  # a stopped process ignores SIGTERM; SIGKILL ends it
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_helper_rank_fails_the_job_within_the_stall_time_naming_it(
+        tmp_path: Path) -> None:
+    base = tiny_llama(num_heads=8, num_kv_heads=2, layers=3)
+    base.save_pretrained(tmp_path / "dense")
+    config = PruneConfig(**CFG, checkpoint_dir=tmp_path / "ckpt")
+    work = tmp_path / "work"
+    stopped: list[float] = []
+
+    def stop_rank_1_after_layer_0(event) -> None:
+        if event.phase == "layer_done" and event.layer == 0:
+            os.kill(min(_helper_pids(work)), signal.SIGSTOP)  # alive, but frozen
+            stopped.append(time.monotonic())
+
+    try:
+        # Three ranks: the healthy rank 2 waits inside a collective and must not be blamed.
+        with pytest.raises(RankFailed, match=r"rank 1 \(pid \d+\) is hung: no heartbeat") as err:
+            prune_streamed(open_streamed(tmp_path / "dense"), windows(4), config, gpus=3,
+                           work_dir=work, progress=stop_rank_1_after_layer_0, stall_min_s=2.0)
+        took = time.monotonic() - stopped[0]
+        stall = float(re.search(r"stall limit ([\d.]+)s", str(err.value)).group(1))
+        print(f"FIGURE hung rank detected {took:.2f}s after SIGSTOP (stall limit {stall:.1f}s)")
+        assert stall >= 2.0 and took < stall + 5.0  # not the 900 s collective timeout
+        assert err.value.rank == 1 and err.value.cause == "hung"
+        assert _helper_pids(work) == []  # the stopped rank and the waiting one are both gone
+        assert (tmp_path / "ckpt" / "layer_0000.safetensors").exists()  # resumable
+    finally:
+        _kill_leftovers(work)
+
+
+# Opens the model as a helper normally would, then makes the helper leave with status 0 in the
+# middle of the job (its third broadcast of an object).
+EARLY_EXIT = textwrap.dedent("""
+    import os
+    from slimgpt_core.collective import DistributedCollective
+    from slimgpt_core.streaming import open_streamed
+
+    def open_then_quit(model_dir, dtype):
+        real, calls = DistributedCollective.broadcast_object, []
+
+        def quit_on_third(self, obj):
+            calls.append(1)
+            if len(calls) == 3:
+                os._exit(0)
+            return real(self, obj)
+
+        DistributedCollective.broadcast_object = quit_on_third
+        return open_streamed(model_dir, dtype)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_helper_rank_that_exits_cleanly_before_the_end_fails_the_job(tmp_path: Path) -> None:
+    base = tiny_llama(num_heads=8, num_kv_heads=2, layers=3)
+    base.save_pretrained(tmp_path / "dense")
+    (tmp_path / "early_exit.py").write_text(EARLY_EXIT)
+    work = tmp_path / "work"
+    try:
+        with pytest.raises(RankFailed, match=r"rank 1 .*exited with code 0 before the job"):
+            prune_streamed(open_streamed(tmp_path / "dense"), windows(4),
+                           PruneConfig(**CFG, checkpoint_dir=tmp_path / "ckpt"), gpus=2,
+                           work_dir=work, opener="early_exit:open_then_quit",
+                           pythonpath=[str(tmp_path)])
+        assert _helper_pids(work) == []
+    finally:
+        _kill_leftovers(work)
+
+
+class _LiveProc:
+    pid = 1
+
+    def poll(self) -> None:
+        return None
+
+
+def test_the_stall_time_grows_with_the_longest_layer_so_a_slow_helper_is_not_hung(
+        tmp_path: Path) -> None:
+    beat = tmp_path / "rank1.beat"
+    beat.write_text("1 5 5 0\n")  # beating, outside a collective, progress unchanged below
+    watch = RankWatch([_LiveProc()], None, beat_dir=tmp_path, stall_min_s=0.2, stall_layers=10)
+    watch.layer_boundary()
+    time.sleep(0.1)
+    watch.layer_boundary()  # a layer took ~0.1 s: stall limit ~1 s
+    assert watch.stall_s >= 1.0
+    for n in range(2, 6):  # 0.5 s without progress: slow, not hung
+        beat.write_text(f"{n} 5 5 0\n")
+        time.sleep(0.1)
+        assert watch.poll() is None
+    watch.longest_layer_s = 0.0  # with only the floor (0.2 s) the same helper counts as hung
+    beat.write_text("7 5 5 0\n")
+    failure = watch.poll()
+    assert failure is not None and "no progress outside a collective" in str(failure)
