@@ -20,7 +20,9 @@ it has entered and finished): the watch fails the job when a helper's heartbeat 
 it makes no progress outside a collective, for the *stall time*: the largest of
 ``stall_min_s`` (default ``SLIMGPT_RANK_STALL_S``, 120 s) and ``STALL_LAYERS`` (10) times the
 longest layer the leader has measured in this job, so a slow layer is never taken for a hang.
-A helper waiting inside a collective (for the leader's maths, or for a hung peer) is not stalled.
+A helper waiting inside a collective (for the leader's maths, or for a hung peer) is not stalled,
+nor is one outside a collective (capturing inputs, replaying finished layers after a resume)
+unless the leader has been waiting inside a collective for the stall time too.
 A helper whose leader dies is killed by the kernel (``PR_SET_PDEATHSIG``) or, where
 that is unavailable, exits when it notices that its parent has gone.
 """
@@ -219,25 +221,31 @@ class Heartbeat:
     """A helper's sign of life for the leader's :class:`RankWatch`: ``rank{r}.beat`` holds
     ``beats entered done finished``, rewritten every ``BEAT_S`` by a thread (a frozen process
     stops beating) with the collectives this rank has entered and left (a rank stuck outside a
-    collective stops progressing while its peers wait inside one)."""
+    collective stops progressing while its peers wait inside one). Without a ``path`` it only
+    counts (the leader's own collectives, for its watch)."""
 
     COLLECTIVES = ("share", "reduce_sum_", "reduce_count", "broadcast_", "broadcast_object",
                    "barrier")
 
-    def __init__(self, path: Path, interval_s: float = BEAT_S) -> None:
+    def __init__(self, path: Path | None, interval_s: float = BEAT_S) -> None:
         self.path, self.interval_s = path, interval_s
         self.beats = self.entered = self.done = 0
+        #: When this rank entered the collective it is in (None: outside one).
+        self.inside_since: float | None = None
         self.finished = False
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="slimgpt-heartbeat", daemon=True)
 
     def start(self) -> Heartbeat:
-        self._write()
-        self._thread.start()
+        if self.path is not None:
+            self._write()
+            self._thread.start()
         return self
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         with self._lock:
             if self.finished and self._stop.is_set():
                 return
@@ -252,11 +260,13 @@ class Heartbeat:
 
     @contextmanager
     def collective(self) -> Iterator[None]:
+        self.inside_since = time.monotonic()
         self.entered += 1
         try:
             yield
         finally:
             self.done += 1
+            self.inside_since = None
 
     def wrap(self, comm: Any) -> Any:
         """Count ``comm``'s collectives (the object's own methods are replaced)."""
@@ -275,7 +285,8 @@ class Heartbeat:
         self.finished = True
         self._write()
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 def read_beat(path: Path) -> tuple[int, int, int, bool] | None:
@@ -311,8 +322,9 @@ class RankWatch:
 
     When a helper exits with a non-zero status (an error, a signal, the OOM killer), exits
     with 0 before it has finished its part, or stalls (see the module docstring; only with
-    ``beat_dir``), the watch records a :class:`RankFailed` naming it, kills the helpers, and
-    calls ``on_failure`` (the leader aborts its process group there). The leader then raises
+    ``beat_dir``; ``leader`` counts the leader's own collectives), the watch records a
+    :class:`RankFailed` naming it, kills the helpers, and calls ``on_failure`` (the leader
+    aborts its process group there). The leader then raises
     the recorded failure: from its next collective, or at the latest at the next layer boundary
     (:meth:`check` runs with the cancel check, which also times the layers).
     """
@@ -320,9 +332,9 @@ class RankWatch:
     def __init__(self, procs: list[subprocess.Popen[bytes]], log_dir: Path | None,
                  on_failure: Callable[[], None] | None = None, poll_s: float = 0.1,
                  beat_dir: Path | None = None, stall_min_s: float | None = None,
-                 stall_layers: float = STALL_LAYERS) -> None:
+                 stall_layers: float = STALL_LAYERS, leader: Heartbeat | None = None) -> None:
         self.procs, self.log_dir, self.on_failure, self.poll_s = procs, log_dir, on_failure, poll_s
-        self.beat_dir = beat_dir
+        self.beat_dir, self.leader = beat_dir, leader
         self.stall_min_s = default_stall_s() if stall_min_s is None else stall_min_s
         self.stall_layers = stall_layers
         self.longest_layer_s = 0.0
@@ -380,7 +392,14 @@ class RankWatch:
         if now - beat_at > stall:
             return (f"is hung: no heartbeat for {now - beat_at:.1f}s (stall limit {stall:.1f}s; "
                     "frozen, e.g. SIGSTOP)")
-        if not inside and now - progress_at > stall:
+        # Every rank runs some phases without collectives (capturing the inputs, replaying the
+        # finished layers after a resume, which may take many layers' time): a helper outside a
+        # collective is stuck only once the leader, too, has been waiting for it that long.
+        waiting = stall + 1.0  # without the leader's count: the helper's own time decides
+        if self.leader is not None:
+            since = self.leader.inside_since
+            waiting = 0.0 if since is None else now - since
+        if not inside and min(now - progress_at, waiting) > stall:
             return (f"is hung: no progress outside a collective for {now - progress_at:.1f}s "
                     f"(stall limit {stall:.1f}s; stuck, e.g. in a kernel)")
         return None
@@ -641,9 +660,12 @@ def prune_streamed(
     ok = False
     try:
         wait_ready(procs, work, work)
+        lead = Heartbeat(None)
         with leader_group(gpus, port) as comm, \
                 RankWatch(procs, work, on_failure=abort_group, beat_dir=work,
-                          stall_min_s=stall_min_s) as watch:
+                          stall_min_s=stall_min_s, leader=lead) as watch:
+            lead.wrap(comm)
+
             def cancel_or_dead() -> bool:
                 watch.check()
                 watch.layer_boundary()

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from slimgpt_core.errors import RankFailed
-from slimgpt_core.multi_gpu import HelperFailed, RankWatch, prune_streamed
+from slimgpt_core.multi_gpu import Heartbeat, HelperFailed, RankWatch, prune_streamed
 from slimgpt_core.pruner import PruneConfig, prune_model
 from slimgpt_core.streaming import open_streamed
 from tests.core.tiny import tiny_llama, windows
@@ -232,7 +232,10 @@ def test_the_stall_time_grows_with_the_longest_layer_so_a_slow_helper_is_not_hun
         tmp_path: Path) -> None:
     beat = tmp_path / "rank1.beat"
     beat.write_text("1 5 5 0\n")  # beating, outside a collective, progress unchanged below
-    watch = RankWatch([_LiveProc()], None, beat_dir=tmp_path, stall_min_s=0.2, stall_layers=10)
+    leader = Heartbeat(None)
+    leader.inside_since = time.monotonic()  # the leader waits in a collective for it
+    watch = RankWatch([_LiveProc()], None, beat_dir=tmp_path, stall_min_s=0.2, stall_layers=10,
+                      leader=leader)
     watch.layer_boundary()
     time.sleep(0.1)
     watch.layer_boundary()  # a layer took ~0.1 s: stall limit ~1 s
@@ -245,3 +248,53 @@ def test_the_stall_time_grows_with_the_longest_layer_so_a_slow_helper_is_not_hun
     beat.write_text("7 5 5 0\n")
     failure = watch.poll()
     assert failure is not None and "no progress outside a collective" in str(failure)
+
+
+def test_a_helper_outside_collectives_is_not_hung_while_the_leader_is_too(
+        tmp_path: Path) -> None:
+    """Capturing inputs or replaying finished layers after a resume runs no collective on any
+    rank, for longer than the stall time on a big model: only the leader's waiting counts."""
+    beat = tmp_path / "rank1.beat"
+    beat.write_text("1 5 5 0\n")
+    leader = Heartbeat(None)  # outside a collective, like the helper
+    watch = RankWatch([_LiveProc()], None, beat_dir=tmp_path, stall_min_s=0.2, leader=leader)
+    assert watch.poll() is None
+    time.sleep(0.3)
+    beat.write_text("2 5 5 0\n")
+    assert watch.poll() is None  # 0.3 s without progress, but the leader is not waiting
+    leader.inside_since = time.monotonic() - 0.3  # now the leader has waited the stall time
+    assert watch.poll() is not None
+
+
+# Opens the model as a helper normally would, then makes the helper hang in its own work
+# (outside any collective; its heartbeat thread keeps beating), like a kernel that never ends.
+STUCK = textwrap.dedent("""
+    import time
+    import slimgpt_core.pruner as pruner
+    from slimgpt_core.streaming import open_streamed
+
+    def open_then_stick(model_dir, dtype):
+        pruner.capture_layer_inputs = lambda *a, **k: time.sleep(600)
+        return open_streamed(model_dir, dtype)
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_helper_rank_stuck_outside_a_collective_fails_the_job_naming_it(
+        tmp_path: Path) -> None:
+    base = tiny_llama(layers=2)
+    base.save_pretrained(tmp_path / "dense")
+    (tmp_path / "stuck.py").write_text(STUCK)
+    work = tmp_path / "work"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RankFailed, match=r"rank 1 .*is hung: no progress outside a coll"):
+            prune_streamed(open_streamed(tmp_path / "dense"), windows(4),
+                           PruneConfig(**CFG, checkpoint_dir=tmp_path / "ckpt"), gpus=2,
+                           work_dir=work, opener="stuck:open_then_stick",
+                           pythonpath=[str(tmp_path)], stall_min_s=2.0)
+        print(f"FIGURE stuck rank: job failed {time.monotonic() - t0:.2f}s after its start")
+        assert time.monotonic() - t0 < 30.0
+        assert _helper_pids(work) == []
+    finally:
+        _kill_leftovers(work)
