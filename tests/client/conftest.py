@@ -147,9 +147,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    import uvicorn
-
     from app.main import create_app
+    from tests.live_server import serve_in_thread
 
     base = tmp_path_factory.mktemp("client-api")
     url = f"sqlite:///{base / 'slimgpt.db'}"
@@ -159,24 +158,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
     settings = settings.model_copy(update={"dispatcher_enabled": False})
     worker = ThreadWorker(settings)
     app = create_app(settings, embedded_worker=worker)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test API server did not start")
-        time.sleep(0.02)
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", settings, worker)
+        with serve_in_thread(app) as base_url:
+            yield LiveServer(base_url, settings, worker)
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
         db_session.dispose_engines(url)
 
 

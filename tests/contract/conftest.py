@@ -4,9 +4,6 @@ streams end, and jobs never need a model."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +41,9 @@ def _instant_runner(settings: Settings):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    import uvicorn
-
     from app.crud.tenants import create_api_key
     from app.main import create_app
+    from tests.live_server import serve_in_thread
 
     base: Path = tmp_path_factory.mktemp("contract-api")
     url = f"sqlite:///{base / 'slimgpt.db'}"
@@ -60,21 +56,8 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     with db_session.get_session_factory(settings)() as s:
         _, key = create_api_key(s, "contract")
     app = create_app(settings, runner=_instant_runner(settings))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the contract-test API did not start")
-        time.sleep(0.02)
     try:
-        yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", key, settings)
+        with serve_in_thread(app) as base_url:
+            yield Live(base_url, key, settings)
     finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
         db_session.dispose_engines(url)

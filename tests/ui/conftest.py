@@ -8,8 +8,6 @@ Screenshots go to ``SLIMGPT_TEST_ARTIFACTS_DIR`` (default ``out/ui-screenshots``
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,12 +36,6 @@ def shots_dir() -> Path:
     path = Path(os.environ.get("SLIMGPT_TEST_ARTIFACTS_DIR", REPO_ROOT / "out" / "ui-screenshots"))
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -88,12 +80,11 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    import uvicorn
-
     from app.crud.tenants import create_api_key
     from app.db.migrate import upgrade
     from app.db.session import session_scope
     from app.main import create_app
+    from tests.live_server import serve_in_thread
 
     base = tmp_path_factory.mktemp("ui-server")
     settings = Settings(data_dir=base, secret_key=Fernet.generate_key().decode(),
@@ -104,22 +95,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         rec_b, key_b = create_api_key(s, "team-b", name="team b")
     app = create_app(settings, runner=make_runner(settings, layers=LAYERS, delay_s=0.35,
                                                   slow_layers=60, slow_delay_s=0.4))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, name="ui-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=10) as http:
+    with serve_in_thread(app, start_timeout_s=20) as url, \
+            httpx.Client(base_url=url, timeout=10) as http:
         yield LiveServer(url, settings, Tenant("team-a", key_a, rec_a.id),
                          Tenant("team-b", key_b, rec_b.id), http)
-    server.should_exit = True
-    thread.join(timeout=15)
 
 
 @pytest.fixture(scope="session")
