@@ -5,7 +5,9 @@
    for the residual stream after each attention block and each FFN block, the mean squared
    gradient of the summed next-token loss per hidden dimension ``f`` (the diagonal of the
    empirical Fisher). A small perturbation ``delta`` there costs about ``1/2 sum_j f_j delta_j^2``
-   of loss.
+   of loss. With ``selection="fisher"`` the full output Fisher ``F`` of the same pass is used
+   instead, and the curves below run in its metric (:mod:`slimgpt_core.fisher`), as the
+   pruning's own scores do.
 2. **Error curves.** On the dense model's own activations, every layer's heads and FFN channels
    are removed greedily (the same OBS steps as the pruning itself) far past the plan, and after
    each step the *loss-weighted* error ``sum_j f_j (dW H dW^T)_jj`` of the compensated weights is
@@ -24,7 +26,7 @@ layers, the pruning itself stays sequential.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from slimgpt_core.channels import group_size
 from slimgpt_core.families import Family
+from slimgpt_core.fisher import OutputMetric, output_fishers
 from slimgpt_core.heads import _head_columns
 from slimgpt_core.layer_io import LayerContext, contexts_to, micro_batches
 from slimgpt_core.obs import damped_inverse, group_errors, remove_group
@@ -60,42 +63,7 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
                        batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: mean squared loss gradient per hidden dim after attention and after FFN
     (taken at the output projections: what joins the residual stream there)."""
-    layers = family.decoder_layers(model)
-    sums = [[torch.zeros(0), torch.zeros(0)] for _ in layers]
-    tokens = [0]
-
-    def grab(i: int, slot: int) -> Callable[..., None]:
-        def hook(_m: nn.Module, _gin: object, gout: tuple[torch.Tensor, ...]) -> None:
-            g = gout[0].detach().float().reshape(-1, gout[0].shape[-1])
-            acc = g.pow(2).sum(0)
-            sums[i][slot] = acc if sums[i][slot].numel() == 0 else sums[i][slot] + acc
-        return hook
-
-    handles = []
-    for i, layer in enumerate(layers):
-        handles.append(family.o_proj(layer).register_full_backward_hook(grab(i, 0)))
-        handles.append(family.down_proj(layer).register_full_backward_hook(grab(i, 1)))
-    embed = model.get_input_embeddings()
-    handles.append(embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True)))
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            for sl in micro_batches(windows.shape[0], batch_size):
-                ids = windows[sl].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    ids[:, 1:].reshape(-1), reduction="sum")
-                loss.backward()
-                tokens[0] += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-    return [(a / tokens[0], f / tokens[0]) for a, f in sums]
+    return output_fishers(model, windows, device, family, full=False, batch_size=batch_size)
 
 
 # -- 2. error curves -----------------------------------------------------------------------
@@ -103,6 +71,15 @@ def _weighted_error(W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor,
                     weight: torch.Tensor) -> float:
     delta = W0 - W
     return float((((delta @ H) * delta).sum(1) * weight.to(delta.device)).sum())
+
+
+def _in_metric(W: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full output Fisher (``selection="fisher"``): the curve runs in the metric the pruning
+    scores in (:mod:`slimgpt_core.fisher`), where every output dimension weighs 1."""
+    if weight.dim() == 1:
+        return W, weight
+    metric = OutputMetric.from_fisher(weight)
+    return metric.to_metric_space(W.float()), torch.ones(W.shape[0], device=W.device)
 
 
 def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_heads: int,
@@ -198,11 +175,12 @@ def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerCon
                 acts[sl] = family.ffn_block(layer, h).to(acts.device)
         finally:
             hook.remove()
-        w_attn, w_ffn = sensitivity[i]
-        heads = head_curve(o_proj.weight.detach(), h_attn.hessian(), w_attn,
+        w_o, w_attn = _in_metric(o_proj.weight.detach(), sensitivity[i][0])
+        w_down, w_ffn = _in_metric(down_proj.weight.detach(), sensitivity[i][1])
+        heads = head_curve(w_o, h_attn.hessian(), w_attn,
                            num_heads=shape.num_heads, num_kv_heads=kv, head_dim=shape.head_dim,
                            max_units=max_units, policy=policy, percdamp=percdamp)
-        channels = channel_curve(down_proj.weight.detach(), h_ffn.hessian(), w_ffn,
+        channels = channel_curve(w_down, h_ffn.hessian(), w_ffn,
                                  max_channels=max_channels, percdamp=percdamp,
                                  min_group=min_group, max_group=max_group)
         curves.append(LayerCurves(heads, channels))
@@ -316,11 +294,16 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
 def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningPlan,
                      policy: str, percdamp: float, min_group: int, max_group: int,
                      batch_size: int, device: torch.device, family: Family,
-                     sensitivity_windows: int = 16) -> PruningPlan:
-    """Measure and allocate: ``base``'s totals over the layers by loss-weighted curves."""
+                     sensitivity_windows: int = 16,
+                     fishers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                     ) -> PruningPlan:
+    """Measure and allocate: ``base``'s totals over the layers by loss-weighted curves
+    (weighted by ``fishers`` when given -- full or diagonal, see :mod:`slimgpt_core.fisher`
+    -- else by the diagonal measured on the first ``sensitivity_windows`` windows)."""
     from slimgpt_core.layer_io import capture_layer_inputs
 
-    sens = output_sensitivity(model, calibration[:sensitivity_windows], device, family)
+    sens = fishers if fishers is not None else output_sensitivity(
+        model, calibration[:sensitivity_windows], device, family)
     acts, contexts = capture_layer_inputs(model, calibration, device, batch_size, device)
     max_ratio = min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
     curves = measure_curves(model, acts, contexts_to(contexts, device), sens, base.shape,

@@ -94,6 +94,7 @@ def _summary(result: PruneResult, ppl: dict[str, float | None], out: Path) -> di
 def _prune_config(args: argparse.Namespace, schedule: str, device: torch.device) -> PruneConfig:
     # Options left unset keep the library's defaults.
     options = {k: getattr(args, k) for k in ("target", "local_search", "allocation",
+                                             "selection", "fisher_windows",
                                              "expert_min_tokens")
                if getattr(args, k, None) is not None}
     return PruneConfig(

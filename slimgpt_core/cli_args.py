@@ -38,6 +38,11 @@ class Allocation(str, Enum):
     sensitivity = "sensitivity"
 
 
+class Selection(str, Enum):
+    output = "output"
+    fisher = "fisher"
+
+
 class HealMode(str, Enum):
     lora = "lora"
     full = "full"
@@ -173,6 +178,14 @@ def prune(
         "--allocation", help="per-layer widths from the schedule, or redistributed by "
         "measured sensitivity (same size); default: the library's",
         rich_help_panel=PRUNING)] = None,
+    selection: Annotated[Selection | None, typer.Option(
+        "--selection", help="score heads and channels by the error in each projection's "
+        "output (output) or in the loss's metric, the dense model's output Fisher (fisher; "
+        "the whole model on one device); default: the library's",
+        rich_help_panel=PRUNING)] = None,
+    fisher_windows: Annotated[int | None, typer.Option(
+        "--fisher-windows", min=1, metavar="N", help="calibration windows the output Fisher "
+        "is measured on (default: all)", rich_help_panel=PRUNING)] = None,
     expert_min_tokens: Annotated[int | None, typer.Option(
         "--expert-min-tokens", min=0, metavar="TOKENS", help="mixture of experts: an expert "
         "routed fewer calibration tokens has its Hessian blended with its all-token one "
@@ -197,6 +210,7 @@ def prune(
         no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
         host_memory_gb=host_memory_gb, target=target.value if target else None,
         local_search=local_search, allocation=allocation.value if allocation else None,
+        selection=selection.value if selection else None, fisher_windows=fisher_windows,
         expert_min_tokens=expert_min_tokens, heal=heal, heal_tokens=heal_tokens or 1_000_000,
         heal_mode=(heal_mode or HealMode.lora).value)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]

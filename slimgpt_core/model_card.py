@@ -192,6 +192,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "max_group": 1024, "method": "slimgpt", "target": "layer", "local_search": 0,
     "allocation": "schedule", "plain_heads": False, "compact": True, "seed": 0,
     "expert_min_tokens": None,  # mixture of experts only (None: each expert's width)
+    "selection": "output", "fisher_windows": None,  # None: every calibration window
 }
 _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_samples", "seqlen",
                      "seed", "sha256")
@@ -200,8 +201,10 @@ _PRUNE_FLAGS = {"schedule": "--schedule", "alpha": "--alpha", "gqa_policy": "--g
                 "head_ratio": "--head-ratio", "ffn_ratio": "--ffn-ratio",
                 "percdamp": "--percdamp", "min_group": "--min-group", "target": "--target",
                 "local_search": "--local-search", "allocation": "--allocation",
-                "expert_min_tokens": "--expert-min-tokens"}
-_LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens")
+                "expert_min_tokens": "--expert-min-tokens", "selection": "--selection",
+                "fisher_windows": "--fisher-windows"}
+_LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens", "selection",
+               "fisher_windows")
 
 
 def pruning_recipe(pruning: Mapping[str, Any],

@@ -30,6 +30,7 @@ from slimgpt_core.collective import Collective
 from slimgpt_core.compact import compact_attention, compact_mlp
 from slimgpt_core.experts import ExpertPruning, collect_expert_hessians, prune_experts
 from slimgpt_core.families import Family, family_for_config
+from slimgpt_core.fisher import OutputMetric, output_fishers
 from slimgpt_core.heads import prune_heads
 from slimgpt_core.hessian import CrossAccumulator, HessianAccumulator
 from slimgpt_core.layer_io import (
@@ -61,10 +62,15 @@ TARGETS: tuple[str, ...] = ("layer", "dense")
 #: or ``sensitivity`` (the schedule's totals redistributed by measured loss-weighted error
 #: curves, :mod:`slimgpt_core.allocation`; same parameter count).
 ALLOCATIONS: tuple[str, ...] = ("schedule", "sensitivity")
+#: How heads and channel groups are scored: ``output`` (the paper: the error each removal
+#: leaves in the projection's output) or ``fisher`` (that error in the loss's metric, the
+#: dense model's output-side Fisher; same compensation, :mod:`slimgpt_core.fisher`).
+SELECTIONS: tuple[str, ...] = ("output", "fisher")
 #: Settings added after checkpoints existed: they join the fingerprint only when not at these
 #: defaults, so older checkpoints still resume.
 _LATER_SETTINGS: dict[str, Any] = {"target": "layer", "local_search": 0,
-                                   "allocation": "schedule", "expert_min_tokens": None}
+                                   "allocation": "schedule", "expert_min_tokens": None,
+                                   "selection": "output", "fisher_windows": None}
 
 
 def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
@@ -124,6 +130,11 @@ class PruneConfig:
     #: Mixture of experts: an expert routed fewer calibration tokens than this has its Hessian
     #: blended with its pooled one (:mod:`slimgpt_core.experts`); None = the expert's width.
     expert_min_tokens: int | None = None
+    #: See :data:`SELECTIONS`.
+    selection: str = "output"
+    #: Calibration windows the output Fisher is measured on (``selection="fisher"``; it also
+    #: weights the sensitivity curves then); None = all of them.
+    fisher_windows: int | None = None
 
     def __post_init__(self) -> None:
         if self.gqa_policy is None:
@@ -135,6 +146,11 @@ class PruneConfig:
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose one of "
                              f"{', '.join(ALLOCATIONS)}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {self.selection!r}; choose one of "
+                             f"{', '.join(SELECTIONS)}")
+        if self.fisher_windows is not None and self.fisher_windows < 1:
+            raise ValueError("fisher_windows must be >= 1 (None: every calibration window)")
         if self.local_search < 0:
             raise ValueError("local_search (swaps per projection) must be >= 0")
         if self.batch_size < 1 or self.min_group < 1 or self.max_group < self.min_group:
@@ -405,7 +421,8 @@ def _check_experts(family: Family, config: PruneConfig) -> None:
     if family.layout.ffn != "experts":
         return
     for name, value, default in (("target", config.target, "layer"),
-                                 ("allocation", config.allocation, "schedule")):
+                                 ("allocation", config.allocation, "schedule"),
+                                 ("selection", config.selection, "output")):
         if value != default:
             raise ValueError(f"{name} {value!r} is not implemented for mixture-of-experts "
                              f"models ({family.name}); use {name} {default!r}")
@@ -455,10 +472,12 @@ def _prune_layer(
     *,
     family: Family,
     dense_acts: torch.Tensor | None = None,
+    metrics: tuple[OutputMetric, OutputMetric] | None = None,
 ) -> LayerReport:
     """Prune one layer in place. With ``dense_acts`` (the dense model's residual stream
     entering this layer; target ``dense``) the compensation reconstructs the dense stream, and
-    ``dense_acts`` is advanced to this dense layer's output."""
+    ``dense_acts`` is advanced to this dense layer's output. With ``metrics`` (o_proj's and
+    down_proj's output metric; selection ``fisher``) units are scored in the loss's metric."""
     seconds: dict[str, float] = {}
     attn, mlp = layer.self_attn, layer.mlp
     o_proj = family.o_proj(layer)
@@ -511,7 +530,7 @@ def _prune_layer(
             W0 = o_proj.weight.detach().float()
             if C is not None:
                 W0 = _least_squares_start(W0, C, H, config.percdamp)
-            W.copy_(W0)
+            W.copy_(W0 if metrics is None else metrics[0].to_metric_space(W0))
             heads = prune_heads(
                 W, _selection_hessian(H, config.method), num_heads=shape.num_heads,
                 num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
@@ -519,6 +538,8 @@ def _prune_layer(
                 percdamp=config.percdamp, swaps=config.local_search,
             )
             check_kv_heads(lp, heads.kept_kv_heads)
+            if metrics is not None:
+                W = metrics[0].from_metric_space(W)
             pruned_cols = torch.ones(W0.shape[1], dtype=torch.bool, device=W0.device)
             for h in heads.kept_heads:
                 pruned_cols[h * shape.head_dim:(h + 1) * shape.head_dim] = False
@@ -577,12 +598,14 @@ def _prune_layer(
                 W0 = down_proj.weight.detach().float()
                 if C is not None:
                     W0 = _least_squares_start(W0, C, H, config.percdamp)
-                W.copy_(W0)
+                W.copy_(W0 if metrics is None else metrics[1].to_metric_space(W0))
                 channels = prune_channels(
                     W, _selection_hessian(H, config.method), channels_to_remove=lp.channels_removed,
                     percdamp=config.percdamp, min_group=config.min_group,
                     max_group=config.max_group, swaps=config.local_search,
                 )
+                if metrics is not None:
+                    W = metrics[1].from_metric_space(W)
                 kept = torch.zeros(W0.shape[1], dtype=torch.bool, device=W0.device)
                 kept[channels.kept_channels] = True
                 W = _apply_method(W0, W, ~kept, config.method)
@@ -651,6 +674,14 @@ def _prune_expert_ffn(layer: nn.Module, lp: LayerPlan, acts: torch.Tensor,
             swaps=config.local_search, compact=config.compact, comm=comm, device=device,
             select=functools.partial(_selection_hessian, method=config.method),
             finish=functools.partial(_apply_method, method=config.method))
+
+
+def _layer_metrics(fishers: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                   index: int) -> tuple[OutputMetric, OutputMetric] | None:
+    if fishers is None:
+        return None
+    attn, ffn = fishers[index]
+    return OutputMetric.from_fisher(attn), OutputMetric.from_fisher(ffn)
 
 
 def _damping_note(retries: int, percdamp: float) -> str:
@@ -733,23 +764,33 @@ def prune_model(
         if placement == "stream":
             raise ValueError("target 'dense' needs the dense layers while pruning; it is not "
                              "available with the stream placement")
-    allocation_s = 0.0
+    allocation_s = fisher_s = 0.0
+    for name, value, default in (("allocation", config.allocation, "schedule"),
+                                 ("selection", config.selection, "output")):
+        if value != default and (placement != "resident" or comm.world_size > 1):
+            raise ValueError(f"{name} {value!r} runs the whole model on one device: it needs "
+                             "the model resident there (and one GPU)")
+    fishers = None
+    if config.selection == "fisher":
+        t0 = time.perf_counter()
+        fishers = output_fishers(model, calibration[:config.fisher_windows], device, family,
+                                 full=True)
+        fisher_s = time.perf_counter() - t0
     if config.allocation == "sensitivity":
-        if placement != "resident" or comm.world_size > 1:
-            raise ValueError("allocation 'sensitivity' runs the whole model on one device: it "
-                             "needs the model resident there (and one GPU)")
         from slimgpt_core.allocation import sensitivity_plan
 
         t0 = time.perf_counter()
         plan = sensitivity_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
                                 config.min_group, config.max_group, config.batch_size, device,
-                                family)
+                                family, fishers=fishers)
         allocation_s = time.perf_counter() - t0
     dtype = next(layers[0].parameters()).dtype
     store_device = torch.device("cpu") if config.offload_activations else device
     clock = _Clock()
     if allocation_s:
         clock.add("allocation", allocation_s)
+    if fisher_s:
+        clock.add("fisher", fisher_s)
     params_before = count_parameters(model)
     leader = comm.is_leader
     probes = probes if leader else None
@@ -857,7 +898,7 @@ def prune_model(
                                        device, family)
             report = _prune_layer(layer, plan.layers[i], shape, acts, residual, contexts[i],
                                   config, device, clock, layer_emit, comm, family=family,
-                                  dense_acts=dense_acts)
+                                  dense_acts=dense_acts, metrics=_layer_metrics(fishers, i))
             with _Phase(clock, {}, "probes", device):
                 for state in probe_states.values():
                     if not state.dense:

@@ -285,7 +285,8 @@ def test_submit_shares_flag_names_with_prune():
     local_only = {"--out", "--batch-size", "--device", "--dtype", "--offload-activations",
                   "--checkpoint-dir", "--no-verify", "--stream", "--dry-run", "--host-memory-gb",
                   # algorithm options the service picks itself (its defaults are the measured best)
-                  "--target", "--local-search", "--allocation", "--expert-min-tokens"}
+                  "--target", "--local-search", "--allocation", "--expert-min-tokens",
+                  "--selection", "--fisher-windows"}
     assert prune - local_only <= submit, sorted(prune - local_only - submit)
 
 

@@ -332,7 +332,8 @@ def test_moe_estimate_reads_either_expert_count_key_and_refuses_dense_qwen3_moe_
             estimate({**config, **dense}, 0.2)
 
 
-@pytest.mark.parametrize("setting", [{"target": "dense"}, {"allocation": "sensitivity"}])
+@pytest.mark.parametrize("setting", [{"target": "dense"}, {"allocation": "sensitivity"},
+                                     {"selection": "fisher"}])
 def test_moe_refuses_settings_it_does_not_implement(setting) -> None:
     with pytest.raises(ValueError, match="not implemented for mixture-of-experts"):
         prune_model(tiny_model("mixtral"), windows(), PruneConfig(**setting))

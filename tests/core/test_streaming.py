@@ -182,3 +182,13 @@ def test_in_memory_bf16_model_and_streamed_skeleton_agree_on_cpu(tmp_path: Path,
                     source=streamed.source)
     assert [(r.heads_kept, r.channels_kept) for r in a.layers] == \
         [(r.heads_kept, r.channels_kept) for r in b.layers]
+
+
+@pytest.mark.parametrize("setting", [{"selection": "fisher"}, {"allocation": "sensitivity"}])
+def test_whole_model_settings_are_refused_when_streaming(folder: Path, tmp_path: Path,
+                                                         setting: dict[str, str]) -> None:
+    streamed = open_streamed(folder)
+    with pytest.raises(ValueError, match="whole model on one device"):
+        prune_model(streamed.model, windows(), PruneConfig(**CFG, **setting,
+                                                           checkpoint_dir=tmp_path),
+                    source=streamed.source)
