@@ -73,6 +73,8 @@ def main() -> None:
     # Spelled out so a run measures the same thing whatever PruneConfig's defaults are.
     ap.add_argument("--allocation", choices=["schedule", "sensitivity"], default="schedule")
     ap.add_argument("--target", choices=["layer", "dense"], default="layer")
+    ap.add_argument("--selection", choices=["output", "fisher"], default="output")
+    ap.add_argument("--fisher-windows", type=int, default=None)
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     ap.add_argument("--trace", type=Path, default=None, help="append a line per finished layer")
@@ -110,7 +112,8 @@ def main() -> None:
     config = PruneConfig(target_ratio=args.ratio, batch_size=args.batch_size, device=args.device,
                          min_group=args.min_group, resident=args.placement == "resident",
                          prefetch=not args.no_prefetch, stop_after=args.stop_after,
-                         allocation=args.allocation, target=args.target)
+                         allocation=args.allocation, target=args.target,
+                         selection=args.selection, fisher_windows=args.fisher_windows)
     stamps: list[float] = []
     wall0 = time.perf_counter()
 
@@ -154,6 +157,7 @@ def main() -> None:
         "label": args.label, "shape": shape_name, "placement": args.placement,
         "gpus": args.gpus, "prefetch": not args.no_prefetch, "ratio": args.ratio,
         "allocation": args.allocation, "target": args.target,
+        "selection": args.selection, "fisher_windows": args.fisher_windows,
         "windows": args.nsamples, "seqlen": args.seqlen, "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
         "layers_pruned": layers_done, "num_layers": model.config.num_hidden_layers,
