@@ -253,12 +253,12 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     g = math.gcd(p_unit, p_step)
     th, tc = p_step // g, p_unit // g
     best: tuple[float, list[int], list[int]] | None = None
-    for k in range(-8, 9):
-        if k and th > 16:  # no small parameter-equal packet (biases): keep the base split
-            continue
+    # Every feasible split (k packets moved from channels to heads), not a window around the
+    # base one: at 50% the cheapest split can lie far from the schedule's.
+    trades = (range(-(head_units // th), channel_steps // tc + 1) if th <= 16
+              else range(1))  # no small parameter-equal packet (biases): keep the base split
+    for k in trades:
         hu, cs = head_units + k * th, channel_steps - k * tc
-        if hu < 0 or cs < 0:
-            continue
         heads = _distribute(head_costs, hu)
         chans = _distribute(chan_costs, cs)
         if heads is None or chans is None:

@@ -73,3 +73,18 @@ def test_group_policy_cannot_be_allocated() -> None:
     base = make_plan(SHAPE, 0.3, "uniform", "group")
     with pytest.raises(PlanError, match="free' or 'balanced"):
         allocate(base, _curves([1] * 4, [1] * 4), "group")
+
+
+def test_the_head_channel_split_can_move_far_from_the_schedule() -> None:
+    # Heads nearly free, channels dear: every head the curves allow goes (6 per layer: each
+    # KV group keeps one query head), many more 3-head packets than a window around the
+    # schedule's split would reach.
+    shape = ModelShape(num_layers=12, hidden_size=576, num_heads=9, num_kv_heads=3,
+                       head_dim=64, intermediate_size=1536, vocab_size=1000)
+    base = make_plan(shape, 0.3, "uniform", "free")
+    assert 6 * 12 - sum(lp.heads_removed for lp in base.layers) > 3 * 8
+    plan = allocate(base, [LayerCurves([1e-6 * u for u in range(7)],
+                                       [(c, 100 * (c / 64) ** 2) for c in range(0, 1409, 64)])
+                           for _ in range(12)], "free")
+    assert all(lp.heads_removed == 6 for lp in plan.layers)
+    assert plan.decoder_params_after == base.decoder_params_after
