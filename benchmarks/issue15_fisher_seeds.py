@@ -4,7 +4,8 @@ benchmarks/results/issue15_fisher_h200_seeds.jsonl; the rows marked ``"curves": 
 from commit 5ace3f5, whose allocation curves ran in the full Fisher metric).
 
     python benchmarks/issue15_fisher_seeds.py --gguf GGUF --data ../shared/data \
-        --ratios 0.4742 0.1853 --seeds 0 1 2 [--device cuda] [--eval-windows 200]
+        --ratios 0.4742 0.1853 --seeds 0 1 2 [--device cuda] [--eval-windows 200] \
+        [--variants fisher-dense-alloc free-dense-alloc]
 
 0.4742 / 0.1853 land on the sizes of the authors' recreation at 50% / 20%
 (benchmarks/quality_smollm2.py); calibration 64 x 512 tokens of calib.txt per seed.
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--eval-windows", type=int, default=200)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
     base, tok, _ = load_base_model(args.gguf, dtype=torch.float32)
     base.to(args.device)
@@ -50,7 +52,8 @@ def main() -> None:
     for ratio in args.ratios:
         for seed in args.seeds:
             calib = sample_windows(text, tok, 64, 512, seed=seed)
-            for name, settings in VARIANTS.items():
+            for name in args.variants:
+                settings = VARIANTS[name]
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
                 result = prune_model(model, calib, PruneConfig(target_ratio=ratio, seed=seed,
