@@ -202,3 +202,20 @@ def test_head_curve_costs_are_the_weighted_output_errors_of_the_compensated_weig
             yield cols[best]
 
     assert curve == pytest.approx(_reference_curve(W, H, weight, steps), rel=1e-3, abs=1e-4)
+
+
+def test_curves_and_loss_weights_see_only_their_first_windows() -> None:
+    from slimgpt_core.allocation import sensitivity_plan
+    from slimgpt_core.pruner import model_family, model_shape
+
+    model = tiny_llama(layers=3)
+    ids = windows(8, 32)
+    base = make_plan(model_shape(model), 0.4, "log", "free")
+
+    def plan(calibration, **windows_kw):
+        return sensitivity_plan(model, calibration, base, "free", 0.01, 8, 64, 4,
+                                torch.device("cpu"), model_family(model), **windows_kw)
+
+    subset = plan(ids, sensitivity_windows=2, curve_windows=4)
+    assert subset == plan(ids[:4], sensitivity_windows=2, curve_windows=None)
+    assert subset.decoder_params_after == base.decoder_params_after
