@@ -7,16 +7,20 @@
    empirical Fisher). A small perturbation ``delta`` there costs about ``1/2 sum_j f_j delta_j^2``
    of loss. With ``selection="fisher"`` the pruning's own full output Fisher is measured
    instead (:mod:`slimgpt_core.fisher`), and its diagonal serves here.
-2. **Error curves.** On the dense model's own activations, every layer's heads and FFN channels
-   are removed greedily (the same OBS steps as the pruning itself) far past the plan, and after
-   each step the *loss-weighted* error ``sum_j f_j (dW H dW^T)_jj`` of the compensated weights is
-   recorded: what removing ``u`` heads or ``c`` channels of that layer would cost, in loss units.
+2. **Error curves.** On the dense model's own activations (of the first
+   :data:`CURVE_WINDOWS` windows), every layer's heads and FFN channels are removed greedily
+   (the same OBS steps as the pruning itself) far past the plan, and after each step the
+   *loss-weighted* error ``sum_j f_j (dW H dW^T)_jj`` of the compensated weights is recorded:
+   what removing ``u`` heads or ``c`` channels of that layer would cost, in loss units. It is
+   accumulated from the steps' own row errors (:class:`_WeightedError`), not recomputed.
 3. **Allocation.** The number of heads and of channels the base plan removes in total (its log
    shape) is kept, so the parameter count -- and the dry-run estimate's total -- is exact;
    the counts are distributed over layers by taking the cheapest increments first along each
    curve's convex minorant. Heads and channels may also be traded in exactly parameter-equal
    packets (3 query heads = ``2 * head_dim`` channels when nothing has a bias), and the split
-   with the least total cost wins.
+   with the least total cost wins. A head unit is what the GQA policy removes: a query head
+   (``free``), one per KV group (``balanced``), or a whole KV group with its key/value head
+   (``group``, and every policy in a multi-head model, where each head is its own group).
 
 The curves use dense inputs, not the already-pruned ones the pruning will see: they rank
 layers, the pruning itself stays sequential.
@@ -37,7 +41,7 @@ from slimgpt_core.families import Family
 from slimgpt_core.fisher import output_fishers
 from slimgpt_core.heads import _head_columns
 from slimgpt_core.layer_io import LayerContext, contexts_to, micro_batches
-from slimgpt_core.obs import damped_inverse, group_errors, remove_group
+from slimgpt_core.obs import damped_inverse, group_errors, remove_group_rows
 from slimgpt_core.schedule import (
     CHANNEL_MULTIPLE,
     MAX_LAYER_RATIO,
@@ -68,6 +72,8 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, device: torch.de
 # -- 2. error curves -----------------------------------------------------------------------
 def _weighted_error(W0: torch.Tensor, W: torch.Tensor, H: torch.Tensor,
                     weight: torch.Tensor) -> float:
+    """``sum_j f_j ((W0 - W) H (W0 - W)^T)_jj`` by a full product (the reference; the curves
+    accumulate it step by step, :class:`_WeightedError`)."""
     delta = W0 - W
     return float((((delta @ H) * delta).sum(1) * weight.to(delta.device)).sum())
 
@@ -79,14 +85,49 @@ def _diagonal(weight: torch.Tensor) -> torch.Tensor:
     return torch.diagonal(weight) if weight.dim() == 2 else weight
 
 
+class _WeightedError:
+    """The loss-weighted error of the compensated weights, accumulated from the OBS steps.
+
+    Every output row is its own least-squares problem, and each greedy step is the exact
+    projection (in the metric of the damped Hessian ``Hd = H + damping * I`` that the
+    inverse belongs to) onto a smaller subspace, so the rows' errors add up step by step
+    (:func:`~slimgpt_core.obs.remove_group_rows`): ``diag(dW Hd dW^T)`` after any number of
+    steps is the sum of the steps' row errors. The undamped error the curve reports is that
+    minus ``damping * ||dW_j||^2`` (input channels that never fired have a zero column in
+    ``dW``), an elementwise pass instead of the ``dW @ H`` product of every step.
+    """
+
+    def __init__(self, W0: torch.Tensor, weight: torch.Tensor, damping: float) -> None:
+        self.W0 = W0
+        self.weight = weight.to(W0.device, torch.float32)
+        self.damping = damping
+        self.rows = torch.zeros(W0.shape[0], dtype=torch.float32, device=W0.device)
+
+    def step(self, row_errors: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """Add one step's row errors; the weighted error so far (a 0-dim tensor, no sync)."""
+        self.rows += row_errors
+        drift = (self.W0 - W).pow(2).sum(1)
+        return ((self.rows - self.damping * drift) * self.weight).sum()
+
+
+def _curve(values: list[torch.Tensor]) -> list[float]:
+    """[0.0] followed by the steps' errors, read back in one transfer."""
+    return [0.0] + (torch.stack(values).tolist() if values else [])
+
+
 def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_heads: int,
                num_kv_heads: int, head_dim: int, max_units: int, policy: str,
                percdamp: float) -> list[float]:
     """Cost after removing 0..max_units units: single query heads (``free``, never emptying a
-    KV group) or one query head per KV group (``balanced``)."""
+    KV group), one query head per KV group (``balanced``) or whole KV groups (``group``, and
+    every policy in multi-head attention, as :func:`~slimgpt_core.heads.prune_heads` does:
+    a unit is then one head with its key/value head)."""
     from slimgpt_core.heads import prune_heads
 
     W = W.float()
+    group = num_heads // num_kv_heads
+    if group == 1:
+        policy = "group"
     if policy == "balanced":
         out = [0.0]
         for u in range(1, max_units + 1):
@@ -101,22 +142,29 @@ def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_he
     W0 = W.clone()
     W0[:, inv.dead] = 0.0
     Wc = W0.clone()
-    group = num_heads // num_kv_heads
-    cols = _head_columns(torch.arange(num_heads, device=W.device), head_dim)
-    alive = torch.ones(num_heads, dtype=torch.bool, device=W.device)
-    per_group = torch.zeros(num_kv_heads, dtype=torch.long, device=W.device)
-    out = [0.0]
+    error = _WeightedError(W0, weight, inv.damping)
+    device = W.device
+    if policy == "group":  # a unit is a KV group: the columns of all its query heads
+        cols = _head_columns(torch.arange(num_heads, device=device), head_dim)
+        cols = cols.view(num_kv_heads, group * head_dim)
+        max_units = min(max_units, num_kv_heads - 1)
+    else:
+        cols = _head_columns(torch.arange(num_heads, device=device), head_dim)
+    n_units = cols.shape[0]
+    unit_group = torch.arange(n_units, device=device) // (1 if policy == "group" else group)
+    per_group_cap = 1 if policy == "group" else group - 1
+    alive = torch.ones(n_units, dtype=torch.bool, device=device)
+    per_group = torch.zeros(num_kv_heads, dtype=torch.long, device=device)
+    steps: list[torch.Tensor] = []
     for _ in range(max_units):
-        ok = alive & (per_group[torch.arange(num_heads, device=W.device) // group] < group - 1)
-        candidates = ok.nonzero().squeeze(1)
+        candidates = (alive & (per_group[unit_group] < per_group_cap)).nonzero().squeeze(1)
         if candidates.numel() == 0:
             break
         best = candidates[int(torch.argmin(group_errors(Wc, hinv, cols[candidates])))]
-        remove_group(Wc, hinv, cols[best])
+        steps.append(error.step(remove_group_rows(Wc, hinv, cols[best]), Wc))
         alive[best] = False
-        per_group[int(best) // group] += 1
-        out.append(_weighted_error(W0, Wc, H, weight))
-    return out
+        per_group[unit_group[best]] += 1
+    return _curve(steps)
 
 
 def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max_channels: int,
@@ -127,8 +175,10 @@ def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max
     W0 = W.float().clone()
     W0[:, inv.dead] = 0.0
     Wc = W0.clone()
+    error = _WeightedError(W0, weight, inv.damping)
     alive = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
-    points = [(0, 0.0)]
+    counts: list[int] = []
+    steps: list[torch.Tensor] = []
     removed = 0
     while removed < max_channels:
         # Finer steps than the pruning's own rule: the curve needs resolution everywhere.
@@ -136,11 +186,11 @@ def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max
                                                                   min_group, max_group) // 4))
         scores = (Wc.pow(2).sum(0) / torch.diagonal(hinv)).masked_fill(~alive, float("inf"))
         chosen = torch.argsort(scores, stable=True)[:g]
-        remove_group(Wc, hinv, chosen)
+        steps.append(error.step(remove_group_rows(Wc, hinv, chosen), Wc))
         alive[chosen] = False
         removed += g
-        points.append((removed, _weighted_error(W0, Wc, H, weight)))
-    return points
+        counts.append(removed)
+    return list(zip([0, *counts], _curve(steps)))
 
 
 @torch.no_grad()
@@ -154,7 +204,12 @@ def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerCon
     from slimgpt_core.hessian import HessianAccumulator
 
     gs, kv = shape.group_size, shape.num_kv_heads
-    max_units = (gs - 1) if policy == "balanced" else (shape.num_heads - kv)
+    if gs == 1 or policy == "group":
+        max_units = kv - 1
+    elif policy == "balanced":
+        max_units = gs - 1
+    else:
+        max_units = shape.num_heads - kv
     max_channels = min(math.floor(shape.intermediate_size * MAX_LAYER_RATIO),
                        math.ceil(shape.intermediate_size * max_ratio))
     curves = []
@@ -232,14 +287,27 @@ def _distribute(costs: list[list[float]], total: int) -> tuple[list[int], float]
     return counts, sum(c[n] for c, n in zip(costs, counts))
 
 
+def _head_unit(shape: ModelShape, policy: str) -> tuple[int, int]:
+    """(query heads, KV heads) one head unit of ``policy`` removes."""
+    if shape.group_size == 1 or policy == "group":
+        return shape.group_size, 1
+    return (shape.num_kv_heads if policy == "balanced" else 1), 0
+
+
 def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> PruningPlan:
-    """Redistribute ``base``'s removed heads and channels over layers by the curves."""
+    """Redistribute ``base``'s removed heads and channels over layers by the curves.
+
+    Head units are what :func:`~slimgpt_core.heads.prune_heads` removes under ``policy``:
+    one query head (``free``), one per KV group (``balanced``), or a whole KV group with its
+    key/value head (``group``, and any policy in multi-head attention).
+    """
     shape = base.shape
-    if policy not in ("free", "balanced") or shape.group_size == 1 and policy != "free":
-        raise PlanError("sensitivity allocation needs gqa_policy 'free' or 'balanced'")
-    if any(lp.kv_heads_removed for lp in base.layers):
-        raise PlanError("sensitivity allocation keeps every KV head; lower the ratio")
-    unit = shape.num_kv_heads if policy == "balanced" else 1  # query heads per head unit
+    if policy not in ("free", "balanced", "group"):
+        raise PlanError(f"unknown gqa_policy {policy!r} for sensitivity allocation")
+    unit, kv_unit = _head_unit(shape, policy)
+    if not kv_unit and any(lp.kv_heads_removed for lp in base.layers):
+        raise PlanError("sensitivity allocation with gqa_policy 'free' keeps every KV head "
+                        "of a grouped-query model; lower the ratio")
     mult = CHANNEL_MULTIPLE if shape.intermediate_size % CHANNEL_MULTIPLE == 0 else 1
     head_units = sum(lp.heads_removed for lp in base.layers) // unit
     channel_steps = sum(lp.channels_removed for lp in base.layers) // mult
@@ -248,7 +316,7 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     chan_costs = [[_interpolate(c.channels, k * mult) for k in range(m + 1)]
                   for c, m in zip(curves, max_steps)]
     # Exact trades: `th` head units weigh as much as `tc` channel steps.
-    p_unit = unit * shape.params_per_q_head
+    p_unit = unit * shape.params_per_q_head + kv_unit * shape.params_per_kv_head
     p_step = mult * shape.params_per_channel
     g = math.gcd(p_unit, p_step)
     th, tc = p_step // g, p_unit // g
@@ -271,14 +339,17 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     _, units, steps = best
     layers = []
     for lp, u, s in zip(base.layers, units, steps):
-        heads_removed, channels_removed = u * unit, s * mult
+        heads_removed, kv_removed, channels_removed = u * unit, u * kv_unit, s * mult
         kept_h = shape.num_heads - heads_removed
+        kept_kv = shape.num_kv_heads - kv_removed
         kept_c = shape.intermediate_size - channels_removed
-        after = shape.layer_params(kept_h, shape.num_kv_heads, kept_c)
+        after = shape.layer_params(kept_h, kept_kv, kept_c)
         layers.append(replace(lp, ratio=1 - (after - shape.layer_fixed_params)
                               / (lp.params_before - shape.layer_fixed_params),
-                              heads_removed=heads_removed, channels_removed=channels_removed,
-                              heads_kept=kept_h, channels_kept=kept_c, params_after=after))
+                              heads_removed=heads_removed, kv_heads_removed=kv_removed,
+                              channels_removed=channels_removed, heads_kept=kept_h,
+                              kv_heads_kept=kept_kv, channels_kept=kept_c,
+                              params_after=after))
     plan = PruningPlan(shape, base.target_ratio, "sensitivity", base.gqa_policy,
                        tuple(lp.ratio for lp in layers), tuple(layers), layers[0].ratio,
                        layers[-1].ratio, base.notes)
@@ -287,20 +358,32 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     return plan
 
 
+#: Calibration windows of the forward/backward pass that gives the loss weights.
+SENSITIVITY_WINDOWS = 16
+#: Calibration windows whose dense activations give the curves' Hessians (None: all). The
+#: curves only rank layers against each other; the pruning itself uses every window.
+CURVE_WINDOWS: int | None = 32
+
+
 def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningPlan,
                      policy: str, percdamp: float, min_group: int, max_group: int,
                      batch_size: int, device: torch.device, family: Family,
-                     sensitivity_windows: int = 16,
+                     sensitivity_windows: int = SENSITIVITY_WINDOWS,
+                     curve_windows: int | None = CURVE_WINDOWS,
                      fishers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
                      ) -> PruningPlan:
-    """Measure and allocate: ``base``'s totals over the layers by loss-weighted curves
-    (weighted by ``fishers`` when given -- full or diagonal, see :mod:`slimgpt_core.fisher`
-    -- else by the diagonal measured on the first ``sensitivity_windows`` windows)."""
+    """Measure and allocate: ``base``'s totals over the layers by loss-weighted curves.
+
+    The loss weights come from ``fishers`` when given (full or diagonal, see
+    :mod:`slimgpt_core.fisher`), else from the first ``sensitivity_windows`` calibration
+    windows; the curves from the first ``curve_windows`` (None: all).
+    """
     from slimgpt_core.layer_io import capture_layer_inputs
 
     sens = fishers if fishers is not None else output_sensitivity(
         model, calibration[:sensitivity_windows], device, family)
-    acts, contexts = capture_layer_inputs(model, calibration, device, batch_size, device)
+    acts, contexts = capture_layer_inputs(model, calibration[:curve_windows], device,
+                                          batch_size, device)
     max_ratio = min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
     curves = measure_curves(model, acts, contexts_to(contexts, device), sens, base.shape,
                             policy, max_ratio, percdamp, min_group, max_group, batch_size,

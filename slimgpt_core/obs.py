@@ -158,16 +158,29 @@ def remove_group(W: torch.Tensor, hinv: torch.Tensor, group: torch.Tensor) -> fl
     place (no full-size temporary), and ``Z^T Z`` is symmetric by construction, so ``hinv``
     stays symmetric without a separate pass. Returns the error ``||V||^2``.
     """
+    return _remove(W, hinv, group).pow(2).sum().item()
+
+
+def remove_group_rows(W: torch.Tensor, hinv: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """:func:`remove_group`, returning the error of each output row (``(out,)``, on ``W``'s
+    device, no host sync) instead of their sum. Rows are independent least-squares problems,
+    so successive removals add up row by row: after any number of steps, the sum of the
+    returned vectors is ``diag((W0 - W) Hd (W0 - W)^T)`` for the damped Hessian ``Hd`` whose
+    inverse ``hinv`` started as."""
+    return _remove(W, hinv, group).pow(2).sum(0)
+
+
+def _remove(W: torch.Tensor, hinv: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """The update of :func:`remove_group`; returns ``V = L^-1 W_G^T`` (g, out)."""
     chol = _group_cholesky(hinv[group][:, group])
     z = torch.linalg.solve_triangular(chol, hinv[group, :], upper=False)  # (g, in)
     v = torch.linalg.solve_triangular(chol, W[:, group].T, upper=False)  # (g, out)
-    err = v.pow(2).sum().item()
     W.addmm_(v.T, z, alpha=-1.0)
     W[:, group] = 0.0
     hinv.addmm_(z.T, z, alpha=-1.0)
     hinv[group, :] = 0.0
     hinv[:, group] = 0.0
-    return err
+    return v
 
 
 def output_error(W0: torch.Tensor, W1: torch.Tensor, hessian: torch.Tensor) -> float:
