@@ -217,8 +217,25 @@ def test_curves_and_loss_weights_see_only_their_first_windows() -> None:
                                 torch.device("cpu"), model_family(model), **windows_kw)
 
     subset = plan(ids, sensitivity_windows=2, curve_windows=4)
-    assert subset == plan(ids[:4], sensitivity_windows=2, curve_windows=None)
+    assert subset == plan(ids[:4], sensitivity_windows=2, curve_windows=4)
     assert subset.decoder_params_after == base.decoder_params_after
+
+
+def test_curves_take_a_fixed_number_of_tokens_by_default(monkeypatch) -> None:
+    from slimgpt_core import allocation
+    from slimgpt_core.pruner import model_family, model_shape
+
+    model = tiny_llama(layers=3)
+    ids = windows(8, 32)
+    base = make_plan(model_shape(model), 0.4, "log", "free")
+
+    def plan(calibration, **windows_kw):
+        return allocation.sensitivity_plan(model, calibration, base, "free", 0.01, 8, 64, 4,
+                                           torch.device("cpu"), model_family(model),
+                                           sensitivity_windows=2, **windows_kw)
+
+    monkeypatch.setattr(allocation, "CURVE_TOKENS", 3 * 32 + 5)  # three whole windows
+    assert plan(ids) == plan(ids, curve_windows=3) != plan(ids, curve_windows=8)
 
 
 def test_the_head_channel_split_can_move_far_from_the_schedule() -> None:
