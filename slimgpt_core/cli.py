@@ -132,6 +132,45 @@ def _model_config(ref: str, revision: str | None) -> dict[str, Any]:
     return AutoConfig.from_pretrained(ref, revision=revision).to_dict()
 
 
+def _local_gpu_type(device: torch.device | None) -> str | None:
+    from slimgpt_core.costs import gpu_type_for
+
+    if device is None or device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return gpu_type_for(props.name, props.total_memory / 1e9)
+
+
+def apply_calib_budget(args: argparse.Namespace, schedule: str,
+                       device: torch.device | None) -> None:
+    """``--calib-budget``: set ``args.nsamples`` to the most windows whose predicted pruning
+    time fits the budget on this GPU (``device`` None: a dry run, priced for an H200 unless a
+    known GPU is here)."""
+    from slimgpt_core.costs import REFERENCE_GPU, calibration_for_budget
+    from slimgpt_core.schedule import ModelShape, make_plan
+
+    if getattr(args, "calib_budget", None) is None:
+        return
+    here = _local_gpu_type(device if device is not None else (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+        else None))
+    if here is None and device is not None:
+        raise UsageError("--calib-budget predicts GPU time: it needs a CUDA device of a known "
+                         "type (H200, H100, A100, L40S); use --nsamples here")
+    gpu = here or REFERENCE_GPU
+    shape = ModelShape.from_config(_model_config(args.model, args.revision))
+    plan = make_plan(shape, args.ratio, schedule, args.gqa_policy, args.alpha, args.head_ratio,
+                     args.ffn_ratio, args.profile == "uniform")
+    try:
+        args.nsamples = calibration_for_budget(shape, plan, args.calib_budget,
+                                               seq_len=args.seqlen, batch_size=args.batch_size,
+                                               gpu=gpu, gpus=args.gpus)
+    except ValueError as err:
+        raise UsageError(f"--calib-budget: {err}") from None
+    print(f"calibration: {args.nsamples} windows of {args.seqlen} tokens fit the "
+          f"{args.calib_budget:g} s budget on {args.gpus} x {gpu} (predicted)", file=sys.stderr)
+
+
 def run_dry_run(args: argparse.Namespace, schedule: str) -> int:
     """The plan and the resources it needs, from the config alone."""
     from slimgpt_core.costs import Workload, estimate_table
@@ -145,7 +184,8 @@ def run_dry_run(args: argparse.Namespace, schedule: str) -> int:
     counts = tuple(sorted({1, 2, 4, 8, args.gpus}))
     table = estimate_table(shape, plan, Workload(args.nsamples, args.seqlen, args.batch_size),
                            gpu_counts=counts, host_memory_gb=host)
-    doc = {"plan": plan.to_dict(), "host_memory_gb": host, "estimates": table}
+    doc = {"plan": plan.to_dict(), "host_memory_gb": host, "calibration_windows": args.nsamples,
+           "estimates": table}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -171,9 +211,15 @@ def run_prune(args: argparse.Namespace) -> int:
     except UsageError as err:
         print(f"slimgpt prune: error: {err}", file=sys.stderr)
         return 2
-    if args.dry_run:
+    device = None if args.dry_run else torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        apply_calib_budget(args, schedule, device)
+    except UsageError as err:
+        print(f"slimgpt prune: error: {err}", file=sys.stderr)
+        return 2
+    if device is None:
         return run_dry_run(args, schedule)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device.type == "cuda" else torch.float32)
 

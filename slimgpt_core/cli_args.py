@@ -178,6 +178,11 @@ def prune(
         "--allocation", help="per-layer widths from the schedule, or redistributed by "
         "measured sensitivity (same size); default: the library's",
         rich_help_panel=PRUNING)] = None,
+    calib_budget: Annotated[float | None, typer.Option(
+        "--calib-budget", min=0.001, metavar="SECONDS", help="choose the number of calibration "
+        "windows (instead of --nsamples) as the most whose predicted pruning time on this GPU "
+        "fits SECONDS (the cost model of --dry-run; an H200 in a dry run without a GPU)",
+        rich_help_panel=DATA)] = None,
     selection: Annotated[Selection | None, typer.Option(
         "--selection", help="score heads and channels by the error in each projection's "
         "output (output) or in the loss's metric, the dense model's output Fisher (fisher; "
@@ -211,6 +216,7 @@ def prune(
         host_memory_gb=host_memory_gb, target=target.value if target else None,
         local_search=local_search, allocation=allocation.value if allocation else None,
         selection=selection.value if selection else None, fisher_windows=fisher_windows,
+        calib_budget=calib_budget,
         expert_min_tokens=expert_min_tokens, heal=heal, heal_tokens=heal_tokens or 1_000_000,
         heal_mode=(heal_mode or HealMode.lora).value)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]

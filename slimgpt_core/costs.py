@@ -165,6 +165,60 @@ def predict_seconds(shape: ModelShape, plan: PruningPlan, work: Workload, *, gpu
     return {"startup_s": startup, "move_s": move, "per_layer_s": per_layer, "total_s": total}
 
 
+def gpu_type_for(device_name: str, memory_gb: float) -> str | None:
+    """The :data:`GPU_TYPES` key of a CUDA device from its name and memory (None: unknown)."""
+    name = device_name.upper()
+    if "H200" in name:
+        return "h200"
+    if "H100" in name:
+        return "h100-80gb"
+    if "A100" in name:
+        return "a100-80gb" if memory_gb > 50 else "a100-40gb"
+    if "L40S" in name:
+        return "l40s"
+    return None
+
+
+#: Windows per step of the budget search (the pruner's default micro-batch).
+BUDGET_STEP = 8
+
+
+def calibration_for_budget(shape: ModelShape, plan: PruningPlan, budget_s: float, *,
+                           seq_len: int, batch_size: int = 8, gpu: str = REFERENCE_GPU,
+                           gpus: int = 1, placement: str = "resident",
+                           maximum: int = 4096) -> int:
+    """The most calibration windows (a multiple of :data:`BUDGET_STEP`, at most ``maximum``)
+    whose predicted pruning time fits ``budget_s`` on ``gpus`` GPUs of type ``gpu`` and whose
+    activations fit its memory: more text for the same wall time, where a fixed window count
+    leaves a fast GPU idle on a small model (SmolLM2-135M: 64 -> 256 windows of 512 tokens
+    took perplexity 1.77x -> 1.66x dense at 50%, docs/BENCHMARKS.md). Raises
+    :class:`ValueError` when not even :data:`BUDGET_STEP` windows fit."""
+    if budget_s <= 0:
+        raise ValueError("the calibration time budget must be positive")
+    if gpu not in GPU_TYPES:
+        raise ValueError(f"unknown GPU type {gpu!r}; known: {', '.join(GPU_TYPES)}")
+    memory = GPU_TYPES[gpu].memory_gb * 1e9
+
+    def fits(n: int) -> bool:
+        work = Workload(n, seq_len, batch_size)
+        seconds = predict_seconds(shape, plan, work, gpus=gpus, placement=placement,
+                                  gpu=gpu)["total_s"]
+        return seconds <= budget_s and gpu_peak_bytes(shape, work, gpus=gpus,
+                                                      placement=placement) <= memory
+
+    lo, hi = 0, maximum // BUDGET_STEP  # steps; time and memory grow with the windows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid * BUDGET_STEP):
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo == 0:
+        raise ValueError(f"not even {BUDGET_STEP} windows of {seq_len} tokens fit a "
+                         f"{budget_s:g} s budget on {gpus} x {gpu}")
+    return lo * BUDGET_STEP
+
+
 def gpu_peak_bytes(shape: ModelShape, work: Workload, *, gpus: int = 1,
                    placement: str = "host", include_base: bool = True) -> float:
     """Peak device memory of the leader (the busiest GPU): activations (the windows' hidden

@@ -163,3 +163,25 @@ def test_a_dead_gpu_rank_is_a_clear_error_that_says_how_to_resume(
     err = capsys.readouterr().err
     assert "helper rank 1 (pid 42) was killed by SIGKILL" in err
     assert "--checkpoint-dir" in err and ".out.layers-" in err
+
+
+def test_dry_run_with_a_time_budget_uses_the_cost_models_choice(
+        model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from slimgpt_core.costs import calibration_for_budget
+    from slimgpt_core.schedule import ModelShape, make_plan
+
+    shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
+    plan = make_plan(shape, 0.3, "log", "free")
+    expected = calibration_for_budget(shape, plan, 0.366, seq_len=512)
+    assert main(["prune", "--model", str(model_dir), "--ratio", "0.3", "--dry-run", "--json",
+                 "--host-memory-gb", "64", "--seqlen", "512", "--calib-budget", "0.366"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration_windows"] == expected
+    assert main(["prune", "--model", str(model_dir), "--ratio", "0.3", "--dry-run",
+                 "--seqlen", "512", "--calib-budget", "0.01"]) == 2
+    assert "not even 8 windows" in capsys.readouterr().err
+
+
+def test_a_time_budget_without_a_known_gpu_is_a_usage_error(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--calib-budget", "60")) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

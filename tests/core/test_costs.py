@@ -95,3 +95,64 @@ def test_a_gpu_too_small_for_the_job_is_reported_with_the_reason() -> None:
                              work=Workload(num_samples=512))
     assert not est.fits and "busiest GPU" in est.reasons[0]
     assert est.predicted_error >= 0.5 and not est.measured_gpu_type
+
+
+# -- calibration chosen by a time budget ----------------------------------------------------
+def _llama3_8b():
+    from slimgpt_core.schedule import ModelShape, make_plan
+
+    shape = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8,
+                       head_dim=128, intermediate_size=14336, vocab_size=128256)
+    return shape, make_plan(shape, 0.2, "log", "free")
+
+
+@pytest.mark.parametrize("budget", [30.0, 60.0, 120.0])
+def test_the_budget_gets_the_most_windows_whose_predicted_time_fits(budget: float) -> None:
+    from slimgpt_core.costs import BUDGET_STEP, Workload, calibration_for_budget, predict_seconds
+
+    shape, plan = _llama3_8b()
+    n = calibration_for_budget(shape, plan, budget, seq_len=2048)
+
+    def seconds(windows: int) -> float:
+        return predict_seconds(shape, plan, Workload(windows, 2048), placement="resident")[
+            "total_s"]
+
+    assert n % BUDGET_STEP == 0
+    assert seconds(n) <= budget < seconds(n + BUDGET_STEP)
+
+
+def test_a_larger_budget_never_gives_fewer_windows() -> None:
+    from slimgpt_core.costs import calibration_for_budget
+
+    shape, plan = _llama3_8b()
+    counts = [calibration_for_budget(shape, plan, b, seq_len=2048) for b in (20, 40, 80, 160)]
+    assert counts == sorted(counts) and counts[0] < counts[-1]
+
+
+def test_gpu_memory_caps_the_windows_whatever_the_budget() -> None:
+    from slimgpt_core.costs import GPU_TYPES, Workload, calibration_for_budget, gpu_peak_bytes
+
+    shape, plan = _llama3_8b()
+    n = calibration_for_budget(shape, plan, 1e6, seq_len=2048, gpu="a100-40gb")
+    assert n < 4096
+    assert gpu_peak_bytes(shape, Workload(n, 2048), placement="resident") <= \
+        GPU_TYPES["a100-40gb"].memory_gb * 1e9 < \
+        gpu_peak_bytes(shape, Workload(n + 8, 2048), placement="resident")
+
+
+def test_a_budget_too_small_for_any_calibration_is_refused() -> None:
+    from slimgpt_core.costs import calibration_for_budget
+
+    shape, plan = _llama3_8b()
+    with pytest.raises(ValueError, match="not even 8 windows"):
+        calibration_for_budget(shape, plan, 0.5, seq_len=2048)
+
+
+@pytest.mark.parametrize(("name", "memory", "expected"), [
+    ("NVIDIA H200", 150.0, "h200"), ("NVIDIA H100 80GB HBM3", 85.0, "h100-80gb"),
+    ("NVIDIA A100-SXM4-40GB", 42.0, "a100-40gb"), ("NVIDIA A100-SXM4-80GB", 85.0, "a100-80gb"),
+    ("NVIDIA L40S", 48.0, "l40s"), ("NVIDIA GeForce RTX 4090", 24.0, None)])
+def test_gpu_types_are_recognised_by_name(name: str, memory: float, expected: str | None) -> None:
+    from slimgpt_core.costs import gpu_type_for
+
+    assert gpu_type_for(name, memory) == expected
