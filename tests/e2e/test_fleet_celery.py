@@ -56,8 +56,9 @@ def _row(ctx: dict[str, Any], worker_id: str) -> Worker | None:
 def test_a_celery_worker_reports_itself_and_its_job(stack):
     s: Stack = stack["stack"]
     name = "fleet0"
+    # 6 layers x 1 s: the job must still run when /metrics is read below, also on a busy box.
     proc = s.start_worker(name, SLIMGPT_RUNNER="tests.ui.progress_runner:run_job",
-                          SLIMGPT_TEST_FAKE_LAYERS="6", SLIMGPT_TEST_FAKE_DELAY_S="0.4")
+                          SLIMGPT_TEST_FAKE_LAYERS="6", SLIMGPT_TEST_FAKE_DELAY_S="1.0")
     node = f"{name}@{s.tag}"
     row = wait_until(lambda: _row(stack, node), 60, "the worker's row", s.logs)
     assert row.kind == "celery" and row.host == socket.gethostname() and row.pid == proc.pid
@@ -73,8 +74,8 @@ def test_a_celery_worker_reports_itself_and_its_job(stack):
     # While the job runs (in the worker's child process), the row names it.
     wait_until(lambda: _row(stack, node).current_job_id == job_id, 30, "the current job",
                s.logs)
-    metrics = client.get("/metrics?scope=fleet").text
-    assert f'slimgpt_worker_busy{{host="{row.host}",kind="celery",worker="{node}"}} 1.0' in metrics
+    busy = f'slimgpt_worker_busy{{host="{row.host}",kind="celery",worker="{node}"}} 1.0'
+    wait_until(lambda: busy in client.get("/metrics?scope=fleet").text, 5, "the busy gauge")
     wait_until(lambda: client.get(f"/v1/jobs/{job_id}", headers=headers).json()["state"]
                == "succeeded", 60, "the job to succeed", s.logs)
     wait_until(lambda: _row(stack, node).current_job_id is None, 10, "the worker to be idle")

@@ -100,9 +100,18 @@ def layer_events(rows: list[dict[str, Any]]) -> list[int]:
     return [e["layer"] for e in rows if (e["metrics"] or {}).get("kind") == "layer_done"]
 
 
-def completions(stack: Stack) -> list[str]:
+def completions(stack: Stack, at_least: int = 0, timeout: float = 10.0) -> list[str]:
+    """The jobs the fake runner finished, in order. It records a job just *after* marking it
+    succeeded, so a test that has seen the state waits (up to ``timeout``) for ``at_least``
+    records before reading them: under load the record can trail the state."""
     path = stack.runner_dir / "completions.log"  # type: ignore[attr-defined]
-    return [line.split()[0] for line in path.read_text().splitlines()] if path.exists() else []
+    deadline = time.monotonic() + timeout
+    while True:
+        done = ([line.split()[0] for line in path.read_text().splitlines()]
+                if path.exists() else [])
+        if len(done) >= at_least or time.monotonic() > deadline:
+            return done
+        time.sleep(0.05)
 
 
 def event_time(rows: list[dict[str, Any]], needle: str) -> float:

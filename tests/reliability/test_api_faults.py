@@ -41,7 +41,7 @@ def test_a_job_committed_by_an_api_that_died_before_publishing_still_runs(
         api = Api(stack.start_api("api"), key)  # a restarted (or another) API replica
         done = api.wait_final([job_id], 60, stack)[job_id]
         assert done["state"] == "succeeded", (done["error"], stack.logs())
-        assert completions(stack) == [job_id]
+        assert completions(stack, at_least=1) == [job_id]
         print(f"\nFIGURE api_killed_after_commit lost=0 duplicated=0 "
               f"final_after_api_restart_s={time.monotonic() - t0:.2f}")
         api.close()

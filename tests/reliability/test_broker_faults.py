@@ -53,7 +53,7 @@ def test_a_redis_restart_loses_the_queue_but_every_job_still_runs_once(
 
     jobs = api.wait_final(ids, 90, stack)
     assert {j["state"] for j in jobs.values()} == {"succeeded"}, stack.logs()
-    assert sorted(completions(stack)) == sorted(ids)  # each ran to completion exactly once
+    assert sorted(completions(stack, at_least=len(ids))) == sorted(ids)  # each ran to completion exactly once
     # The job that was running when Redis went away was not interrupted.
     assert jobs[first]["attempts"] == 1
     print(f"\nFIGURE redis_restart queued=9 resent_after_s={resent_after:.2f} "

@@ -54,7 +54,7 @@ def _check_resumed_result(api: Api, stack: Stack, job_id: str, job: dict) -> Non
     rows = api.events(job_id)
     assert layer_events(rows) == list(range(LAYERS))  # every layer once: no gaps, no repeats
     assert [e["seq"] for e in rows] == list(range(1, len(rows) + 1))
-    assert completions(stack) == [job_id]
+    assert completions(stack, at_least=1) == [job_id]
 
 
 def test_a_worker_killed_mid_layer_is_replaced_within_lease_plus_sweep_with_the_same_result(
