@@ -676,11 +676,15 @@ def _prune_expert_ffn(layer: nn.Module, lp: LayerPlan, acts: torch.Tensor,
             finish=functools.partial(_apply_method, method=config.method))
 
 
-def _layer_metrics(fishers: list[tuple[torch.Tensor, torch.Tensor]] | None,
-                   index: int) -> tuple[OutputMetric, OutputMetric] | None:
+def _take_layer_metrics(fishers: list[tuple[torch.Tensor, torch.Tensor] | None] | None,
+                        index: int) -> tuple[OutputMetric, OutputMetric] | None:
+    """Layer ``index``'s output metrics; its Fisher is released (all of them: 4 GB at 8B)."""
     if fishers is None:
         return None
-    attn, ffn = fishers[index]
+    entry, fishers[index] = fishers[index], None
+    if entry is None:
+        raise RuntimeError(f"layer {index}'s output Fisher was already used")
+    attn, ffn = entry
     return OutputMetric.from_fisher(attn), OutputMetric.from_fisher(ffn)
 
 
@@ -770,7 +774,7 @@ def prune_model(
         if value != default and (placement != "resident" or comm.world_size > 1):
             raise ValueError(f"{name} {value!r} runs the whole model on one device: it needs "
                              "the model resident there (and one GPU)")
-    fishers = None
+    fishers: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
     if config.selection == "fisher":
         t0 = time.perf_counter()
         fishers = output_fishers(model, calibration[:config.fisher_windows], device, family,
@@ -898,7 +902,8 @@ def prune_model(
                                        device, family)
             report = _prune_layer(layer, plan.layers[i], shape, acts, residual, contexts[i],
                                   config, device, clock, layer_emit, comm, family=family,
-                                  dense_acts=dense_acts, metrics=_layer_metrics(fishers, i))
+                                  dense_acts=dense_acts,
+                                  metrics=_take_layer_metrics(fishers, i))
             with _Phase(clock, {}, "probes", device):
                 for state in probe_states.values():
                     if not state.dense:
