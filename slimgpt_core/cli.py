@@ -95,7 +95,7 @@ def _prune_config(args: argparse.Namespace, schedule: str, device: torch.device)
     # Options left unset keep the library's defaults.
     options = {k: getattr(args, k) for k in ("target", "local_search", "allocation",
                                              "selection", "fisher_windows",
-                                             "expert_min_tokens")
+                                             "fisher_samples", "expert_min_tokens")
                if getattr(args, k, None) is not None}
     return PruneConfig(
         **options,

@@ -191,6 +191,10 @@ def prune(
     fisher_windows: Annotated[int | None, typer.Option(
         "--fisher-windows", min=1, metavar="N", help="calibration windows the output Fisher "
         "is measured on (default: all)", rich_help_panel=PRUNING)] = None,
+    fisher_samples: Annotated[int | None, typer.Option(
+        "--fisher-samples", min=0, metavar="N", help="labels of the output Fisher drawn from "
+        "the model's own predictions, N per token (the true Fisher; N backward passes); 0: "
+        "the text's next tokens (default: the library's)", rich_help_panel=PRUNING)] = None,
     expert_min_tokens: Annotated[int | None, typer.Option(
         "--expert-min-tokens", min=0, metavar="TOKENS", help="mixture of experts: an expert "
         "routed fewer calibration tokens has its Hessian blended with its all-token one "
@@ -216,7 +220,7 @@ def prune(
         host_memory_gb=host_memory_gb, target=target.value if target else None,
         local_search=local_search, allocation=allocation.value if allocation else None,
         selection=selection.value if selection else None, fisher_windows=fisher_windows,
-        calib_budget=calib_budget,
+        fisher_samples=fisher_samples, calib_budget=calib_budget,
         expert_min_tokens=expert_min_tokens, heal=heal, heal_tokens=heal_tokens or 1_000_000,
         heal_mode=(heal_mode or HealMode.lora).value)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]

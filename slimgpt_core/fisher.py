@@ -17,6 +17,13 @@ exactly the Fisher-scored greedy pass, compensation included.
 ``F`` is measured once, on the dense model, by one forward/backward pass over calibration
 windows; it needs the whole model on one device (as sensitivity allocation does, which reads
 its diagonal).
+
+Which labels the gradients are taken for: the calibration text's own next tokens give the
+*empirical* Fisher. Labels drawn from the dense model's own predictions give the *true*
+Fisher, whose expectation is the Gauss-Newton matrix of the cross-entropy, ``J^T (diag(p) -
+p p^T) J`` -- the curvature the second-order cost above actually needs; the empirical one
+only approximates it, and worst where the model is unsure. ``label_samples`` draws per
+token estimate it (one backward pass each).
 """
 
 from __future__ import annotations
@@ -60,11 +67,14 @@ class OutputMetric:
 
 
 def output_fishers(model: nn.Module, windows: torch.Tensor, device: torch.device,
-                   family: Family, *, full: bool,
-                   batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   family: Family, *, full: bool, batch_size: int = 2,
+                   label_samples: int = 0,
+                   seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per decoder layer, the per-token Fisher of the summed next-token loss at the outputs
     of ``o_proj`` and of ``down_proj`` (what each branch adds to the residual stream):
-    ``E[g g^T]`` (``full``) or its diagonal ``E[g^2]``."""
+    ``E[g g^T]`` (``full``) or its diagonal ``E[g^2]``. ``label_samples`` = 0 takes the loss
+    on the text's next tokens (empirical Fisher); N > 0 averages N losses on labels drawn
+    from the model's predictions (true Fisher; draws seeded by ``seed``)."""
     layers = family.decoder_layers(model)
     sums: list[list[torch.Tensor | None]] = [[None, None] for _ in layers]
     tokens = 0
@@ -77,6 +87,9 @@ def output_fishers(model: nn.Module, windows: torch.Tensor, device: torch.device
             sums[i][slot] = acc if prev is None else prev + acc
         return hook
 
+    if label_samples < 0:
+        raise ValueError("label_samples must be >= 0 (0: the text's own next tokens)")
+    draws = torch.Generator(device=device).manual_seed(seed) if label_samples else None
     handles = []
     for i, layer in enumerate(layers):
         handles.append(family.o_proj(layer).register_full_backward_hook(grab(i, 0)))
@@ -92,11 +105,18 @@ def output_fishers(model: nn.Module, windows: torch.Tensor, device: torch.device
             for sl in micro_batches(windows.shape[0], batch_size):
                 ids = windows[sl].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    ids[:, 1:].reshape(-1), reduction="sum")
-                loss.backward()
-                tokens += ids.numel()
+                flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+                if not label_samples:
+                    nn.functional.cross_entropy(flat, ids[:, 1:].reshape(-1),
+                                                reduction="sum").backward()
+                    tokens += ids.numel()
+                    continue
+                probs = torch.softmax(flat.detach(), dim=-1)
+                for k in range(label_samples):
+                    labels = torch.multinomial(probs, 1, generator=draws).squeeze(1)
+                    nn.functional.cross_entropy(flat, labels, reduction="sum").backward(
+                        retain_graph=k + 1 < label_samples)
+                    tokens += ids.numel()
     finally:
         for h in handles:
             h.remove()

@@ -193,6 +193,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "allocation": "schedule", "plain_heads": False, "compact": True, "seed": 0,
     "expert_min_tokens": None,  # mixture of experts only (None: each expert's width)
     "selection": "output", "fisher_windows": None,  # None: every calibration window
+    "fisher_samples": 0,  # 0: the text's own next tokens
 }
 _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_samples", "seqlen",
                      "seed", "sha256")
@@ -202,9 +203,9 @@ _PRUNE_FLAGS = {"schedule": "--schedule", "alpha": "--alpha", "gqa_policy": "--g
                 "percdamp": "--percdamp", "min_group": "--min-group", "target": "--target",
                 "local_search": "--local-search", "allocation": "--allocation",
                 "expert_min_tokens": "--expert-min-tokens", "selection": "--selection",
-                "fisher_windows": "--fisher-windows"}
+                "fisher_windows": "--fisher-windows", "fisher_samples": "--fisher-samples"}
 _LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens", "selection",
-               "fisher_windows")
+               "fisher_windows", "fisher_samples")
 
 
 def pruning_recipe(pruning: Mapping[str, Any],

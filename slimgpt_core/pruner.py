@@ -70,7 +70,8 @@ SELECTIONS: tuple[str, ...] = ("output", "fisher")
 #: defaults, so older checkpoints still resume.
 _LATER_SETTINGS: dict[str, Any] = {"target": "layer", "local_search": 0,
                                    "allocation": "schedule", "expert_min_tokens": None,
-                                   "selection": "output", "fisher_windows": None}
+                                   "selection": "output", "fisher_windows": None,
+                                   "fisher_samples": 0}
 
 
 def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
@@ -135,6 +136,10 @@ class PruneConfig:
     #: Calibration windows the output Fisher is measured on (``selection="fisher"``; it also
     #: weights the sensitivity curves then); None = all of them.
     fisher_windows: int | None = None
+    #: Labels of the output Fisher: 0 = the calibration text's next tokens (empirical Fisher);
+    #: N = N draws per token from the dense model's own predictions (true Fisher, the loss's
+    #: Gauss-Newton curvature; N backward passes). ``selection="fisher"`` only.
+    fisher_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.gqa_policy is None:
@@ -151,6 +156,11 @@ class PruneConfig:
                              f"{', '.join(SELECTIONS)}")
         if self.fisher_windows is not None and self.fisher_windows < 1:
             raise ValueError("fisher_windows must be >= 1 (None: every calibration window)")
+        if self.fisher_samples < 0:
+            raise ValueError("fisher_samples must be >= 0 (0: the text's own next tokens)")
+        if self.fisher_samples and self.selection != "fisher":
+            raise ValueError("fisher_samples sets the labels of selection 'fisher'; it needs "
+                             "selection='fisher'")
         if self.local_search < 0:
             raise ValueError("local_search (swaps per projection) must be >= 0")
         if self.batch_size < 1 or self.min_group < 1 or self.max_group < self.min_group:
@@ -778,7 +788,8 @@ def prune_model(
     if config.selection == "fisher":
         t0 = time.perf_counter()
         fishers = output_fishers(model, calibration[:config.fisher_windows], device, family,
-                                 full=True)
+                                 full=True, label_samples=config.fisher_samples,
+                                 seed=config.seed)
         fisher_s = time.perf_counter() - t0
     if config.allocation == "sensitivity":
         from slimgpt_core.allocation import sensitivity_plan

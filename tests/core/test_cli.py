@@ -101,6 +101,13 @@ def test_past_paper_options_reach_the_pruner(model_dir: Path, tmp_path: Path,
     settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
     assert settings["target"] == "dense" and settings["local_search"] == 2
 
+
+def test_fisher_label_draws_reach_the_pruner(model_dir: Path, tmp_path: Path) -> None:
+    assert main(_args(model_dir, tmp_path, "--selection", "fisher", "--fisher-samples", "2",
+                      "--no-verify")) == 0
+    settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
+    assert settings["selection"] == "fisher" and settings["fisher_samples"] == 2
+
 def test_stream_flag_prunes_from_the_shards_into_a_verified_folder(
         model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(_args(model_dir, tmp_path, "--stream", "--json")) == 0

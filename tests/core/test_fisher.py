@@ -128,3 +128,87 @@ def test_unknown_selection_is_refused() -> None:
         PruneConfig(selection="hessian")
     with pytest.raises(ValueError, match="fisher_windows"):
         PruneConfig(selection="fisher", fisher_windows=0)
+
+
+def _tiny_vocab_llama() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                      max_position_embeddings=32)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # confident, uneven predictions: far from the uniform case
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def _exact_true_fisher(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``E_y[g g^T]`` at layer 0's ``o_proj`` output with every label drawn from the model:
+    the labels of different positions are independent and each position's gradient has mean
+    zero, so it is the sum over positions ``s`` and labels ``y`` of ``p_s(y) a a^T``, ``a``
+    the gradient of that one loss term alone."""
+    rows: list[torch.Tensor] = []
+    o_proj = model.model.layers[0].self_attn.o_proj
+    handle = o_proj.register_full_backward_hook(
+        lambda _m, _gi, gout: rows.append(gout[0].detach().reshape(-1, gout[0].shape[-1])))
+    total = torch.zeros(o_proj.out_features, o_proj.out_features, dtype=torch.float64)
+    try:
+        with torch.enable_grad():
+            embed = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embed, use_cache=False).logits[0].float()
+            probs = torch.softmax(logits.detach(), dim=-1)
+            for s in range(ids.shape[1] - 1):
+                for y in range(logits.shape[-1]):
+                    torch.nn.functional.cross_entropy(
+                        logits[s:s + 1], torch.tensor([y])).backward(retain_graph=True)
+                    g = rows.pop().double()
+                    total += probs[s, y].double() * (g.T @ g)
+    finally:
+        handle.remove()
+    return (total / ids.numel()).float()
+
+
+def test_model_drawn_labels_estimate_the_true_fisher() -> None:
+    model = _tiny_vocab_llama()
+    ids = torch.randint(0, 12, (1, 8), generator=torch.Generator().manual_seed(0))
+    family = model_family(model)
+    exact = _exact_true_fisher(model, ids)
+    sampled = output_fishers(model, ids, torch.device("cpu"), family, full=True,
+                             label_samples=600, seed=0)[0][0]
+    empirical = output_fishers(model, ids, torch.device("cpu"), family, full=True)[0][0]
+    err = float(torch.linalg.norm(sampled - exact) / torch.linalg.norm(exact))
+    assert err < 0.1, err
+    # The text's own next tokens give another matrix (the empirical Fisher).
+    assert float(torch.linalg.norm(empirical - exact) / torch.linalg.norm(exact)) > 3 * err
+
+
+def test_model_drawn_labels_are_reproducible_by_seed() -> None:
+    model, ids = tiny_llama(layers=1), windows(2, 16)
+    family = model_family(model)
+
+    def fisher(seed: int) -> torch.Tensor:
+        return output_fishers(model, ids, torch.device("cpu"), family, full=False,
+                              label_samples=2, seed=seed)[0][1]
+
+    assert torch.equal(fisher(5), fisher(5))
+    assert not torch.equal(fisher(5), fisher(6))
+
+
+def test_prune_model_measures_the_fisher_on_model_drawn_labels_when_asked() -> None:
+    base, ids = tiny_llama(layers=2), windows(4, 16)
+    config = PruneConfig(target_ratio=0.3, selection="fisher", fisher_samples=2, seed=4,
+                         min_group=8)
+    with mock.patch.object(pruner_module, "output_fishers",
+                           wraps=pruner_module.output_fishers) as spy:
+        result = prune_model(copy.deepcopy(base), ids, config)
+    assert spy.call_args.kwargs["label_samples"] == 2 and spy.call_args.kwargs["seed"] == 4
+    assert result.settings["fisher_samples"] == 2
+    assert "fisher_samples" not in PruneConfig(selection="fisher").fingerprint()
+
+
+def test_fisher_samples_need_fisher_selection_and_are_not_negative() -> None:
+    with pytest.raises(ValueError, match="needs selection='fisher'"):
+        PruneConfig(fisher_samples=2)
+    with pytest.raises(ValueError, match="fisher_samples must be >= 0"):
+        PruneConfig(selection="fisher", fisher_samples=-1)

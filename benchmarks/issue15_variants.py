@@ -1,0 +1,72 @@
+"""Variants of one recipe at equal size, on SmolLM2-135M-Instruct: each variant is a JSON
+object of ``PruneConfig`` settings merged over ``--base`` (by default Fisher selection + dense
+target + sensitivity allocation); one JSON line per run.
+
+    python benchmarks/issue15_variants.py --gguf GGUF --data ../shared/data --ratios 0.4742 \
+        --seeds 0 1 2 --variant base= sampled8='{"fisher_samples": 8}' [--device cuda]
+
+0.4742 / 0.1853 land on the sizes of the authors' recreation at 50% / 20%
+(benchmarks/quality_smollm2.py); calibration 64 x 512 tokens of calib.txt per seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from slimgpt_core.calibration import consecutive_windows, sample_windows
+from slimgpt_core.evaluate import perplexity
+from slimgpt_core.loading import load_base_model
+from slimgpt_core.pruner import PruneConfig, prune_model
+
+BASE = {"selection": "fisher", "target": "dense", "allocation": "sensitivity"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.4742])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--eval-windows", type=int, default=200)
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--base", default=json.dumps(BASE), help="JSON PruneConfig settings")
+    ap.add_argument("--variant", nargs="+", required=True, help="NAME=JSON")
+    args = ap.parse_args()
+    base_settings = json.loads(args.base)
+    variants = {}
+    for item in args.variant:
+        name, _, settings = item.partition("=")
+        variants[name] = {**base_settings, **json.loads(settings or "{}")}
+    base, tok, _ = load_base_model(args.gguf, dtype=torch.float32)
+    base.to(args.device)
+    text = (args.data / "calib.txt").read_text(encoding="utf-8")
+    evals = consecutive_windows((args.data / "eval.txt").read_text(encoding="utf-8"), tok, 512,
+                                args.eval_windows)
+    print(json.dumps({"variant": "dense", "ppl": round(perplexity(base, evals), 3)}), flush=True)
+    for ratio in args.ratios:
+        for seed in args.seeds:
+            calib = sample_windows(text, tok, args.nsamples, 512, seed=seed)
+            for name, settings in variants.items():
+                model = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                result = prune_model(model, calib, PruneConfig(target_ratio=ratio, seed=seed,
+                                                               device=args.device, **settings))
+                seconds = time.perf_counter() - t0
+                print(json.dumps({"variant": name, "ratio": ratio, "seed": seed,
+                                  "settings": settings, "params": result.params_after,
+                                  "ppl": round(perplexity(model, evals), 3),
+                                  "s": round(seconds, 2)}), flush=True)
+                del model, result
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
