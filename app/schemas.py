@@ -85,6 +85,18 @@ class PruningSpec(Strict):
     alpha: float = Field(0.25, ge=0.0, le=1.0, description="first-layer ratio = alpha * last")
     heads: Ratio | None = Field(None, description="explicit attention-head ratio per layer")
     ffn: Ratio | None = Field(None, description="explicit FFN-channel ratio per layer")
+    preset: Literal["standard", "quality"] = Field(
+        "standard",
+        description="`standard`: SlimGPT as published, with the pieces measured at least as "
+        "good, for every model, placement and GPU count. `quality`: + Fisher selection (labels "
+        "drawn from the model, 8 per token), the dense model's stream as the compensation "
+        "target and per-layer widths from measured sensitivity: on SmolLM2-135M at equal size "
+        "1.132x / 1.729x dense perplexity at 20% / 50% against 1.196x / 2.173x, for ~15x the "
+        "pruning time (docs/BENCHMARKS.md). It needs the model resident on one GPU "
+        "(`resources.gpus` 1, not streamed) and is not available for mixture-of-experts "
+        "models or families that normalise a branch's output (Gemma 2/3, OLMo-2): such a job "
+        "fails at once with `setting_unavailable`",
+    )
 
 
 class ExportSpec(Strict):
@@ -181,6 +193,18 @@ def _resolve_gqa_policy(pruning: PruningSpec, profile: str) -> None:
             "cannot describe: use export.profile 'hetero', or gqa_policy 'balanced' or 'group'")
 
 
+def _check_preset(pruning: PruningSpec, resources: ResourcesSpec | None) -> None:
+    """What the request alone shows a preset cannot have (the model's family and placement
+    are checked by the worker, before it reads calibration text)."""
+    from slimgpt_core.availability import unavailable  # torch-free
+    from slimgpt_core.presets import preset_settings
+
+    why = unavailable(preset_settings(pruning.preset), None,
+                      world_size=resources.gpus if resources is not None else 1)
+    if why is not None:
+        raise ValueError(f"pruning.preset {pruning.preset!r}: {why}")
+
+
 def _check_schedule_profile(schedule: Any, profile: str, explicit: bool) -> Any:
     """Profile `uniform` needs every layer equally wide: schedule `uniform` (set when no schedule
     was given), or an explicit list of equal ratios; another explicit schedule is a 422."""
@@ -253,6 +277,7 @@ class JobCreate(Strict):
             self.schedule, self.export.profile, "schedule" in self.model_fields_set
         )
         _resolve_gqa_policy(self.pruning, self.export.profile)
+        _check_preset(self.pruning, self.resources)
         return self
 
 
@@ -294,6 +319,7 @@ class EstimateRequest(Strict):
             self.schedule, self.export.profile, "schedule" in self.model_fields_set
         )
         _resolve_gqa_policy(self.pruning, self.export.profile)
+        _check_preset(self.pruning, self.resources)
         return self
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from slimgpt_core.availability import unavailable
 from slimgpt_core.calibration import (
     BUNDLED_CALIBRATION,
     bundled_text,
@@ -18,8 +19,16 @@ from slimgpt_core.calibration import (
     read_text_source,
     sample_windows,
 )
+from slimgpt_core.errors import SettingUnavailableError
 from slimgpt_core.evaluate import perplexity
-from slimgpt_core.pruner import ProgressEvent, PruneConfig, PruneResult, prune_model
+from slimgpt_core.presets import DEFAULT_PRESET, preset_settings
+from slimgpt_core.pruner import (
+    ProgressEvent,
+    PruneConfig,
+    PruneResult,
+    check_settings,
+    prune_model,
+)
 from slimgpt_core.schedule import default_gqa_policy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,6 +65,10 @@ def check_args(args: argparse.Namespace) -> str:
         raise UsageError(f"--out {out} exists and is not an empty folder")
     if getattr(args, "heal", False) and (args.stream or args.gpus > 1):
         raise UsageError("--heal needs the whole model in memory: drop --stream/--gpus")
+    why = unavailable(prune_settings(args), None, placement="stream" if args.stream else None,
+                      world_size=args.gpus)
+    if why is not None:
+        raise UsageError(why)
     if (args.stream or args.gpus > 1) and args.model.lower().endswith(".gguf"):
         raise UsageError("--stream/--gpus need safetensors weights; a .gguf file is "
                          "dequantized into memory (prune it without them)")
@@ -91,14 +104,20 @@ def _summary(result: PruneResult, ppl: dict[str, float | None], out: Path) -> di
     }
 
 
+def prune_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The algorithm options beyond the paper's: the ``--preset``'s, then each flag given
+    (flags left unset keep the preset's or the library's defaults)."""
+    options = preset_settings(getattr(args, "preset", None) or DEFAULT_PRESET)
+    options.update({k: getattr(args, k) for k in ("target", "local_search", "allocation",
+                                                  "selection", "fisher_windows",
+                                                  "fisher_samples", "expert_min_tokens")
+                    if getattr(args, k, None) is not None})
+    return options
+
+
 def _prune_config(args: argparse.Namespace, schedule: str, device: torch.device) -> PruneConfig:
-    # Options left unset keep the library's defaults.
-    options = {k: getattr(args, k) for k in ("target", "local_search", "allocation",
-                                             "selection", "fisher_windows",
-                                             "fisher_samples", "expert_min_tokens")
-               if getattr(args, k, None) is not None}
     return PruneConfig(
-        **options,
+        **prune_settings(args),
         target_ratio=args.ratio, schedule=schedule, alpha=args.alpha,
         gqa_policy=args.gqa_policy, head_ratio=args.head_ratio, ffn_ratio=args.ffn_ratio,
         percdamp=args.percdamp, min_group=args.min_group, batch_size=args.batch_size,
@@ -233,6 +252,12 @@ def run_prune(args: argparse.Namespace) -> int:
 
     print(f"loading {args.model} ...", file=sys.stderr)
     model, tokenizer, source = load_base_model(args.model, revision=args.revision, dtype=dtype)
+    config = _prune_config(args, schedule, device)
+    try:  # before calibration and evaluation: their time would be lost
+        check_settings(model, config)
+    except SettingUnavailableError as err:
+        print(f"slimgpt prune: error: {err}", file=sys.stderr)
+        return 2
     calib_text = read_text_source(args.calib) if args.calib else bundled_text(BUNDLED_CALIBRATION)
     calib = sample_windows(calib_text, tokenizer, args.nsamples, args.seqlen, args.seed)
     eval_windows = None
@@ -244,7 +269,6 @@ def run_prune(args: argparse.Namespace) -> int:
         ppl["before"] = perplexity(model, eval_windows, device=device)
         print(f"perplexity before: {ppl['before']:.3f}", file=sys.stderr)
 
-    config = _prune_config(args, schedule, device)
     teacher = copy.deepcopy(model) if getattr(args, "heal", False) else None
     bar, on_event = _progress_bar(model.config.num_hidden_layers)
     try:
@@ -301,6 +325,13 @@ def run_streamed(args: argparse.Namespace, schedule: str, folder: Path, device: 
 
     print(f"streaming {args.model} from {folder} ({args.gpus} GPU(s)) ...", file=sys.stderr)
     streamed = open_streamed(folder, dtype)
+    try:
+        check_settings(streamed.model, _prune_config(args, schedule, device), streamed=True,
+                       world_size=args.gpus)
+    except SettingUnavailableError as err:
+        print(f"slimgpt prune: error: {err} (this model is pruned streamed from its shards)",
+              file=sys.stderr)
+        return 2
     tokenizer = AutoTokenizer.from_pretrained(folder)
     source = folder_source_info(folder, args.revision, hub_id=None if Path(args.model).is_dir()
                                 else args.model)

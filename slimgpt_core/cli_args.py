@@ -33,6 +33,11 @@ class Target(str, Enum):
     dense = "dense"
 
 
+class Preset(str, Enum):
+    standard = "standard"
+    quality = "quality"
+
+
 class Allocation(str, Enum):
     schedule = "schedule"
     sensitivity = "sensitivity"
@@ -84,6 +89,11 @@ FfnRatioOpt = Annotated[float | None, typer.Option(
 PercdampOpt = Annotated[float | None, typer.Option(
     "--percdamp", help="Hessian damping, share of its mean diagonal (default 0.01)",
     rich_help_panel=PRUNING)]
+PresetOpt = Annotated[Preset | None, typer.Option(
+    "--preset", help="standard (default): the paper's method, for every model and placement; "
+    "quality: + Fisher selection, dense target and sensitivity allocation, the best model "
+    "measured at equal size for ~15x the pruning time (the model resident on one GPU; no "
+    "mixture of experts)", rich_help_panel=PRUNING)]
 MinGroupOpt = Annotated[int | None, typer.Option(
     "--min-group", help="smallest FFN channel group (1 = exact greedy; default 64)",
     rich_help_panel=PRUNING)]
@@ -183,6 +193,7 @@ def prune(
         "windows (instead of --nsamples) as the most whose predicted pruning time on this GPU "
         "fits SECONDS (the cost model of --dry-run; an H200 in a dry run without a GPU)",
         rich_help_panel=DATA)] = None,
+    preset: PresetOpt = None,
     selection: Annotated[Selection | None, typer.Option(
         "--selection", help="score heads and channels by the error in each projection's "
         "output (output) or in the loss's metric, the dense model's output Fisher (fisher; "
@@ -219,6 +230,7 @@ def prune(
         no_verify=no_verify, json=json, stream=stream, gpus=gpus or 1, dry_run=dry_run,
         host_memory_gb=host_memory_gb, target=target.value if target else None,
         local_search=local_search, allocation=allocation.value if allocation else None,
+        preset=preset.value if preset else None,
         selection=selection.value if selection else None, fisher_windows=fisher_windows,
         fisher_samples=fisher_samples, calib_budget=calib_budget,
         expert_min_tokens=expert_min_tokens, heal=heal, heal_tokens=heal_tokens or 1_000_000,

@@ -22,6 +22,11 @@ class NonFiniteHessianError(ValueError):
         )
 
 
+class SettingUnavailableError(ValueError):
+    """A pruning setting that this model's family, its placement or the GPU count cannot run
+    (:mod:`slimgpt_core.availability`): every attempt would fail the same way."""
+
+
 class RankFailed(RuntimeError):
     """A rank of a multi-GPU job exited abnormally (or never became ready); the job stopped.
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from slimgpt_core.presets import preset_named
+
 CHART_FILE = "pruning_chart.png"
 
 
@@ -266,8 +268,11 @@ def recipe_commands(recipe: Mapping[str, Any]) -> dict[str, str | None]:
     if heal:
         common += ["--heal", f"--heal-tokens {heal.get('tokens')}",
                    f"--heal-mode {heal.get('mode', 'lora')}"]
-    local = [f"{flag} {prune[key]}" for key, flag in _PRUNE_FLAGS.items()
-             if key in _LOCAL_ONLY and prune.get(key) != RECIPE_DEFAULTS[key]]
+    changed = {key: prune.get(key) for key in _LOCAL_ONLY
+               if prune.get(key) != RECIPE_DEFAULTS[key]}
+    local = [f"{flag} {prune[key]}" for key, flag in _PRUNE_FLAGS.items() if key in changed]
+    # The service takes these settings only as a whole named preset.
+    named = preset_named(changed) if changed else None
     source = str(cal.get("source") or "")
     calib = (f"--calib {source}" if source and not source.startswith(("bundled:", "upload"))
              and source not in ("c4", "wikitext2") else "--calib CALIBRATION_TEXT")
@@ -275,12 +280,13 @@ def recipe_commands(recipe: Mapping[str, Any]) -> dict[str, str | None]:
     commands: dict[str, str | None] = {
         "prune": (f"slimgpt prune --model {recipe.get('base_model') or 'BASE'} --out DIR "
                   f"{' '.join(common + local)} {calib}{dtype}")}
-    service_ok = (not local and prune.get("method") == "slimgpt"
+    service_ok = ((not changed or named is not None) and prune.get("method") == "slimgpt"
                   and prune.get("max_group") == max(1024, int(prune.get("min_group") or 64)))
     calib_source = (f"--calib-source {source}" if source in ("c4", "wikitext2")
                     else "--calib CALIBRATION_TEXT")
+    service = common + ([f"--preset {named}"] if changed else [])
     commands["submit"] = (f"slimgpt submit --model {recipe.get('base_model') or 'BASE'} "
-                          f"{' '.join(common)} {calib_source}") if service_ok else None
+                          f"{' '.join(service)} {calib_source}") if service_ok else None
     return commands
 
 

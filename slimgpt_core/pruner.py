@@ -24,10 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimgpt_core.availability import unavailable
 from slimgpt_core.channels import prune_channels
 from slimgpt_core.checkpoint import LayerCheckpoints, tensor_digest
 from slimgpt_core.collective import Collective
 from slimgpt_core.compact import compact_attention, compact_mlp
+from slimgpt_core.errors import SettingUnavailableError
 from slimgpt_core.experts import ExpertPruning, collect_expert_hessians, prune_experts
 from slimgpt_core.families import Family, family_for_config
 from slimgpt_core.fisher import OutputMetric, output_fishers
@@ -427,21 +429,22 @@ def _least_squares_start(W: torch.Tensor, cross: torch.Tensor, hessian: torch.Te
     return out
 
 
-def _check_experts(family: Family, config: PruneConfig) -> None:
-    if family.layout.ffn != "experts":
-        return
-    for name, value, default in (("target", config.target, "layer"),
-                                 ("allocation", config.allocation, "schedule"),
-                                 ("selection", config.selection, "output")):
-        if value != default:
-            raise ValueError(f"{name} {value!r} is not implemented for mixture-of-experts "
-                             f"models ({family.name}); use {name} {default!r}")
+def check_settings(model: nn.Module, config: PruneConfig, *, streamed: bool = False,
+                   world_size: int = 1) -> None:
+    """Raise :class:`SettingUnavailableError` when ``config`` cannot run on ``model`` here
+    (:func:`slimgpt_core.availability.unavailable`), with the placement :func:`prune_model`
+    would choose: callers check before any expensive work, the pruner checks again."""
+    placement = choose_placement(model, _resolve_device(config.device), config.resident,
+                                 streamed)
+    _refuse_unavailable(model_family(model), config, placement, world_size)
 
 
-def _check_dense_target(family: Family) -> None:
-    if family.attn_out_norm is not None or family.ffn_out_norm is not None:
-        raise ValueError(f"target 'dense' needs each branch's output to join the residual "
-                         f"stream linearly; {family.name} normalises it first")
+def _refuse_unavailable(family: Family, config: PruneConfig, placement: str,
+                        world_size: int) -> None:
+    settings = {k: getattr(config, k) for k in ("target", "allocation", "selection")}
+    why = unavailable(settings, family, placement=placement, world_size=world_size)
+    if why is not None:
+        raise SettingUnavailableError(why)
 
 
 def _hessian(acc: HessianAccumulator, comm: Collective) -> torch.Tensor | None:
@@ -762,7 +765,6 @@ def prune_model(
                          "layers are written there as they finish")
     model.eval()
     family = model_family(model)
-    _check_experts(family, config)
     shape = model_shape(model)
     plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                      config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
@@ -771,19 +773,10 @@ def prune_model(
     prefix = layers_prefix(model) + "."
     device = _resolve_device(config.device)
     placement = choose_placement(model, device, config.resident, streamed)
+    _refuse_unavailable(family, config, placement, comm.world_size)
     if placement == "resident":
         model.to(device)
-    if config.target == "dense":
-        _check_dense_target(family)
-        if placement == "stream":
-            raise ValueError("target 'dense' needs the dense layers while pruning; it is not "
-                             "available with the stream placement")
     allocation_s = fisher_s = 0.0
-    for name, value, default in (("allocation", config.allocation, "schedule"),
-                                 ("selection", config.selection, "output")):
-        if value != default and (placement != "resident" or comm.world_size > 1):
-            raise ValueError(f"{name} {value!r} runs the whole model on one device: it needs "
-                             "the model resident there (and one GPU)")
     fishers: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
     if config.selection == "fisher":
         t0 = time.perf_counter()

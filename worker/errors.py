@@ -21,7 +21,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from slimgpt_core.errors import NonFiniteHessianError, RankFailed
+from slimgpt_core.errors import NonFiniteHessianError, RankFailed, SettingUnavailableError
 from worker.redact import redact
 from worker.retry import RetryPolicy, call_with_retries
 
@@ -236,6 +236,11 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
         # Checked before the Cholesky failure below: more damping cannot fix a NaN, so a
         # retry would only repeat the same work.
         return ErrorDescription("non_finite_hessian", redact(str(exc)), False)
+    if isinstance(exc, SettingUnavailableError):
+        # The model's family, its placement or the GPU count rule the setting out: every
+        # attempt would end the same way.
+        return ErrorDescription("setting_unavailable", redact(
+            f"{exc}; submit with pruning.preset 'standard'"), False)
     if isinstance(exc, RankFailed):
         # A GPU process of a multi-GPU job died (OOM killer, a GPU fault, a crash): the others
         # were stopped and the finished layers are checkpointed, so another attempt resumes.

@@ -274,7 +274,8 @@ class JobRunner:
     def _pipeline(self, job_id: str, token: str | None, ctl: JobControl, state: _State) -> None:
         from slimgpt_core.calibration import sample_windows
         from slimgpt_core.export import describe_calibration, export_pruned
-        from slimgpt_core.pruner import PruneConfig, PruningCancelled
+        from slimgpt_core.presets import DEFAULT_PRESET, preset_settings
+        from slimgpt_core.pruner import PruneConfig, PruningCancelled, check_settings
         from worker.model_handle import open_model, requested_gpus
 
         with self.db() as s:
@@ -326,6 +327,9 @@ class JobRunner:
         zero_shot_tasks = list(evaluate.get("zero_shot_tasks") or [])
         if zero_shot_tasks:  # fail before the expensive part, not after it
             self._check_zero_shot(zero_shot_tasks, handle.streamed)
+        preset = preset_settings(pruning.get("preset") or DEFAULT_PRESET)
+        # Likewise: a preset this family, placement or GPU count cannot run fails here.
+        check_settings(model, PruneConfig(**preset), streamed=handle.streamed, world_size=gpus)
 
         # calibrating --------------------------------------------------------------------
         num_samples, seq_len = int(calib.get("num_samples", 128)), int(calib.get("seq_len", 2048))
@@ -369,6 +373,7 @@ class JobRunner:
             seed=seed,
             # A plain (uniform-profile) config needs head counts that divide hidden_size.
             plain_heads=export.get("profile") == "uniform",
+            **preset,
         )
         progress = _PruneProgress(self, job_id, num_layers, ctl)
         heal_spec = req.get("heal")

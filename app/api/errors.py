@@ -63,6 +63,8 @@ JOB_ERROR_CODES: dict[str, str] = {
     "publish_failed": "publishing the result failed",
     "heal_unavailable": "healing was asked for and this job's placement cannot do it",
     "zero_shot_unavailable": "zero-shot tasks were asked for and the worker cannot run them",
+    "setting_unavailable": "the pruning preset needs what this model's family, placement or "
+    "GPU count does not give (the message says which)",
     "cholesky_failed": "a Hessian stayed not positive definite after more damping",
     "non_finite_hessian": "a layer's inputs had NaN/inf values",
     "gpu_out_of_memory": "the GPU ran out of memory",

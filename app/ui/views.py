@@ -297,7 +297,8 @@ def fleet_view(s: Session, tenant_id: str, heartbeat_s: float,
 #: Request fields that have their own input on the submit form (dotted paths).
 FORM_FIELDS = ("model_id", "revision", "target_ratio", "schedule", "export.profile",
                "calibration.source", "calibration.num_samples", "calibration.seq_len",
-               "calibration.seed", "pruning.gqa_policy", "pruning.percdamp", "pruning.min_group",
+               "calibration.seed", "pruning.preset", "pruning.gqa_policy", "pruning.percdamp",
+               "pruning.min_group",
                "destination.hub_repo_id", "destination.private", "destination.create_pr",
                "evaluate.perplexity")
 

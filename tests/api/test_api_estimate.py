@@ -19,6 +19,27 @@ def test_estimate_from_config(client, tenant):
     assert plan["total_params_after"] < plan["total_params_before"]
 
 
+def test_estimate_of_the_quality_preset_keeps_the_totals_and_says_what_it_does_not_show(
+        client, tenant):
+    standard = client.post("/v1/estimate", json={"config": SMOL, "target_ratio": 0.2},
+                           headers=tenant.headers).json()
+    r = client.post("/v1/estimate", json={"config": SMOL, "target_ratio": 0.2,
+                                          "pruning": {"preset": "quality"}},
+                    headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    assert r.json()["total_params_after"] == standard["total_params_after"]
+    assert any("preset 'quality'" in note for note in r.json()["notes"])
+
+
+def test_estimate_of_a_preset_the_family_cannot_run_is_422(client, tenant):
+    olmo2 = {**SMOL, "model_type": "olmo2", "num_attention_heads": 8, "num_key_value_heads": 8,
+             "hidden_size": 512}
+    r = client.post("/v1/estimate", json={"config": olmo2, "target_ratio": 0.2,
+                                          "pruning": {"preset": "quality"}},
+                    headers=tenant.headers)
+    assert r.status_code == 422 and "normalises it first" in r.json()["detail"], r.text
+
+
 def test_estimate_from_local_model_folder(client, tenant, models_dir):
     folder = models_dir / "smol-est"
     folder.mkdir(exist_ok=True)

@@ -36,6 +36,12 @@ def test_uniform_profile_defaults_to_balanced_heads(submit):
     assert req["pruning"]["gqa_policy"] == "balanced" and req["schedule"] == "uniform"
 
 
+def test_the_preset_defaults_to_standard_and_quality_is_kept(submit):
+    assert submit()["request"]["pruning"]["preset"] == "standard"
+    req = submit({**JOB, "pruning": {"preset": "quality"}})["request"]
+    assert req["pruning"]["preset"] == "quality"
+
+
 def test_heal_request_is_kept_with_its_defaults(submit):
     req = submit({**JOB, "heal": {"tokens": 50_000}})["request"]
     assert req["heal"] == {"tokens": 50_000, "mode": "lora"}

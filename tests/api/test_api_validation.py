@@ -49,6 +49,8 @@ def _post(client, tenant, body, **kw):
         ({"heal": {"tokens": 10}}, "heal.tokens"),
         ({"heal": {"mode": "qlora"}}, "heal.mode"),
         ({"export": {"profile": "uniform"}, "pruning": {"gqa_policy": "free"}}, "gqa_policy"),
+        ({"pruning": {"preset": "best"}}, "pruning.preset"),
+        ({"pruning": {"preset": "quality"}, "resources": {"gpus": 2}}, "one GPU"),
     ],
 )
 def test_invalid_field_is_422_naming_the_field(client, tenant, patch, needle):

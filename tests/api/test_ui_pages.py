@@ -168,12 +168,13 @@ def test_submitting_from_the_form_records_who_submitted(app, tenant, db):
 
 def test_submit_similar_prefills_the_form_from_a_job(app, tenant, submit):
     job = submit({"model_id": "org/model-x", "target_ratio": 0.3, "schedule": [0.1, 0.2, 0.3],
-                  "pruning": {"alpha": 0.5, "gqa_policy": "group"},
+                  "pruning": {"alpha": 0.5, "gqa_policy": "group", "preset": "quality"},
                   "calibration": {"source": "wikitext2", "num_samples": 64}})
     html = sign_in(app, tenant).get(f"/ui/submit?from={job['id']}").text
     assert 'value="org/model-x"' in html and 'value="0.3"' in html and 'value="64"' in html
     assert 'value="wikitext2"' in html
     assert re.search(r'<option value="group"\s+selected>', html)
+    assert re.search(r'<option value="quality"\s+selected>', html)
     advanced = re.search(r'<textarea id="f-advanced"[^>]*>(.*?)</textarea>', html, re.DOTALL)
     extra = json.loads(advanced.group(1).replace("&#34;", '"'))
     assert extra["schedule"] == [0.1, 0.2, 0.3] and extra["pruning"]["alpha"] == 0.5

@@ -276,6 +276,13 @@ def test_submit_body_file_flags_and_set_compose_in_that_order(cli, tmp_path):
     assert req["destination"]["private"] is True
 
 
+def test_submit_preset_flag_reaches_the_request(cli):
+    code, out, err = cli("submit", "--json", "--model", "test/ok", "--ratio", "0.3",
+                         "--preset", "quality")
+    assert code == EXIT_OK, err
+    assert json.loads(out)["request"]["pruning"]["preset"] == "quality"
+
+
 def test_submit_shares_flag_names_with_prune():
     from app.cli import command
 

@@ -108,6 +108,22 @@ def test_fisher_label_draws_reach_the_pruner(model_dir: Path, tmp_path: Path) ->
     settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
     assert settings["selection"] == "fisher" and settings["fisher_samples"] == 2
 
+def test_the_quality_preset_sets_its_options_and_a_flag_overrides_one(model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    assert main(_args(model_dir, tmp_path, "--preset", "quality", "--fisher-samples", "2",
+                      "--no-verify")) == 0
+    settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
+    assert (settings["selection"], settings["target"], settings["allocation"]) == (
+        "fisher", "dense", "sensitivity")
+    assert settings["fisher_samples"] == 2
+
+
+def test_the_quality_preset_with_stream_is_a_usage_error(model_dir: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--preset", "quality", "--stream")) == 2
+    assert "stream placement" in capsys.readouterr().err
+
+
 def test_stream_flag_prunes_from_the_shards_into_a_verified_folder(
         model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(_args(model_dir, tmp_path, "--stream", "--json")) == 0

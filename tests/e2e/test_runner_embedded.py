@@ -160,3 +160,66 @@ def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
     assert recipe["heal"]["tokens"] == 1_000 and recipe["heal"]["mode"] == "lora"
     assert recipe["heal"]["windows"] == 1_000 // 32 and recipe["calibration"]["source"]
     assert recipe["pruning"]["percdamp"] == 0.01 and recipe["dtype"]
+
+
+def test_runner_embedded_quality_preset_prunes_with_its_options_and_the_card_names_it(
+        tiny_models: Path, tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
+                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
+                        auth_disabled=True)
+    with TestClient(create_app(settings)) as client:
+        body = job_body("tiny4", upload_calibration(client),
+                        pruning={"min_group": 16, "preset": "quality"})
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+
+        def finished() -> dict | None:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = wait_until(finished, 200, "the job to finish")
+    assert job["state"] == "succeeded", job["error"]
+    from huggingface_hub import ModelCard
+
+    (card_path,) = Path(settings.artifacts_dir).glob(f"**/{job_id}/**/README.md")
+    card = ModelCard.load(card_path)
+    pruning = card.data.to_dict()["slimgpt_recipe"]["pruning"]
+    assert (pruning["selection"], pruning["fisher_samples"], pruning["target"],
+            pruning["allocation"]) == ("fisher", 8, "dense", "sensitivity")
+    assert "--preset quality" in card.text
+
+
+def test_runner_embedded_preset_a_family_cannot_run_fails_at_once_before_calibrating(
+        tiny_models: Path, tmp_path: Path) -> None:
+    import torch
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    from .tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    folder = tiny_models / "tiny-olmo2"
+    Olmo2ForCausalLM(Olmo2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
+                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
+                        auth_disabled=True)
+    with TestClient(create_app(settings)) as client:
+        body = job_body("tiny-olmo2", upload_calibration(client),
+                        pruning={"min_group": 16, "preset": "quality"})
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+
+        def finished() -> dict | None:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+        job = wait_until(finished, 200, "the job to finish")
+        rows = client.get(f"/v1/jobs/{job_id}/events",
+                          headers={"accept": "application/json"}).json()
+    assert job["state"] == "failed"
+    assert job["error"].startswith("setting_unavailable: target 'dense' needs each branch's")
+    assert "preset 'standard'" in job["error"]
+    assert job["attempts"] == 1  # every attempt would end the same way
+    assert "calibrating" not in {e["phase"] for e in rows}

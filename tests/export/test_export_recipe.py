@@ -118,3 +118,18 @@ def test_a_moe_few_token_threshold_is_a_local_only_recipe_setting():
     commands = recipe_commands(recipe)
     assert "--expert-min-tokens 64" in commands["prune"]
     assert commands["submit"] is None
+
+
+def test_a_named_presets_settings_give_a_service_command_with_the_preset():
+    from slimgpt_core.presets import preset_settings
+
+    recipe = {"base_model": "org/m", "base_revision": None, "profile": "hetero",
+              "pruning": {**RECIPE_DEFAULTS, "target_ratio": 0.2,
+                          **preset_settings("quality")},
+              "calibration": {"source": "c4", "num_samples": 64, "seqlen": 512, "seed": 1}}
+    commands = recipe_commands(recipe)
+    assert "--selection fisher" in commands["prune"] and "--fisher-samples 8" in commands["prune"]
+    assert commands["submit"] is not None and "--preset quality" in commands["submit"]
+    # One setting off the preset: only the local command can repeat it.
+    recipe["pruning"]["fisher_samples"] = 1
+    assert recipe_commands(recipe)["submit"] is None

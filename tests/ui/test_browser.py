@@ -176,6 +176,26 @@ def test_the_submit_form_shows_the_apis_4xx_messages_next_to_the_fields(visit: V
     page.screenshot(path=str(shots_dir / "submit-errors-laptop.png"), full_page=True)
 
 
+def test_the_submit_form_offers_the_quality_preset_and_says_why_a_job_cannot_have_it(
+        visit: Visit, live_server: LiveServer, shots_dir):
+    visit.sign_in(live_server.a)
+    page = visit.page
+    visit.go("/ui/submit")
+    assert page.locator("#f-pruning\\.preset option").all_inner_texts() == [
+        "standard", "quality"]
+    page.fill("#f-model_id", "HuggingFaceTB/SmolLM2-135M")
+    page.fill("#f-target_ratio", "0.5")
+    page.select_option("#f-pruning\\.preset", "quality")
+    page.locator("details summary").click()
+    page.fill("#f-advanced", '{"resources": {"gpus": 2}}')
+    page.click("#submit-button")
+    box = page.locator("#form-errors")
+    box.wait_for()
+    assert "pruning.preset 'quality'" in box.inner_text() and "one GPU" in box.inner_text()
+    assert page.url.endswith("/ui/submit")
+    page.screenshot(path=str(shots_dir / "submit-preset-laptop.png"), full_page=True)
+
+
 def test_another_tenants_jobs_are_not_visible(visit: Visit, live_server: LiveServer):
     visit.sign_in(live_server.a)
     page = visit.page

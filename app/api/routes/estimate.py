@@ -48,11 +48,32 @@ def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) ->
     except PlanError as err:
         raise HTTPException(422, detail=str(err)) from None
     plan["export_profile"] = body.export.profile
+    if body.pruning.preset != "standard":
+        plan.setdefault("notes", []).extend(_preset_notes(body, config))
     plan["resources"] = _resources(body, config, settings)
     if body.export.profile == "uniform" and not plan.get("uniform_widths", True):
         plan.setdefault("notes", []).append(
             "export profile 'uniform' needs equal widths in every layer; this plan has not")
     return plan
+
+
+def _preset_notes(body: EstimateRequest, config: dict[str, Any]) -> list[str]:
+    """422 when the preset cannot run on this family or GPU count; else what the estimate
+    does not show of it."""
+    from slimgpt_core.availability import unavailable
+    from slimgpt_core.families import family_for_config
+    from slimgpt_core.presets import preset_settings
+
+    preset = body.pruning.preset
+    why = unavailable(preset_settings(preset), family_for_config(config),
+                      world_size=body.resources.gpus if body.resources is not None else 1)
+    if why is not None:
+        raise HTTPException(422, detail=f"pruning.preset {preset!r}: {why}")
+    note = (f"preset {preset!r}: the per-layer widths are chosen by measured sensitivity "
+            "while pruning (the totals above hold); the predicted times are the standard "
+            "method's -- this preset took ~15x that time on SmolLM2-135M (docs/BENCHMARKS.md); "
+            "it runs only where the placement is `resident`, on one GPU")
+    return [note]
 
 
 def _resources(body: EstimateRequest, config: dict[str, Any],

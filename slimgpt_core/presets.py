@@ -1,0 +1,42 @@
+"""Named bundles of pruning settings, for the job API and the CLI: a user picks what matters
+to them (the paper's method at its speed, or the best model measured) instead of five expert
+options. Torch-free, so the API can validate requests with it.
+
+``standard`` is :class:`~slimgpt_core.pruner.PruneConfig`'s defaults: SlimGPT as published
+with the pieces measured at least as good (docs/BENCHMARKS.md, issue 15), for every model,
+placement and GPU count. ``quality`` adds what measured best at equal size on SmolLM2-135M:
+Fisher selection with labels drawn from the model (8 per token), the dense model's stream as
+the compensation target, and per-layer widths from measured sensitivity -- 1.132x / 1.729x
+dense perplexity at 20% / 50% against the standard 1.196x / 2.173x, for ~15x its pruning time
+on that model. It needs the model resident on one GPU (backward passes) and a family whose
+branches join the residual stream linearly, and it is not implemented for mixtures of
+experts: :func:`slimgpt_core.availability.unavailable` says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "standard": {},
+    "quality": {"selection": "fisher", "fisher_samples": 8, "target": "dense",
+                "allocation": "sensitivity"},
+}
+DEFAULT_PRESET = "standard"
+
+
+def preset_settings(name: str) -> dict[str, Any]:
+    """The ``PruneConfig`` settings of preset ``name`` (a copy)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def preset_named(changed: Mapping[str, Any]) -> str | None:
+    """The preset whose settings are exactly ``changed`` (the settings that differ from the
+    library's defaults, among those a preset sets), or None."""
+    for name, settings in PRESETS.items():
+        if dict(changed) == settings:
+            return name
+    return None
