@@ -75,6 +75,7 @@ def main() -> None:
     ap.add_argument("--target", choices=["layer", "dense"], default="layer")
     ap.add_argument("--selection", choices=["output", "fisher"], default="output")
     ap.add_argument("--fisher-windows", type=int, default=None)
+    ap.add_argument("--fisher-samples", type=int, default=0)
     ap.add_argument("--label", default="")
     ap.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     ap.add_argument("--trace", type=Path, default=None, help="append a line per finished layer")
@@ -113,7 +114,8 @@ def main() -> None:
                          min_group=args.min_group, resident=args.placement == "resident",
                          prefetch=not args.no_prefetch, stop_after=args.stop_after,
                          allocation=args.allocation, target=args.target,
-                         selection=args.selection, fisher_windows=args.fisher_windows)
+                         selection=args.selection, fisher_windows=args.fisher_windows,
+                         fisher_samples=args.fisher_samples)
     stamps: list[float] = []
     wall0 = time.perf_counter()
 
@@ -158,6 +160,7 @@ def main() -> None:
         "gpus": args.gpus, "prefetch": not args.no_prefetch, "ratio": args.ratio,
         "allocation": args.allocation, "target": args.target,
         "selection": args.selection, "fisher_windows": args.fisher_windows,
+        "fisher_samples": args.fisher_samples,
         "windows": args.nsamples, "seqlen": args.seqlen, "device": args.device,
         "gpu": torch.cuda.get_device_name() if cuda else None, "torch": torch.__version__,
         "layers_pruned": layers_done, "num_layers": model.config.num_hidden_layers,
