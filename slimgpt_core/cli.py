@@ -21,7 +21,8 @@ from slimgpt_core.calibration import (
 )
 from slimgpt_core.errors import SettingUnavailableError
 from slimgpt_core.evaluate import perplexity
-from slimgpt_core.presets import DEFAULT_PRESET, preset_settings
+from slimgpt_core.families import family_for_config
+from slimgpt_core.presets import DEFAULT_PRESET, ESTIMATE_NOTES, preset_settings
 from slimgpt_core.pruner import (
     ProgressEvent,
     PruneConfig,
@@ -196,15 +197,22 @@ def run_dry_run(args: argparse.Namespace, schedule: str) -> int:
     from slimgpt_core.schedule import ModelShape, make_plan
     from slimgpt_core.streaming import available_host_memory
 
-    shape = ModelShape.from_config(_model_config(args.model, args.revision))
+    config = _model_config(args.model, args.revision)
+    why = unavailable(prune_settings(args), family_for_config(config), world_size=args.gpus)
+    if why is not None:
+        print(f"slimgpt prune: error: {why}", file=sys.stderr)
+        return 2
+    shape = ModelShape.from_config(config)
     plan = make_plan(shape, args.ratio, schedule, args.gqa_policy, args.alpha, args.head_ratio,
                      args.ffn_ratio, args.profile == "uniform")
+    notes = [ESTIMATE_NOTES[args.preset]] if getattr(args, "preset", None) in ESTIMATE_NOTES \
+        else []
     host = args.host_memory_gb or (available_host_memory() / 1e9 or None)
     counts = tuple(sorted({1, 2, 4, 8, args.gpus}))
     table = estimate_table(shape, plan, Workload(args.nsamples, args.seqlen, args.batch_size),
                            gpu_counts=counts, host_memory_gb=host)
     doc = {"plan": plan.to_dict(), "host_memory_gb": host, "calibration_windows": args.nsamples,
-           "estimates": table}
+           "estimates": table, "notes": notes}
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -219,6 +227,8 @@ def run_dry_run(args: argparse.Namespace, schedule: str) -> int:
         print(f"{e['gpu_type']:10s} {e['gpus']:2d} {e['placement']:9s} {e['peak_gpu_gb']:7.1f} "
               f"{e['peak_host_gb']:8.1f} {e['output_disk_gb']:8.1f} "
               f"{e['predicted_s'] / 60:6.1f}min {err}{measured}  {fits}")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

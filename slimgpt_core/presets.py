@@ -24,6 +24,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "allocation": "sensitivity"},
 }
 DEFAULT_PRESET = "standard"
+#: What a dry-run estimate (``/v1/estimate``, ``slimgpt prune --dry-run``) does not show of a
+#: preset: its plan and time model are the standard method's.
+ESTIMATE_NOTES: dict[str, str] = {
+    "quality": ("preset 'quality': the per-layer widths are chosen by measured sensitivity "
+                "while pruning (the totals hold); the predicted times are the standard "
+                "method's -- this preset took ~15x that time on SmolLM2-135M "
+                "(docs/BENCHMARKS.md); it runs only where the placement is `resident`, on "
+                "one GPU"),
+}
 
 
 def preset_settings(name: str) -> dict[str, Any]:

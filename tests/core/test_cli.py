@@ -171,6 +171,24 @@ def test_dry_run_prints_resources_per_gpu_without_loading_weights(
     assert all(e["fits"] and e["peak_gpu_gb"] > 0 and e["predicted_s"] > 0 for e in h200)
 
 
+def test_dry_run_of_the_quality_preset_says_what_its_estimate_does_not_show(
+        model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["prune", "--model", str(model_dir), "--ratio", "0.3", "--dry-run", "--json",
+                 "--preset", "quality"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert len(notes) == 1 and "preset 'quality'" in notes[0]
+
+
+def test_dry_run_of_a_preset_the_family_cannot_run_is_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.core.family_cases import tiny_model
+
+    tiny_model("olmo2").config.save_pretrained(tmp_path / "olmo2")
+    assert main(["prune", "--model", str(tmp_path / "olmo2"), "--ratio", "0.3", "--dry-run",
+                 "--preset", "quality"]) == 2
+    assert "normalises it first" in capsys.readouterr().err
+
+
 def test_a_dead_gpu_rank_is_a_clear_error_that_says_how_to_resume(
         model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

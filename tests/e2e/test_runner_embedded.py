@@ -19,11 +19,23 @@ pytestmark = pytest.mark.timeout(240)
 PHASES = ["loading", "calibrating", "pruning", "verifying", "evaluating", "publishing"]
 
 
+def _settings(tiny_models: Path, tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
+                    cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
+                    auth_disabled=True)
+
+
+def _wait_finished(client: TestClient, job_id: str) -> dict:
+    def finished() -> dict | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["state"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_until(finished, 200, "the job to finish")
+
+
 def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
         tiny_models: Path, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
-                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
-                        auth_disabled=True)
+    settings = _settings(tiny_models, tmp_path)
     assert settings.embedded and settings.is_sqlite
     app = create_app(settings)
     with TestClient(app) as client:
@@ -33,11 +45,7 @@ def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
 
-        def finished() -> dict | None:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-        job = wait_until(finished, 200, "the job to finish")
+        job = _wait_finished(client, job_id)
         assert job["state"] == "succeeded", job["error"]
         m = job["metrics"]
         assert m["params_after"] < m["params_before"]
@@ -109,19 +117,13 @@ def test_runner_embedded_nan_in_a_layer_fails_once_naming_the_layer(
     with torch.no_grad():  # what an fp16 overflow in layer 2 looks like downstream
         model.model.layers[2].self_attn.v_proj.weight[0, 0] = float("inf")
     model.save_pretrained(folder)
-    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
-                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
-                        auth_disabled=True)
+    settings = _settings(tiny_models, tmp_path)
     with TestClient(create_app(settings)) as client:
         body = job_body("tiny4-nan", upload_calibration(client),
                         evaluate={"perplexity": False})
         job_id = client.post("/v1/jobs", json=body).json()["id"]
 
-        def finished() -> dict | None:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-        job = wait_until(finished, 200, "the job to finish")
+        job = _wait_finished(client, job_id)
     assert job["state"] == "failed"
     assert job["error"].startswith("non_finite_hessian: layer 2 self_attn.o_proj:")
     assert job["attempts"] == 1  # more damping cannot help: no retry
@@ -129,18 +131,12 @@ def test_runner_embedded_nan_in_a_layer_fails_once_naming_the_layer(
 
 def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
         tiny_models: Path, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
-                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
-                        auth_disabled=True)
+    settings = _settings(tiny_models, tmp_path)
     with TestClient(create_app(settings)) as client:
         body = job_body("tiny4", upload_calibration(client), heal={"tokens": 1_000})
         job_id = client.post("/v1/jobs", json=body).json()["id"]
 
-        def finished() -> dict | None:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-        job = wait_until(finished, 200, "the job to finish")
+        job = _wait_finished(client, job_id)
         rows = client.get(f"/v1/jobs/{job_id}/events",
                           headers={"accept": "application/json"}).json()
     assert job["state"] == "succeeded", job["error"]
@@ -164,19 +160,13 @@ def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
 
 def test_runner_embedded_quality_preset_prunes_with_its_options_and_the_card_names_it(
         tiny_models: Path, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
-                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
-                        auth_disabled=True)
+    settings = _settings(tiny_models, tmp_path)
     with TestClient(create_app(settings)) as client:
         body = job_body("tiny4", upload_calibration(client),
                         pruning={"min_group": 16, "preset": "quality"})
         job_id = client.post("/v1/jobs", json=body).json()["id"]
 
-        def finished() -> dict | None:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-        job = wait_until(finished, 200, "the job to finish")
+        job = _wait_finished(client, job_id)
     assert job["state"] == "succeeded", job["error"]
     from huggingface_hub import ModelCard
 
@@ -203,19 +193,13 @@ def test_runner_embedded_preset_a_family_cannot_run_fails_at_once_before_calibra
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    settings = Settings(data_dir=tmp_path / "data", local_models_dir=tiny_models,
-                        cache_dir=tmp_path / "cache", secret_key=Fernet.generate_key().decode(),
-                        auth_disabled=True)
+    settings = _settings(tiny_models, tmp_path)
     with TestClient(create_app(settings)) as client:
         body = job_body("tiny-olmo2", upload_calibration(client),
                         pruning={"min_group": 16, "preset": "quality"})
         job_id = client.post("/v1/jobs", json=body).json()["id"]
 
-        def finished() -> dict | None:
-            job = client.get(f"/v1/jobs/{job_id}").json()
-            return job if job["state"] in ("succeeded", "failed", "cancelled") else None
-
-        job = wait_until(finished, 200, "the job to finish")
+        job = _wait_finished(client, job_id)
         rows = client.get(f"/v1/jobs/{job_id}/events",
                           headers={"accept": "application/json"}).json()
     assert job["state"] == "failed"

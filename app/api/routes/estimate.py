@@ -62,18 +62,14 @@ def _preset_notes(body: EstimateRequest, config: dict[str, Any]) -> list[str]:
     does not show of it."""
     from slimgpt_core.availability import unavailable
     from slimgpt_core.families import family_for_config
-    from slimgpt_core.presets import preset_settings
+    from slimgpt_core.presets import ESTIMATE_NOTES, preset_settings
 
     preset = body.pruning.preset
     why = unavailable(preset_settings(preset), family_for_config(config),
                       world_size=body.resources.gpus if body.resources is not None else 1)
     if why is not None:
         raise HTTPException(422, detail=f"pruning.preset {preset!r}: {why}")
-    note = (f"preset {preset!r}: the per-layer widths are chosen by measured sensitivity "
-            "while pruning (the totals above hold); the predicted times are the standard "
-            "method's -- this preset took ~15x that time on SmolLM2-135M (docs/BENCHMARKS.md); "
-            "it runs only where the placement is `resident`, on one GPU")
-    return [note]
+    return [ESTIMATE_NOTES[preset]] if preset in ESTIMATE_NOTES else []
 
 
 def _resources(body: EstimateRequest, config: dict[str, Any],
