@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from slimgpt_core.calibration import (
 from slimgpt_core.errors import SettingUnavailableError
 from slimgpt_core.evaluate import perplexity
 from slimgpt_core.families import family_for_config
-from slimgpt_core.presets import DEFAULT_PRESET, ESTIMATE_NOTES, preset_settings
+from slimgpt_core.presets import DEFAULT_PRESET, estimate_notes, preset_settings
 from slimgpt_core.pruner import (
     ProgressEvent,
     PruneConfig,
@@ -143,7 +144,10 @@ def _local_folder(ref: str, revision: str | None) -> Path | None:
     return Path(snapshot_download(ref, revision=revision, allow_patterns=SNAPSHOT_PATTERNS))
 
 
+@functools.lru_cache(maxsize=4)
 def _model_config(ref: str, revision: str | None) -> dict[str, Any]:
+    # Cached (read-only for callers): a dry run with --calib-budget needs it twice, and a
+    # Hub config is a download.
     from transformers import AutoConfig
 
     path = Path(ref).expanduser()
@@ -205,8 +209,7 @@ def run_dry_run(args: argparse.Namespace, schedule: str) -> int:
     shape = ModelShape.from_config(config)
     plan = make_plan(shape, args.ratio, schedule, args.gqa_policy, args.alpha, args.head_ratio,
                      args.ffn_ratio, args.profile == "uniform")
-    notes = [ESTIMATE_NOTES[args.preset]] if getattr(args, "preset", None) in ESTIMATE_NOTES \
-        else []
+    notes = estimate_notes(getattr(args, "preset", None) or DEFAULT_PRESET)
     host = args.host_memory_gb or (available_host_memory() / 1e9 or None)
     counts = tuple(sorted({1, 2, 4, 8, args.gpus}))
     table = estimate_table(shape, plan, Workload(args.nsamples, args.seqlen, args.batch_size),

@@ -35,6 +35,11 @@ ESTIMATE_NOTES: dict[str, str] = {
 }
 
 
+def estimate_notes(name: str) -> list[str]:
+    """What a dry-run estimate does not show of preset ``name``."""
+    return [ESTIMATE_NOTES[name]] if name in ESTIMATE_NOTES else []
+
+
 def preset_settings(name: str) -> dict[str, Any]:
     """The ``PruneConfig`` settings of preset ``name`` (a copy)."""
     if name not in PRESETS:

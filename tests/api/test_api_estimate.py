@@ -31,6 +31,15 @@ def test_estimate_of_the_quality_preset_keeps_the_totals_and_says_what_it_does_n
     assert any("preset 'quality'" in note for note in r.json()["notes"])
 
 
+def test_estimate_of_a_config_without_model_type_reads_it_as_llama(client, tenant):
+    bare = {k: v for k, v in SMOL.items() if k != "model_type"}
+    for preset in ("standard", "quality"):
+        r = client.post("/v1/estimate", json={"config": bare, "target_ratio": 0.2,
+                                              "pruning": {"preset": preset}},
+                        headers=tenant.headers)
+        assert r.status_code == 200, r.text
+
+
 def test_estimate_of_a_preset_the_family_cannot_run_is_422(client, tenant):
     olmo2 = {**SMOL, "model_type": "olmo2", "num_attention_heads": 8, "num_key_value_heads": 8,
              "hidden_size": 512}

@@ -48,8 +48,9 @@ def estimate(body: EstimateRequest, tenant: TenantDep, settings: SettingsDep) ->
     except PlanError as err:
         raise HTTPException(422, detail=str(err)) from None
     plan["export_profile"] = body.export.profile
-    if body.pruning.preset != "standard":
-        plan.setdefault("notes", []).extend(_preset_notes(body, config))
+    notes = _preset_notes(body, config)
+    if notes:
+        plan.setdefault("notes", []).extend(notes)
     plan["resources"] = _resources(body, config, settings)
     if body.export.profile == "uniform" and not plan.get("uniform_widths", True):
         plan.setdefault("notes", []).append(
@@ -62,14 +63,16 @@ def _preset_notes(body: EstimateRequest, config: dict[str, Any]) -> list[str]:
     does not show of it."""
     from slimgpt_core.availability import unavailable
     from slimgpt_core.families import family_for_config
-    from slimgpt_core.presets import ESTIMATE_NOTES, preset_settings
+    from slimgpt_core.presets import estimate_notes, preset_settings
 
     preset = body.pruning.preset
-    why = unavailable(preset_settings(preset), family_for_config(config),
+    # A bare config reads as Llama's, as ModelShape.from_config reads it.
+    family = family_for_config({"model_type": "llama", **config})
+    why = unavailable(preset_settings(preset), family,
                       world_size=body.resources.gpus if body.resources is not None else 1)
     if why is not None:
         raise HTTPException(422, detail=f"pruning.preset {preset!r}: {why}")
-    return [ESTIMATE_NOTES[preset]] if preset in ESTIMATE_NOTES else []
+    return estimate_notes(preset)
 
 
 def _resources(body: EstimateRequest, config: dict[str, Any],
