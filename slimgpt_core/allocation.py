@@ -29,7 +29,7 @@ layers, the pruning itself stays sequential.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -117,11 +117,12 @@ def _curve(values: list[torch.Tensor]) -> list[float]:
 
 def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_heads: int,
                num_kv_heads: int, head_dim: int, max_units: int, policy: str,
-               percdamp: float) -> list[float]:
+               percdamp: float, snapshots: list[torch.Tensor] | None = None) -> list[float]:
     """Cost after removing 0..max_units units: single query heads (``free``, never emptying a
     KV group), one query head per KV group (``balanced``) or whole KV groups (``group``, and
     every policy in multi-head attention, as :func:`~slimgpt_core.heads.prune_heads` does:
-    a unit is then one head with its key/value head)."""
+    a unit is then one head with its key/value head). ``snapshots`` collects the compensated
+    weights after each step."""
     from slimgpt_core.heads import prune_heads
 
     W = W.float()
@@ -136,6 +137,8 @@ def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_he
                         head_dim=head_dim, heads_to_remove=u * num_kv_heads, policy="balanced",
                         percdamp=percdamp)
             out.append(_weighted_error(W, Wu, H, weight))
+            if snapshots is not None:
+                snapshots.append(Wu)
         return out
     inv = damped_inverse(H, percdamp)
     hinv = inv.hinv
@@ -164,12 +167,18 @@ def head_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, num_he
         steps.append(error.step(remove_group_rows(Wc, hinv, cols[best]), Wc))
         alive[best] = False
         per_group[unit_group[best]] += 1
+        if snapshots is not None:
+            snapshots.append(Wc.clone())
     return _curve(steps)
 
 
 def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max_channels: int,
-                  percdamp: float, min_group: int, max_group: int) -> list[tuple[int, float]]:
-    """Cost after each greedy group, removing up to ``max_channels`` channels."""
+                  percdamp: float, min_group: int, max_group: int, step: int | None = None,
+                  snapshots: dict[int, torch.Tensor] | None = None,
+                  keep: Callable[[int], bool] | None = None) -> list[tuple[int, float]]:
+    """Cost after each greedy group, removing up to ``max_channels`` channels (groups of
+    ``step`` channels when given). ``snapshots`` collects the compensated weights after the
+    steps whose count of removed channels ``keep`` accepts."""
     inv = damped_inverse(H, percdamp)
     hinv = inv.hinv
     W0 = W.float().clone()
@@ -182,27 +191,21 @@ def channel_curve(W: torch.Tensor, H: torch.Tensor, weight: torch.Tensor, *, max
     removed = 0
     while removed < max_channels:
         # Finer steps than the pruning's own rule: the curve needs resolution everywhere.
-        g = min(max_channels - removed, max(min_group, group_size(max_channels - removed,
-                                                                  min_group, max_group) // 4))
+        g = min(max_channels - removed, step or max(
+            min_group, group_size(max_channels - removed, min_group, max_group) // 4))
         scores = (Wc.pow(2).sum(0) / torch.diagonal(hinv)).masked_fill(~alive, float("inf"))
         chosen = torch.argsort(scores, stable=True)[:g]
         steps.append(error.step(remove_group_rows(Wc, hinv, chosen), Wc))
         alive[chosen] = False
         removed += g
         counts.append(removed)
+        if snapshots is not None and (keep is None or keep(removed)):
+            snapshots[removed] = Wc.clone()
     return list(zip([0, *counts], _curve(steps)))
 
 
-@torch.no_grad()
-def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerContext],
-                   sensitivity: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelShape,
-                   policy: str, max_ratio: float, percdamp: float, min_group: int,
-                   max_group: int, batch_size: int, device: torch.device,
-                   family: Family) -> list[LayerCurves]:
-    """Curves of every layer on the dense model's activations (``acts`` is advanced through
-    the dense layers and consumed)."""
-    from slimgpt_core.hessian import HessianAccumulator
-
+def curve_limits(shape: ModelShape, policy: str, max_ratio: float) -> tuple[int, int]:
+    """(head units, channels) the curves go up to in every layer."""
     gs, kv = shape.group_size, shape.num_kv_heads
     if gs == 1 or policy == "group":
         max_units = kv - 1
@@ -212,7 +215,17 @@ def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerCon
         max_units = shape.num_heads - kv
     max_channels = min(math.floor(shape.intermediate_size * MAX_LAYER_RATIO),
                        math.ceil(shape.intermediate_size * max_ratio))
-    curves = []
+    return max_units, max_channels
+
+
+def dense_layer_hessians(model: nn.Module, acts: torch.Tensor, contexts: list[LayerContext],
+                         batch_size: int, device: torch.device, family: Family
+                         ) -> Iterator[tuple[int, nn.Module, torch.Tensor, torch.Tensor]]:
+    """Per layer, on the dense model's own activations (``acts`` is advanced through the
+    dense layers and consumed): the layer (on ``device`` until the next step) and the
+    Hessians of its o_proj's and down_proj's inputs."""
+    from slimgpt_core.hessian import HessianAccumulator
+
     for i, layer in enumerate(family.decoder_layers(model)):
         home = next(layer.parameters()).device
         layer.to(device)
@@ -227,15 +240,31 @@ def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerCon
                 acts[sl] = family.ffn_block(layer, h).to(acts.device)
         finally:
             hook.remove()
+        yield i, layer, h_attn.hessian(), h_ffn.hessian()
+        layer.to(home)
+
+
+@torch.no_grad()
+def measure_curves(model: nn.Module, acts: torch.Tensor, contexts: list[LayerContext],
+                   sensitivity: list[tuple[torch.Tensor, torch.Tensor]], shape: ModelShape,
+                   policy: str, max_ratio: float, percdamp: float, min_group: int,
+                   max_group: int, batch_size: int, device: torch.device,
+                   family: Family) -> list[LayerCurves]:
+    """Curves of every layer on the dense model's activations (``acts`` is advanced through
+    the dense layers and consumed)."""
+    max_units, max_channels = curve_limits(shape, policy, max_ratio)
+    curves = []
+    for i, layer, h_attn, h_ffn in dense_layer_hessians(model, acts, contexts, batch_size,
+                                                          device, family):
         w_attn, w_ffn = _diagonal(sensitivity[i][0]), _diagonal(sensitivity[i][1])
-        heads = head_curve(o_proj.weight.detach(), h_attn.hessian(), w_attn,
-                           num_heads=shape.num_heads, num_kv_heads=kv, head_dim=shape.head_dim,
-                           max_units=max_units, policy=policy, percdamp=percdamp)
-        channels = channel_curve(down_proj.weight.detach(), h_ffn.hessian(), w_ffn,
+        heads = head_curve(family.o_proj(layer).weight.detach(), h_attn, w_attn,
+                           num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                           head_dim=shape.head_dim, max_units=max_units, policy=policy,
+                           percdamp=percdamp)
+        channels = channel_curve(family.down_proj(layer).weight.detach(), h_ffn, w_ffn,
                                  max_channels=max_channels, percdamp=percdamp,
                                  min_group=min_group, max_group=max_group)
         curves.append(LayerCurves(heads, channels))
-        layer.to(home)
     return curves
 
 
@@ -308,9 +337,9 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     if not kv_unit and any(lp.kv_heads_removed for lp in base.layers):
         raise PlanError("sensitivity allocation with gqa_policy 'free' keeps every KV head "
                         "of a grouped-query model; lower the ratio")
-    mult = CHANNEL_MULTIPLE if shape.intermediate_size % CHANNEL_MULTIPLE == 0 else 1
-    head_units = sum(lp.heads_removed for lp in base.layers) // unit
-    channel_steps = sum(lp.channels_removed for lp in base.layers) // mult
+    mult = channel_step(shape)
+    total_units = sum(lp.heads_removed for lp in base.layers) // unit
+    total_steps = sum(lp.channels_removed for lp in base.layers) // mult
     head_costs = [list(c.heads) for c in curves]
     max_steps = [c.channels[-1][0] // mult for c in curves]
     chan_costs = [[_interpolate(c.channels, k * mult) for k in range(m + 1)]
@@ -323,10 +352,10 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     best: tuple[float, list[int], list[int]] | None = None
     # Every feasible split (k packets moved from channels to heads), not a window around the
     # base one: at 50% the cheapest split can lie far from the schedule's.
-    trades = (range(-(head_units // th), channel_steps // tc + 1) if th <= 16
+    trades = (range(-(total_units // th), total_steps // tc + 1) if th <= 16
               else range(1))  # no small parameter-equal packet (biases): keep the base split
     for k in trades:
-        hu, cs = head_units + k * th, channel_steps - k * tc
+        hu, cs = total_units + k * th, total_steps - k * tc
         heads = _distribute(head_costs, hu)
         chans = _distribute(chan_costs, cs)
         if heads is None or chans is None:
@@ -337,6 +366,16 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
     if best is None:
         raise PlanError("sensitivity allocation found no feasible split; lower the ratio")
     _, units, steps = best
+    return plan_from_counts(base, units, steps, policy)
+
+
+def plan_from_counts(base: PruningPlan, units: Sequence[int], steps: Sequence[int],
+                     policy: str, schedule: str = "sensitivity") -> PruningPlan:
+    """``base`` with ``units[i]`` head units and ``steps[i]`` channel steps removed from
+    layer ``i``; the totals must weigh what ``base``'s do."""
+    shape = base.shape
+    unit, kv_unit = _head_unit(shape, policy)
+    mult = channel_step(shape)
     layers = []
     for lp, u, s in zip(base.layers, units, steps):
         heads_removed, kv_removed, channels_removed = u * unit, u * kv_unit, s * mult
@@ -350,12 +389,28 @@ def allocate(base: PruningPlan, curves: Sequence[LayerCurves], policy: str) -> P
                               channels_removed=channels_removed, heads_kept=kept_h,
                               kv_heads_kept=kept_kv, channels_kept=kept_c,
                               params_after=after))
-    plan = PruningPlan(shape, base.target_ratio, "sensitivity", base.gqa_policy,
+    plan = PruningPlan(shape, base.target_ratio, schedule, base.gqa_policy,
                        tuple(lp.ratio for lp in layers), tuple(layers), layers[0].ratio,
                        layers[-1].ratio, base.notes)
     if plan.decoder_params_after != base.decoder_params_after:
         raise AssertionError("allocation changed the parameter count")  # a bug, not input
     return plan
+
+
+def head_units(plan: PruningPlan, policy: str) -> list[int]:
+    """Head units removed per layer of ``plan`` (what :func:`plan_from_counts` takes)."""
+    unit, _ = _head_unit(plan.shape, policy)
+    return [lp.heads_removed // unit for lp in plan.layers]
+
+
+def channel_steps(plan: PruningPlan) -> list[int]:
+    """Channel steps removed per layer of ``plan``."""
+    return [lp.channels_removed // channel_step(plan.shape) for lp in plan.layers]
+
+
+def channel_step(shape: ModelShape) -> int:
+    """Channels per step of the allocation."""
+    return CHANNEL_MULTIPLE if shape.intermediate_size % CHANNEL_MULTIPLE == 0 else 1
 
 
 #: Calibration windows of the forward/backward pass that gives the loss weights.
@@ -366,6 +421,11 @@ SENSITIVITY_WINDOWS = 16
 #: allocation 26.6 s on an H200, was 89.7 s on all 128), every window of the 64 x 512
 #: protocol of issue 15 (where fewer windows were measurably worse at 20%).
 CURVE_TOKENS = 65_536
+
+
+def curve_max_ratio(base: PruningPlan) -> float:
+    """How far past ``base``'s widest layer ratio the curves are measured."""
+    return min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
 
 
 def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningPlan,
@@ -389,8 +449,7 @@ def sensitivity_plan(model: nn.Module, calibration: torch.Tensor, base: PruningP
         curve_windows = max(1, CURVE_TOKENS // calibration.shape[1])
     acts, contexts = capture_layer_inputs(model, calibration[:curve_windows], device,
                                           batch_size, device)
-    max_ratio = min(MAX_LAYER_RATIO, 2 * max(lp.ratio for lp in base.layers) + 0.05)
     curves = measure_curves(model, acts, contexts_to(contexts, device), sens, base.shape,
-                            policy, max_ratio, percdamp, min_group, max_group, batch_size,
+                            policy, curve_max_ratio(base), percdamp, min_group, max_group, batch_size,
                             device, family)
     return allocate(base, curves, policy)
