@@ -41,6 +41,7 @@ class Preset(str, Enum):
 class Allocation(str, Enum):
     schedule = "schedule"
     sensitivity = "sensitivity"
+    search = "search"
 
 
 class Selection(str, Enum):
@@ -185,8 +186,9 @@ def prune(
         "--local-search", min=0, metavar="SWAPS", help="improving swaps per projection after "
         "the greedy pass (0 = none; default: the library's)", rich_help_panel=PRUNING)] = None,
     allocation: Annotated[Allocation | None, typer.Option(
-        "--allocation", help="per-layer widths from the schedule, or redistributed by "
-        "measured sensitivity (same size); default: the library's",
+        "--allocation", help="per-layer widths from the schedule, redistributed by "
+        "measured sensitivity, or that refined by search on the model's loss (same size); "
+        "default: the library's",
         rich_help_panel=PRUNING)] = None,
     calib_budget: Annotated[float | None, typer.Option(
         "--calib-budget", min=0.001, metavar="SECONDS", help="choose the number of calibration "

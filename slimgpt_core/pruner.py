@@ -60,10 +60,12 @@ METHODS: tuple[str, ...] = ("slimgpt", "no_compensation", "magnitude")
 #: behind (least squares onto ``h_dense - x_pruned``; needs a second activation buffer and one
 #: more dense layer forward per layer).
 TARGETS: tuple[str, ...] = ("layer", "dense")
-#: How per-layer widths are chosen: ``schedule`` (the named or explicit schedule, as planned)
-#: or ``sensitivity`` (the schedule's totals redistributed by measured loss-weighted error
-#: curves, :mod:`slimgpt_core.allocation`; same parameter count).
-ALLOCATIONS: tuple[str, ...] = ("schedule", "sensitivity")
+#: How per-layer widths are chosen: ``schedule`` (the named or explicit schedule, as planned),
+#: ``sensitivity`` (the schedule's totals redistributed by measured loss-weighted error
+#: curves, :mod:`slimgpt_core.allocation`; same parameter count) or ``search`` (that
+#: allocation refined by evolutionary search on the whole model's divergence from the dense
+#: one, :mod:`slimgpt_core.alloc_search`; same parameter count).
+ALLOCATIONS: tuple[str, ...] = ("schedule", "sensitivity", "search")
 #: How heads and channel groups are scored: ``output`` (the paper: the error each removal
 #: leaves in the projection's output) or ``fisher`` (that error in the loss's metric, the
 #: dense model's output-side Fisher; same compensation, :mod:`slimgpt_core.fisher`).
@@ -73,7 +75,7 @@ SELECTIONS: tuple[str, ...] = ("output", "fisher")
 _LATER_SETTINGS: dict[str, Any] = {"target": "layer", "local_search": 0,
                                    "allocation": "schedule", "expert_min_tokens": None,
                                    "selection": "output", "fisher_windows": None,
-                                   "fisher_samples": 0}
+                                   "fisher_samples": 0, "search_generations": 100}
 
 
 def _selection_hessian(H: torch.Tensor, method: str) -> torch.Tensor:
@@ -142,6 +144,8 @@ class PruneConfig:
     #: N = N draws per token from the dense model's own predictions (true Fisher, the loss's
     #: Gauss-Newton curvature; N backward passes). ``selection="fisher"`` only.
     fisher_samples: int = 0
+    #: ``allocation="search"``: generations of the evolutionary search.
+    search_generations: int = 100
 
     def __post_init__(self) -> None:
         if self.gqa_policy is None:
@@ -163,6 +167,8 @@ class PruneConfig:
         if self.fisher_samples and self.selection != "fisher":
             raise ValueError("fisher_samples sets the labels of selection 'fisher'; it needs "
                              "selection='fisher'")
+        if self.search_generations < 0:
+            raise ValueError("search_generations must be >= 0")
         if self.local_search < 0:
             raise ValueError("local_search (swaps per projection) must be >= 0")
         if self.batch_size < 1 or self.min_group < 1 or self.max_group < self.min_group:
@@ -784,13 +790,21 @@ def prune_model(
                                  full=True, label_samples=config.fisher_samples,
                                  seed=config.seed)
         fisher_s = time.perf_counter() - t0
-    if config.allocation == "sensitivity":
-        from slimgpt_core.allocation import sensitivity_plan
+    if config.allocation in ("sensitivity", "search"):
+        from slimgpt_core.allocation import curve_max_ratio, sensitivity_plan
 
         t0 = time.perf_counter()
+        base_plan = plan
         plan = sensitivity_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
                                 config.min_group, config.max_group, config.batch_size, device,
                                 family, fishers=fishers)
+        if config.allocation == "search":
+            from slimgpt_core.alloc_search import SearchSettings, search_plan
+
+            plan, _ = search_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
+                                  config.batch_size, device, family, curve_max_ratio(base_plan),
+                                  SearchSettings(generations=config.search_generations,
+                                                 seed=config.seed))
         allocation_s = time.perf_counter() - t0
     dtype = next(layers[0].parameters()).dtype
     store_device = torch.device("cpu") if config.offload_activations else device

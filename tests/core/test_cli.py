@@ -108,6 +108,14 @@ def test_fisher_label_draws_reach_the_pruner(model_dir: Path, tmp_path: Path) ->
     settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
     assert settings["selection"] == "fisher" and settings["fisher_samples"] == 2
 
+def test_search_allocation_reaches_the_pruner_and_its_model_verifies(model_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    assert main(_args(model_dir, tmp_path, "--allocation", "search")) == 0
+    pruning = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
+    assert pruning["settings"]["allocation"] == "search"
+    assert pruning["verification"]["passed"]
+
+
 def test_the_quality_preset_sets_its_options_and_a_flag_overrides_one(model_dir: Path,
                                                                      tmp_path: Path) -> None:
     assert main(_args(model_dir, tmp_path, "--preset", "quality", "--fisher-samples", "2",

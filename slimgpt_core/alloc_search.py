@@ -1,0 +1,288 @@
+"""Per-layer widths refined on the model's own loss (``PruneConfig.allocation = "search"``).
+
+The sensitivity curves (:mod:`slimgpt_core.allocation`) price each layer's removals alone, in
+a local, linearised proxy of the loss. This refines their allocation by evolutionary search
+(EvoPress-style: Sieberling et al., 2024) on the quantity that matters -- the divergence of
+the whole model's next-token distribution from the dense one:
+
+1. **Levels.** On the dense model's activations every layer's o_proj and down_proj are pruned
+   greedily, as for the curves, and the compensated weights are kept at every head unit and
+   every ``grid`` channels around the curves' allocation (masked: removed inputs have zero
+   columns, which is exactly the pruned layer's function).
+2. **Stitching.** A candidate allocation is evaluated by swapping those weights into the
+   dense model and measuring the mean KL divergence from the dense model's predictions on
+   calibration windows (cached).
+3. **Search.** Each generation mutates the best allocation so far by moving head units or
+   channel packets between layers (totals, and so the parameter count, unchanged), screens the
+   offspring on a few windows and scores the best on all fitness windows; the parent is
+   replaced only by a better child.
+
+The levels are independent (dense inputs), the pruning itself stays sequential: the search
+ranks allocations, it does not produce the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimgpt_core.allocation import (
+    CURVE_TOKENS,
+    channel_curve,
+    channel_step,
+    channel_steps,
+    curve_limits,
+    dense_layer_hessians,
+    head_curve,
+    head_units,
+    plan_from_counts,
+)
+from slimgpt_core.families import Family
+from slimgpt_core.layer_io import LayerContext
+from slimgpt_core.schedule import ModelShape, PlanError, PruningPlan
+
+log = logging.getLogger(__name__)
+
+#: What the levels may take off a GPU (:func:`level_budget`).
+CPU_LEVEL_BYTES = 4 * 2**30
+#: Calibration tokens the fitness is measured on (whole windows, at least one), and per
+#: forward pass; a generation screens its offspring on a quarter of the chunks.
+FITNESS_TOKENS = 4096
+CHUNK_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    generations: int = 100
+    offspring: int = 8
+    survivors: int = 2
+    #: Channels one channel move shifts between layers (a multiple of the allocation's step).
+    grid: int = 64
+    seed: int = 0
+
+
+@dataclass
+class LayerLevels:
+    """One layer's compensated weights: ``heads[u]`` after ``u`` head units (``heads[0]`` the
+    dense weight), ``channels[c]`` after ``c`` channels (on the layer's grid)."""
+
+    heads: list[torch.Tensor]
+    channels: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SearchResult:
+    units: list[int]
+    steps: list[int]
+    start_kl: float
+    final_kl: float
+    accepted: int
+
+
+def level_budget(device: torch.device) -> int:
+    """Bytes the levels may take: a quarter of the GPU's free memory (the pruning itself
+    needs the rest), or :data:`CPU_LEVEL_BYTES`."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free // 4
+    return CPU_LEVEL_BYTES
+
+
+def level_grid(shape: ModelShape, policy: str, max_ratio: float, grid: int,
+               element_size: int, budget: int) -> int:
+    """The finest channel grid (``grid`` or a multiple of it, doubling) whose levels fit
+    ``budget`` bytes; :class:`PlanError` when not even the coarsest does."""
+    step = channel_step(shape)
+    grid = max(step, grid // step * step)
+    max_units, max_channels = curve_limits(shape, policy, max_ratio)
+    o_bytes = shape.hidden_size * shape.num_heads * shape.head_dim * element_size
+    d_bytes = shape.hidden_size * shape.intermediate_size * element_size
+    while True:
+        per_layer = (max_units + 1) * o_bytes + (max_channels // grid + 2) * d_bytes
+        need = shape.num_layers * per_layer
+        if need <= budget:
+            return grid
+        if grid >= max_channels:
+            raise PlanError(f"allocation 'search' keeps every layer's pruned weights at each "
+                            f"level: {need / 2**30:.1f} GiB even at its coarsest, over the "
+                            f"{budget / 2**30:.1f} GiB it may use here; use allocation "
+                            f"'sensitivity'")
+        grid *= 2
+
+
+@torch.no_grad()
+def measure_levels(model: nn.Module, acts: torch.Tensor, contexts: list[LayerContext],
+                   plan: PruningPlan, policy: str, max_ratio: float, percdamp: float,
+                   grid: int, batch_size: int, device: torch.device,
+                   family: Family) -> list[LayerLevels]:
+    """Every layer's weights at each head unit, and at each ``grid`` channels from the count
+    ``plan`` removes there (so the plan itself is one of the candidates)."""
+    shape = plan.shape
+    max_units, max_channels = curve_limits(shape, policy, max_ratio)
+    step = channel_step(shape)
+    out = []
+    for i, layer, h_attn, h_ffn in dense_layer_hessians(model, acts, contexts, batch_size,
+                                                          device, family):
+        o_w, d_w = family.o_proj(layer).weight, family.down_proj(layer).weight
+        heads = [o_w.detach().clone()]
+        head_curve(o_w.detach(), h_attn, torch.zeros(o_w.shape[0], device=device),
+                   num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                   head_dim=shape.head_dim, max_units=max_units, policy=policy,
+                   percdamp=percdamp, snapshots=heads)
+        offset = plan.layers[i].channels_removed % grid
+        channels: dict[int, torch.Tensor] = {}
+        if offset == 0:
+            channels[0] = d_w.detach().clone()
+        channel_curve(d_w.detach(), h_ffn, torch.zeros(d_w.shape[0], device=device),
+                      max_channels=max_channels, percdamp=percdamp, min_group=step,
+                      max_group=step, step=step, snapshots=channels,
+                      keep=lambda c, o=offset: c % grid == o)
+        dtype = o_w.dtype
+        out.append(LayerLevels([w.to(dtype) for w in heads],
+                               {c: w.to(dtype) for c, w in channels.items()}))
+    return out
+
+
+class _Stitcher:
+    """Swaps the levels' weights into the (dense) model; :meth:`restore` puts the dense
+    weights back."""
+
+    def __init__(self, model: nn.Module, family: Family, levels: list[LayerLevels],
+                 step: int) -> None:
+        layers = family.decoder_layers(model)
+        self.o_projs = [family.o_proj(layer) for layer in layers]
+        self.down_projs = [family.down_proj(layer) for layer in layers]
+        self.dense = [(o.weight.data, d.weight.data) for o, d in zip(self.o_projs,
+                                                                      self.down_projs)]
+        self.levels = levels
+        self.step = step
+
+    def apply(self, units: Sequence[int], steps: Sequence[int]) -> None:
+        for o, d, lv, u, s in zip(self.o_projs, self.down_projs, self.levels, units, steps):
+            o.weight.data = lv.heads[u]
+            d.weight.data = lv.channels[s * self.step]
+
+    def restore(self) -> None:
+        for o, d, (wo, wd) in zip(self.o_projs, self.down_projs, self.dense):
+            o.weight.data, d.weight.data = wo, wd
+
+
+class _Fitness:
+    """Mean KL divergence of the model's next-token distribution from the dense model's."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, windows: torch.Tensor, device: torch.device,
+                 batch_size: int) -> None:
+        self.model = model
+        self.windows = windows.to(device)
+        self.batch_size = batch_size
+        self.dense = [F.log_softmax(self._logits(self.windows[i:i + batch_size]), -1)
+                      for i in range(0, len(self.windows), batch_size)]
+
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).logits.float()
+
+    @torch.no_grad()
+    def __call__(self, chunks: Sequence[int]) -> float:
+        total = torch.zeros((), device=self.windows.device)
+        tokens = 0
+        for c in chunks:
+            ids = self.windows[c * self.batch_size:(c + 1) * self.batch_size]
+            logp = F.log_softmax(self._logits(ids), -1)
+            dense = self.dense[c]
+            total += (dense.exp() * (dense - logp)).sum()
+            tokens += ids.numel()
+        return float(total) / tokens
+
+
+def _mutate(units: list[int], steps: list[int], max_units: int,
+            max_steps: dict[int, list[int]], grid_steps: int,
+            rng: random.Random) -> tuple[list[int], list[int]]:
+    """Move 1-3 head units or channel packets from one layer to another."""
+    units, steps = list(units), list(steps)
+    n = len(units)
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        i, j = rng.sample(range(n), 2)
+        if rng.random() < 0.5:
+            if units[i] > 0 and units[j] < max_units:
+                units[i] -= 1
+                units[j] += 1
+        elif steps[i] - grid_steps in max_steps[i] and steps[j] + grid_steps in max_steps[j]:
+            steps[i] -= grid_steps
+            steps[j] += grid_steps
+    return units, steps
+
+
+@torch.no_grad()
+def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: PruningPlan,
+           policy: str, windows: torch.Tensor, device: torch.device, batch_size: int,
+           settings: SearchSettings) -> SearchResult:
+    """Refine ``plan``'s head units and channel steps per layer (same totals) on the
+    stitched model's KL divergence from the dense model on ``windows``."""
+    step = channel_step(plan.shape)
+    grid_steps = settings.grid // step
+    units, steps = head_units(plan, policy), channel_steps(plan)
+    max_units = min(len(lv.heads) for lv in levels) - 1
+    allowed = {i: [c // step for c in lv.channels] for i, lv in enumerate(levels)}
+    rng = random.Random(settings.seed)
+    stitcher = _Stitcher(model, family, levels, step)
+    try:
+        fitness = _Fitness(model, windows, device, batch_size)
+        every = list(range(len(fitness.dense)))
+        screen = max(1, len(every) // 4)
+
+        def score(u: list[int], s: list[int], chunks: Sequence[int]) -> float:
+            stitcher.apply(u, s)
+            return fitness(chunks)
+
+        best = start = score(units, steps, every)
+        accepted = 0
+        for _ in range(settings.generations):
+            chunks = rng.sample(every, screen)
+            kids = [_mutate(units, steps, max_units, allowed, grid_steps, rng)
+                    for _ in range(settings.offspring)]
+            kids = [k for k in kids if k != (units, steps)]
+            if not kids:
+                continue
+            ranked = sorted(kids, key=lambda k: score(*k, chunks))[:settings.survivors]
+            scored = [(score(*k, every), k) for k in ranked]
+            value, kid = min(scored, key=lambda t: t[0])
+            if value < best:
+                best, (units, steps) = value, kid
+                accepted += 1
+    finally:
+        stitcher.restore()
+    return SearchResult(units, steps, start, best, accepted)
+
+
+def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, policy: str,
+                percdamp: float, batch_size: int, device: torch.device, family: Family,
+                max_ratio: float, settings: SearchSettings) -> tuple[PruningPlan, SearchResult]:
+    """``plan`` (the curves' allocation) refined by search; the same parameter count."""
+    from slimgpt_core.layer_io import capture_layer_inputs, contexts_to
+
+    t0 = time.perf_counter()
+    seqlen = calibration.shape[1]
+    layer = family.decoder_layers(model)[0]
+    grid = level_grid(plan.shape, policy, max_ratio, settings.grid,
+                      next(layer.parameters()).element_size(), level_budget(device))
+    acts, contexts = capture_layer_inputs(model, calibration[:max(1, CURVE_TOKENS // seqlen)],
+                                          device, batch_size, device)
+    levels = measure_levels(model, acts, contexts_to(contexts, device), plan, policy,
+                            max_ratio, percdamp, grid, batch_size, device, family)
+    del acts
+    log.debug("allocation search: levels measured, %.1f s", time.perf_counter() - t0)
+    result = search(model, family, levels, plan, policy,
+                    calibration[:max(1, FITNESS_TOKENS // seqlen)], device,
+                    max(1, CHUNK_TOKENS // seqlen), replace(settings, grid=grid))
+    log.info("allocation search: KL %.5f -> %.5f (%d of %d generations improved), %.1f s",
+             result.start_kl, result.final_kl, result.accepted, settings.generations,
+             time.perf_counter() - t0)
+    return plan_from_counts(plan, result.units, result.steps, policy, "search"), result
