@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--base", default=json.dumps(BASE), help="JSON PruneConfig settings")
     ap.add_argument("--variant", nargs="+", required=True, help="NAME=JSON")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     base_settings = json.loads(args.base)
     variants = {}
     for item in args.variant:
