@@ -160,6 +160,23 @@ def _where(ptr: Mapping[str, str]) -> str:
     return ptr.get("parameter") or ptr.get("header") or "request"
 
 
+#: A check across fields (a model validator, reported at the body's root) that names the field
+#: it blames first: "pruning.preset 'quality': ...".
+_NAMED_FIELD = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)\b")
+
+
+def _field_error(e: Mapping[str, Any]) -> dict[str, str]:
+    loc, detail = tuple(e.get("loc", ())), _message(e)
+    if e.get("type") == "value_error" and loc in ((), ("body",)):
+        # pydantic prefixes a validator's own message; the pointer goes to the field it names,
+        # so a form can show the message beside that field.
+        detail = detail.removeprefix("Value error, ")
+        m = _NAMED_FIELD.match(detail)
+        if m:
+            loc = ("body", *m.group(1).split("."))
+    return {**_pointer(loc), "detail": detail, "type": str(e.get("type"))}
+
+
 async def validation_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     raw = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in raw):
@@ -168,8 +185,7 @@ async def validation_handler(request: Request, exc: RequestValidationError) -> J
         return problem(400, f"malformed JSON body: {reason}", code="malformed_json",
                        instance=request.url.path)
     # Never echo the input back: it may contain a token.
-    errors = [{**_pointer(e.get("loc", ())), "detail": _message(e), "type": str(e.get("type"))}
-              for e in raw]
+    errors = [_field_error(e) for e in raw]
     return problem(422, "; ".join(f"{_where(e)}: {e['detail']}" for e in errors),
                    code="invalid_request", errors=errors, instance=request.url.path)
 

@@ -59,6 +59,15 @@ def test_invalid_field_is_422_naming_the_field(client, tenant, patch, needle):
     assert needle in r.json()["detail"]
 
 
+def test_a_check_across_fields_points_at_the_field_it_names(client, tenant):
+    r = _post(client, tenant, {**BASE, "pruning": {"preset": "quality"},
+                               "resources": {"gpus": 2}})
+    assert r.status_code == 422, r.text
+    [error] = r.json()["errors"]
+    assert error["pointer"] == "#/pruning/preset"
+    assert error["detail"].startswith("pruning.preset 'quality': ")
+
+
 def test_missing_required_fields_are_422(client, tenant):
     r = _post(client, tenant, {})
     assert r.status_code == 422

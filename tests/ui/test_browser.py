@@ -189,9 +189,10 @@ def test_the_submit_form_offers_the_quality_preset_and_says_why_a_job_cannot_hav
     page.locator("details summary").click()
     page.fill("#f-advanced", '{"resources": {"gpus": 2}}')
     page.click("#submit-button")
-    box = page.locator("#form-errors")
-    box.wait_for()
-    assert "pruning.preset 'quality'" in box.inner_text() and "one GPU" in box.inner_text()
+    beside = page.locator('[data-field-for="pruning.preset"] .field-error')
+    beside.wait_for()
+    assert "pruning.preset 'quality'" in beside.inner_text() and "one GPU" in beside.inner_text()
+    assert page.locator("#form-errors").is_hidden()
     assert page.url.endswith("/ui/submit")
     page.screenshot(path=str(shots_dir / "submit-preset-laptop.png"), full_page=True)
 
