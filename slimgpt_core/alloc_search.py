@@ -84,6 +84,11 @@ class SearchResult:
     start_kl: float
     final_kl: float
     accepted: int
+    generations: int = 0
+
+    def summary(self) -> dict[str, float]:
+        return {"start_kl": round(self.start_kl, 6), "final_kl": round(self.final_kl, 6),
+                "generations": self.generations, "improved": self.accepted}
 
 
 def level_budget(device: torch.device) -> int:
@@ -203,9 +208,10 @@ class _Fitness:
 
 
 def _mutate(units: list[int], steps: list[int], max_units: int,
-            max_steps: dict[int, list[int]], grid_steps: int,
+            allowed: dict[int, list[int]], grid_steps: int,
             rng: random.Random) -> tuple[list[int], list[int]]:
-    """Move 1-3 head units or channel packets from one layer to another."""
+    """Move 1-3 head units or channel packets (of ``grid_steps`` steps, to counts
+    ``allowed`` for the layer) from one layer to another."""
     units, steps = list(units), list(steps)
     n = len(units)
     for _ in range(rng.choice((1, 1, 2, 3))):
@@ -214,7 +220,7 @@ def _mutate(units: list[int], steps: list[int], max_units: int,
             if units[i] > 0 and units[j] < max_units:
                 units[i] -= 1
                 units[j] += 1
-        elif steps[i] - grid_steps in max_steps[i] and steps[j] + grid_steps in max_steps[j]:
+        elif steps[i] - grid_steps in allowed[i] and steps[j] + grid_steps in allowed[j]:
             steps[i] -= grid_steps
             steps[j] += grid_steps
     return units, steps
@@ -231,6 +237,8 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
     units, steps = head_units(plan, policy), channel_steps(plan)
     max_units = min(len(lv.heads) for lv in levels) - 1
     allowed = {i: [c // step for c in lv.channels] for i, lv in enumerate(levels)}
+    if len(levels) < 2:
+        raise ValueError("the search moves units between layers: it needs two or more")
     rng = random.Random(settings.seed)
     stitcher = _Stitcher(model, family, levels, step)
     try:
@@ -259,13 +267,17 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
                 accepted += 1
     finally:
         stitcher.restore()
-    return SearchResult(units, steps, start, best, accepted)
+    return SearchResult(units, steps, start, best, accepted, settings.generations)
 
 
 def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, policy: str,
                 percdamp: float, batch_size: int, device: torch.device, family: Family,
-                max_ratio: float, settings: SearchSettings) -> tuple[PruningPlan, SearchResult]:
-    """``plan`` (the curves' allocation) refined by search; the same parameter count."""
+                max_ratio: float,
+                settings: SearchSettings) -> tuple[PruningPlan, SearchResult | None]:
+    """``plan`` (the curves' allocation) refined by search; the same parameter count. A
+    one-layer model has nothing to move: its plan comes back as it is (and no result)."""
+    if plan.shape.num_layers < 2:
+        return plan, None
     from slimgpt_core.layer_io import capture_layer_inputs, contexts_to
 
     t0 = time.perf_counter()

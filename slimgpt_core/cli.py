@@ -112,7 +112,8 @@ def prune_settings(args: argparse.Namespace) -> dict[str, Any]:
     options = preset_settings(getattr(args, "preset", None) or DEFAULT_PRESET)
     options.update({k: getattr(args, k) for k in ("target", "local_search", "allocation",
                                                   "selection", "fisher_windows",
-                                                  "fisher_samples", "expert_min_tokens")
+                                                  "fisher_samples", "search_generations",
+                                                  "expert_min_tokens")
                     if getattr(args, k, None) is not None})
     return options
 

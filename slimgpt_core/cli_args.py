@@ -208,6 +208,9 @@ def prune(
         "--fisher-samples", min=0, metavar="N", help="labels of the output Fisher drawn from "
         "the model's own predictions, N per token (the true Fisher; N backward passes); 0: "
         "the text's next tokens (default: the library's)", rich_help_panel=PRUNING)] = None,
+    search_generations: Annotated[int | None, typer.Option(
+        "--search-generations", min=0, metavar="N", help="generations of --allocation "
+        "search (default: the library's)", rich_help_panel=PRUNING)] = None,
     expert_min_tokens: Annotated[int | None, typer.Option(
         "--expert-min-tokens", min=0, metavar="TOKENS", help="mixture of experts: an expert "
         "routed fewer calibration tokens has its Hessian blended with its all-token one "
@@ -234,7 +237,8 @@ def prune(
         local_search=local_search, allocation=allocation.value if allocation else None,
         preset=preset.value if preset else None,
         selection=selection.value if selection else None, fisher_windows=fisher_windows,
-        fisher_samples=fisher_samples, calib_budget=calib_budget,
+        fisher_samples=fisher_samples, search_generations=search_generations,
+        calib_budget=calib_budget,
         expert_min_tokens=expert_min_tokens, heal=heal, heal_tokens=heal_tokens or 1_000_000,
         heal_mode=(heal_mode or HealMode.lora).value)
     raise typer.Exit(run_prune(args))  # type: ignore[arg-type]

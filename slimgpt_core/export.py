@@ -314,6 +314,8 @@ def _pruning_config(result: Any, widths: list[dict[str, Any]], profile: str,
         "calibration": dict(calibration_info),
         "evaluation": dict(eval_metrics) if eval_metrics else None,
         "prune_seconds": dict(result.seconds),
+        **({"allocation_search": dict(result.allocation_search)}
+           if getattr(result, "allocation_search", None) else {}),
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "verification": None,

@@ -196,6 +196,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "expert_min_tokens": None,  # mixture of experts only (None: each expert's width)
     "selection": "output", "fisher_windows": None,  # None: every calibration window
     "fisher_samples": 0,  # 0: the text's own next tokens
+    "search_generations": 100,  # allocation "search" only
 }
 _CALIBRATION_KEYS = ("source", "dataset", "config", "split", "file", "num_samples", "seqlen",
                      "seed", "sha256")
@@ -205,9 +206,10 @@ _PRUNE_FLAGS = {"schedule": "--schedule", "alpha": "--alpha", "gqa_policy": "--g
                 "percdamp": "--percdamp", "min_group": "--min-group", "target": "--target",
                 "local_search": "--local-search", "allocation": "--allocation",
                 "expert_min_tokens": "--expert-min-tokens", "selection": "--selection",
-                "fisher_windows": "--fisher-windows", "fisher_samples": "--fisher-samples"}
+                "fisher_windows": "--fisher-windows", "fisher_samples": "--fisher-samples",
+                "search_generations": "--search-generations"}
 _LOCAL_ONLY = ("target", "local_search", "allocation", "expert_min_tokens", "selection",
-               "fisher_windows", "fisher_samples")
+               "fisher_windows", "fisher_samples", "search_generations")
 
 
 def pruning_recipe(pruning: Mapping[str, Any],

@@ -289,6 +289,9 @@ class PruneResult:
     transfer: dict[str, float] = field(default_factory=dict)
     #: The settings that shaped the result (:meth:`PruneConfig.fingerprint` and the later ones).
     settings: dict[str, Any] = field(default_factory=dict)
+    #: ``allocation="search"``: the stitched model's KL from the dense one at the curves'
+    #: allocation and at the one found, and the generations that improved it.
+    allocation_search: dict[str, float] | None = None
 
     def damping_raised(self) -> list[dict[str, Any]]:
         """Every projection whose Hessian needed more damping than asked (empty when none):
@@ -306,6 +309,7 @@ class PruneResult:
             "placement": self.placement,
             "damping_raised": self.damping_raised(),
             "settings": self.settings,
+            **({"allocation_search": self.allocation_search} if self.allocation_search else {}),
         }
 
 
@@ -783,6 +787,7 @@ def prune_model(
     if placement == "resident":
         model.to(device)
     allocation_s = fisher_s = 0.0
+    searched: dict[str, float] | None = None
     fishers: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
     if config.selection == "fisher":
         t0 = time.perf_counter()
@@ -801,10 +806,12 @@ def prune_model(
         if config.allocation == "search":
             from slimgpt_core.alloc_search import SearchSettings, search_plan
 
-            plan, _ = search_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
-                                  config.batch_size, device, family, curve_max_ratio(base_plan),
-                                  SearchSettings(generations=config.search_generations,
-                                                 seed=config.seed))
+            plan, found = search_plan(model, calibration, plan, config.gqa_policy,
+                                      config.percdamp, config.batch_size, device, family,
+                                      curve_max_ratio(base_plan),
+                                      SearchSettings(generations=config.search_generations,
+                                                     seed=config.seed))
+            searched = found.summary() if found is not None else None
         allocation_s = time.perf_counter() - t0
     dtype = next(layers[0].parameters()).dtype
     store_device = torch.device("cpu") if config.offload_activations else device
@@ -958,6 +965,7 @@ def prune_model(
         params_after=count_parameters(model), seconds=dict(clock.totals), resumed_from=done,
         placement=placement, layer_files=layer_files,
         probe_outputs={k: v.acts.cpu() for k, v in probe_states.items()},
+        allocation_search=searched,
         transfer={"bytes_in": float(store.stats.bytes_in),
                   "bytes_out": float(store.stats.bytes_out)},
         settings={**config.fingerprint(), **{k: getattr(config, k) for k in _LATER_SETTINGS}},

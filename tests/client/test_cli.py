@@ -293,7 +293,8 @@ def test_submit_shares_flag_names_with_prune():
                   "--checkpoint-dir", "--no-verify", "--stream", "--dry-run", "--host-memory-gb",
                   # algorithm options the service picks itself (its defaults are the measured best)
                   "--target", "--local-search", "--allocation", "--expert-min-tokens",
-                  "--selection", "--fisher-windows", "--fisher-samples", "--calib-budget"}
+                  "--selection", "--fisher-windows", "--fisher-samples", "--calib-budget",
+                  "--search-generations"}
     assert prune - local_only <= submit, sorted(prune - local_only - submit)
 
 

@@ -50,6 +50,8 @@ def test_search_prunes_to_the_size_of_the_curves_plan() -> None:
         lp.heads_kept for lp in searched.plan.layers]
     assert [len(r.channels_kept) for r in searched.layers] == [
         lp.channels_kept for lp in searched.plan.layers]
+    report = searched.to_dict()["allocation_search"]
+    assert report["generations"] == 20 and report["final_kl"] <= report["start_kl"]
 
 
 def test_without_generations_the_search_gives_the_sensitivity_model() -> None:
@@ -166,3 +168,15 @@ def test_the_search_improves_a_lopsided_allocation() -> None:
                     SearchSettings(generations=30, grid=16))
     assert result.final_kl < 0.9 * result.start_kl
     assert result.steps[0] < channel_steps(plan)[0]
+
+
+def test_a_single_layer_model_keeps_the_curves_allocation() -> None:
+    base = tiny_llama(layers=1)
+    ids = windows(8, 32)
+    sensitive = prune_model(copy.deepcopy(base), ids, PruneConfig(allocation="sensitivity",
+                                                                   **CONFIG))
+    searched = prune_model(copy.deepcopy(base), ids, PruneConfig(allocation="search",
+                                                                 **CONFIG))
+    assert searched.plan.layers[0].heads_kept == sensitive.plan.layers[0].heads_kept
+    assert searched.plan.layers[0].channels_kept == sensitive.plan.layers[0].channels_kept
+    assert searched.allocation_search is None

@@ -110,10 +110,15 @@ def test_fisher_label_draws_reach_the_pruner(model_dir: Path, tmp_path: Path) ->
 
 def test_search_allocation_reaches_the_pruner_and_its_model_verifies(model_dir: Path,
                                                                      tmp_path: Path) -> None:
-    assert main(_args(model_dir, tmp_path, "--allocation", "search")) == 0
+    assert main(_args(model_dir, tmp_path, "--allocation", "search",
+                      "--search-generations", "12")) == 0
     pruning = json.loads((tmp_path / "out" / "pruning_config.json").read_text())
     assert pruning["settings"]["allocation"] == "search"
+    assert pruning["recipe"]["pruning"]["search_generations"] == 12
+    assert "--allocation search --search-generations 12" in (
+        tmp_path / "out" / "README.md").read_text()
     assert pruning["verification"]["passed"]
+    assert pruning["allocation_search"]["final_kl"] <= pruning["allocation_search"]["start_kl"]
 
 
 def test_the_quality_preset_sets_its_options_and_a_flag_overrides_one(model_dir: Path,
