@@ -285,6 +285,9 @@ def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, 
     layer = family.decoder_layers(model)[0]
     grid = level_grid(plan.shape, policy, max_ratio, settings.grid,
                       next(layer.parameters()).element_size(), level_budget(device))
+    # The curves' pass saw the same dense activations, but the levels' channel grid is
+    # anchored at the allocation those curves produce, known only after the last layer: keeping
+    # every step's weights instead would take ``grid / step`` times the memory.
     acts, contexts = capture_layer_inputs(model, calibration[:max(1, CURVE_TOKENS // seqlen)],
                                           device, batch_size, device)
     levels = measure_levels(model, acts, contexts_to(contexts, device), plan, policy,
