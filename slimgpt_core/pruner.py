@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,7 @@ class PruneResult:
     settings: dict[str, Any] = field(default_factory=dict)
     #: ``allocation="search"``: the stitched model's KL from the dense one at the curves'
     #: allocation and at the one found, and the generations that improved it.
-    allocation_search: dict[str, float] | None = None
+    allocation_search: dict[str, Any] | None = None
 
     def damping_raised(self) -> list[dict[str, Any]]:
         """Every projection whose Hessian needed more damping than asked (empty when none):
@@ -754,6 +754,8 @@ def prune_model(
     comm: Collective | None = None,
     probes: dict[str, Probe] | None = None,
     on_layer: LayerSink | None = None,
+    plan: PruningPlan | None = None,
+    fishers: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with SlimGPT on ``calibration`` windows (N x seqlen token ids).
 
@@ -764,7 +766,9 @@ def prune_model(
     a multi-GPU job (every rank calls this with the same arguments; the leader's result is
     the one to keep). ``probes``: windows whose final hidden states are returned.
     ``on_layer(index, tensors, report)``: receives each pruned layer's tensors in host memory
-    (on a writer thread, leader only) instead of the checkpoint directory.
+    (on a writer thread, leader only) instead of the checkpoint directory. ``plan`` and
+    ``fishers``: a plan and output Fishers already made for this model and config (the
+    allocation search prunes its candidates so); the config's allocation is then not run.
     """
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise ValueError("calibration must be a non-empty (num_windows, seqlen) tensor of ids")
@@ -776,8 +780,10 @@ def prune_model(
     model.eval()
     family = model_family(model)
     shape = model_shape(model)
-    plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
-                     config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
+    chosen = plan is not None
+    if plan is None:
+        plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
+                         config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
     layers = family.decoder_layers(model)
     n_layers = len(layers)
     prefix = layers_prefix(model) + "."
@@ -787,15 +793,14 @@ def prune_model(
     if placement == "resident":
         model.to(device)
     allocation_s = fisher_s = 0.0
-    searched: dict[str, float] | None = None
-    fishers: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
-    if config.selection == "fisher":
+    searched: dict[str, Any] | None = None
+    if config.selection == "fisher" and fishers is None:
         t0 = time.perf_counter()
         fishers = output_fishers(model, calibration[:config.fisher_windows], device, family,
                                  full=True, label_samples=config.fisher_samples,
                                  seed=config.seed)
         fisher_s = time.perf_counter() - t0
-    if config.allocation in ("sensitivity", "search"):
+    if config.allocation in ("sensitivity", "search") and not chosen:
         from slimgpt_core.allocation import curve_max_ratio, sensitivity_plan
 
         t0 = time.perf_counter()
@@ -806,11 +811,17 @@ def prune_model(
         if config.allocation == "search":
             from slimgpt_core.alloc_search import SearchSettings, search_plan
 
+            def prune_to(candidate: PruningPlan) -> None:
+                prune_model(model, calibration, replace(config, compact=False,
+                                                        checkpoint_dir=None, stop_after=None),
+                            plan=candidate, fishers=None if fishers is None else list(fishers))
+
             plan, found = search_plan(model, calibration, plan, config.gqa_policy,
                                       config.percdamp, config.batch_size, device, family,
                                       curve_max_ratio(base_plan),
                                       SearchSettings(generations=config.search_generations,
-                                                     seed=config.seed))
+                                                     seed=config.seed),
+                                      prune=prune_to)
             searched = found.summary() if found is not None else None
         allocation_s = time.perf_counter() - t0
     dtype = next(layers[0].parameters()).dtype

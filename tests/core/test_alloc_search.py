@@ -180,3 +180,47 @@ def test_a_single_layer_model_keeps_the_curves_allocation() -> None:
     assert searched.plan.layers[0].heads_kept == sensitive.plan.layers[0].heads_kept
     assert searched.plan.layers[0].channels_kept == sensitive.plan.layers[0].channels_kept
     assert searched.allocation_search is None
+
+
+
+def _kl_from(dense: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        p = F.log_softmax(dense(ids).logits, -1)
+        q = F.log_softmax(model(ids).logits, -1)
+    return float((p.exp() * (p - q)).sum()) / ids.numel()
+
+
+def _peaked_llama() -> torch.nn.Module:
+    """A tiny model with confident predictions: divergences well above float noise."""
+    model = tiny_llama(layers=4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
+def test_the_trail_is_pruned_for_real_and_the_closest_pruned_model_is_kept() -> None:
+    base = _peaked_llama()
+    ids = windows(8, 32)
+    model = copy.deepcopy(base)
+    result = prune_model(model, ids, PruneConfig(allocation="search", search_generations=40,
+                                                 **CONFIG))
+    report = result.allocation_search
+    assert report is not None
+    kls = report["pruned_kl"]
+    assert 2 <= len(kls) <= 5
+    assert kls[report["chosen"]] == min(kls)
+    # the model handed back is the chosen candidate's pruning, redone from the dense weights
+    assert _kl_from(base, model, ids) == pytest.approx(min(kls), rel=1e-4)
+
+
+def test_rescoring_leaves_the_model_dense_between_candidates() -> None:
+    """Each candidate is pruned from the dense weights: the first one (the curves' plan)
+    scores what allocation 'sensitivity' gives on its own."""
+    base = _peaked_llama()
+    ids = windows(8, 32)
+    sensitive = copy.deepcopy(base)
+    prune_model(sensitive, ids, PruneConfig(allocation="sensitivity", **CONFIG))
+    report = prune_model(copy.deepcopy(base), ids, PruneConfig(
+        allocation="search", search_generations=40, **CONFIG)).allocation_search
+    assert report is not None
+    assert report["pruned_kl"][0] == pytest.approx(_kl_from(base, sensitive, ids), rel=1e-4)
