@@ -6,26 +6,47 @@ target + sensitivity allocation); one JSON line per run.
         --seeds 0 1 2 --variant base= sampled8='{"fisher_samples": 8}' [--device cuda]
 
 0.4742 / 0.1853 land on the sizes of the authors' recreation at 50% / 20%
-(benchmarks/quality_smollm2.py); calibration 64 x 512 tokens of calib.txt per seed.
+(benchmarks/quality_smollm2.py); calibration 64 x 512 tokens of calib.txt per seed. A
+variant's ``"search_settings"`` object sets fields of
+:class:`slimgpt_core.alloc_search.SearchSettings` (experiments on the search itself). Each
+row also gives the pruned model's KL divergence from the dense one on the search's fitness
+windows (the first ``SearchSettings.fitness_tokens`` of calibration), beside the stitched
+proxy's.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from slimgpt_core import alloc_search
 from slimgpt_core.calibration import consecutive_windows, sample_windows
 from slimgpt_core.evaluate import perplexity
 from slimgpt_core.loading import load_base_model
 from slimgpt_core.pruner import PruneConfig, prune_model
 
 BASE = {"selection": "fisher", "target": "dense", "allocation": "sensitivity"}
+
+
+@torch.no_grad()
+def kl_from(dense: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Mean per-token KL(dense || model) on ``ids``, two windows at a time."""
+    total, tokens = 0.0, 0
+    for i in range(0, len(ids), 2):
+        x = ids[i:i + 2].to(next(model.parameters()).device)
+        p = F.log_softmax(dense(x).logits.float(), -1)
+        q = F.log_softmax(model(x).logits.float(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        tokens += x.numel()
+    return total / tokens
 
 
 def main() -> None:
@@ -53,19 +74,27 @@ def main() -> None:
     evals = consecutive_windows((args.data / "eval.txt").read_text(encoding="utf-8"), tok, 512,
                                 args.eval_windows)
     print(json.dumps({"variant": "dense", "ppl": round(perplexity(base, evals), 3)}), flush=True)
+    default_search = alloc_search.SearchSettings
     for ratio in args.ratios:
         for seed in args.seeds:
             calib = sample_windows(text, tok, args.nsamples, 512, seed=seed)
             for name, settings in variants.items():
+                config = {k: v for k, v in settings.items() if k != "search_settings"}
+                tweaks = settings.get("search_settings", {})
+                alloc_search.SearchSettings = functools.partial(default_search, **tweaks)
+                fit = calib[:max(1, default_search(**tweaks).fitness_tokens // 512)]
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
                 result = prune_model(model, calib, PruneConfig(target_ratio=ratio, seed=seed,
-                                                               device=args.device, **settings))
+                                                               device=args.device, **config))
                 seconds = time.perf_counter() - t0
                 print(json.dumps({"variant": name, "ratio": ratio, "seed": seed,
                                   "settings": settings, "params": result.params_after,
                                   "ppl": round(perplexity(model, evals), 3),
-                                  "s": round(seconds, 2)}), flush=True)
+                                  "s": round(seconds, 2),
+                                  "search": result.allocation_search,
+                                  "fitness_kl": round(kl_from(base, model, fit), 5)}),
+                      flush=True)
                 del model, result
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
