@@ -89,6 +89,8 @@ def _progress_bar(total: int) -> tuple[Any, Any]:
                             ffn=f"{event.metrics['ffn_error']:.3g}")
         elif event.phase == "resumed" and event.layer:
             bar.update(event.layer)
+        elif event.phase in ("fisher", "allocation"):
+            bar.write(event.message, file=sys.stderr)
 
     return bar, on_event
 

@@ -193,7 +193,7 @@ class PruneConfig:
 
 @dataclass
 class ProgressEvent:
-    phase: str  # calibrating | attention | ffn | layer_done | resumed
+    phase: str  # fisher | allocation | calibrating | attention | ffn | layer_done | resumed
     layer: int | None
     num_layers: int
     message: str
@@ -290,7 +290,9 @@ class PruneResult:
     #: The settings that shaped the result (:meth:`PruneConfig.fingerprint` and the later ones).
     settings: dict[str, Any] = field(default_factory=dict)
     #: ``allocation="search"``: the stitched model's KL from the dense one at the curves'
-    #: allocation and at the one found, and the generations that improved it.
+    #: allocation and at the one found, the generations that improved it, and the pruned
+    #: models' KL along the search's trail with the index of the one kept
+    #: (:meth:`slimgpt_core.alloc_search.SearchResult.summary`).
     allocation_search: dict[str, Any] | None = None
 
     def damping_raised(self) -> list[dict[str, Any]]:
@@ -772,6 +774,7 @@ def prune_model(
     """
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise ValueError("calibration must be a non-empty (num_windows, seqlen) tensor of ids")
+    started = time.perf_counter()
     comm = comm or Collective()
     streamed = source is not None
     if streamed and config.checkpoint_dir is None and on_layer is None:
@@ -781,6 +784,8 @@ def prune_model(
     family = model_family(model)
     shape = model_shape(model)
     chosen = plan is not None
+    if plan is not None and plan.shape != shape:
+        raise ValueError("the plan given was made for another model shape")
     if plan is None:
         plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
                          config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
@@ -792,9 +797,24 @@ def prune_model(
     _refuse_unavailable(family, config, placement, comm.world_size)
     if placement == "resident":
         model.to(device)
+    leader = comm.is_leader
+
+    def emit(phase: str, message: str, metrics: dict[str, float], layer: int | None = None) -> None:
+        if progress is not None and leader:
+            progress(ProgressEvent(phase, layer, n_layers, message,
+                                   time.perf_counter() - started, metrics))
+
+    def check_cancel(layers_done: int) -> None:
+        cancel = bool(should_cancel()) if (leader and should_cancel is not None) else False
+        if comm.broadcast_object(cancel if leader else None):
+            raise PruningCancelled(layers_done)
+
     allocation_s = fisher_s = 0.0
     searched: dict[str, Any] | None = None
     if config.selection == "fisher" and fishers is None:
+        emit("fisher", f"output Fisher on {len(calibration[:config.fisher_windows])} windows"
+             + (f", {config.fisher_samples} label draws per token" if config.fisher_samples
+                else ""), {})
         t0 = time.perf_counter()
         fishers = output_fishers(model, calibration[:config.fisher_windows], device, family,
                                  full=True, label_samples=config.fisher_samples,
@@ -803,6 +823,8 @@ def prune_model(
     if config.allocation in ("sensitivity", "search") and not chosen:
         from slimgpt_core.allocation import curve_max_ratio, sensitivity_plan
 
+        check_cancel(0)
+        emit("allocation", "per-layer widths from measured sensitivity", {})
         t0 = time.perf_counter()
         base_plan = plan
         plan = sensitivity_plan(model, calibration, plan, config.gqa_policy, config.percdamp,
@@ -816,6 +838,9 @@ def prune_model(
                                                         checkpoint_dir=None, stop_after=None),
                             plan=candidate, fishers=None if fishers is None else list(fishers))
 
+            check_cancel(0)
+            emit("allocation", f"refining the widths by search ({config.search_generations} "
+                 "generations), then pruning the best few for real", {})
             plan, found = search_plan(model, calibration, plan, config.gqa_policy,
                                       config.percdamp, config.batch_size, device, family,
                                       curve_max_ratio(base_plan),
@@ -824,6 +849,10 @@ def prune_model(
                                       prune=prune_to)
             searched = found.summary() if found is not None else None
         allocation_s = time.perf_counter() - t0
+        emit("allocation", f"per-layer widths chosen ({plan.schedule}) in {allocation_s:.1f} s",
+             {"allocation_s": allocation_s,
+              **{f"search_{k}": float(v) for k, v in (searched or {}).items()
+                 if isinstance(v, (int, float))}})
     dtype = next(layers[0].parameters()).dtype
     store_device = torch.device("cpu") if config.offload_activations else device
     clock = _Clock()
@@ -832,12 +861,7 @@ def prune_model(
     if fisher_s:
         clock.add("fisher", fisher_s)
     params_before = count_parameters(model)
-    leader = comm.is_leader
     probes = probes if leader else None
-
-    def emit(phase: str, message: str, metrics: dict[str, float], layer: int | None = None) -> None:
-        if progress is not None and leader:
-            progress(ProgressEvent(phase, layer, n_layers, message, clock.elapsed(), metrics))
 
     ckpt: LayerCheckpoints | None = None
     done = 0
@@ -920,9 +944,7 @@ def prune_model(
             clock.add("replay", time.perf_counter() - t0)
 
         for i in range(done, last):
-            cancel = bool(should_cancel()) if (leader and should_cancel is not None) else False
-            if comm.broadcast_object(cancel if leader else None):
-                raise PruningCancelled(i)
+            check_cancel(i)
             if i + 1 < last:
                 store.prefetch(i + 1, source_for(i + 1))
             layer = store.acquire(i, source_for(i))

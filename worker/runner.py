@@ -655,6 +655,13 @@ class _PruneProgress:
         return round(lo + (hi - lo) * layers_done / max(1, self.n), 2)
 
     def __call__(self, ev: Any) -> None:
+        if ev.phase in ("fisher", "allocation"):
+            # Whole-model passes before the first layer (preset quality): minutes at 8B.
+            self.runner.event(self.job_id, "pruning", ev.message, layer=None,
+                              num_layers=self.n, percent=self.percent(0),
+                              metrics={"kind": ev.phase, **dict(ev.metrics)})
+            self.started = time.perf_counter()  # the layers' ETA counts from here
+            return
         if ev.phase == "resumed":
             self.first_layer = int(ev.layer or 0)
             self.started = time.perf_counter()

@@ -124,6 +124,33 @@ def test_progress_reports_every_layer_in_order() -> None:
     assert {"attn_error", "ffn_error"} <= set(events[-1].metrics)
 
 
+def test_progress_reports_the_whole_model_passes_before_the_first_layer() -> None:
+    """The Fisher, the curves and the search run before any layer (minutes at 8B): each is
+    announced, and the candidates the search prunes for real report nothing."""
+    events: list[ProgressEvent] = []
+    prune_model(tiny_llama(), windows(), PruneConfig(
+        target_ratio=0.3, batch_size=4, min_group=8, gqa_policy="free", selection="fisher",
+        allocation="search", search_generations=8), progress=events.append)
+    phases = [e.phase for e in events]
+    first = phases.index("calibrating")
+    assert phases[:first] == ["fisher", "allocation", "allocation", "allocation"]
+    assert phases.count("calibrating") == 1
+    chosen = events[first - 1]
+    assert "(search)" in chosen.message
+    assert chosen.metrics["allocation_s"] > 0
+    assert chosen.metrics["search_final_kl"] <= chosen.metrics["search_start_kl"]
+
+
+def test_a_cancel_during_the_allocation_stops_before_any_layer_is_touched() -> None:
+    events: list[ProgressEvent] = []
+    with pytest.raises(PruningCancelled) as info:
+        prune_model(tiny_llama(), windows(), PruneConfig(
+            target_ratio=0.3, batch_size=4, min_group=8, gqa_policy="free",
+            allocation="sensitivity"), progress=events.append, should_cancel=lambda: True)
+    assert info.value.layers_done == 0
+    assert [e.phase for e in events] == []
+
+
 def test_resume_after_layer_k_equals_uninterrupted_run(tmp_path: Path) -> None:
     base = tiny_llama(layers=4)
     full = _prune(copy.deepcopy(base), target_ratio=0.4)

@@ -167,7 +167,12 @@ def test_runner_embedded_quality_preset_prunes_with_its_options_and_the_card_nam
         job_id = client.post("/v1/jobs", json=body).json()["id"]
 
         job = _wait_finished(client, job_id)
+        rows = client.get(f"/v1/jobs/{job_id}/events",
+                          headers={"accept": "application/json"}).json()
     assert job["state"] == "succeeded", job["error"]
+    # the whole-model passes before the first layer are on the job's timeline
+    kinds = [(e["metrics"] or {}).get("kind") for e in rows if e["phase"] == "pruning"]
+    assert kinds.index("fisher") < kinds.index("allocation") < kinds.index("layer_done")
     from huggingface_hub import ModelCard
 
     (card_path,) = Path(settings.artifacts_dir).glob(f"**/{job_id}/**/README.md")
