@@ -14,6 +14,7 @@ import pytest
 from app.crud import jobs as crud
 from app.crud.workers import WorkerInfo, register_worker, set_current_job
 from app.db.models import Job
+from tests.api.conftest import JOB
 from tests.api.ui_support import browser_client, csrf_of, sign_in
 
 
@@ -204,6 +205,15 @@ def test_job_page_shows_layers_timeline_figures_and_artifacts(app, tenant, submi
     assert 'id="cancel-button"' not in html  # finished: nothing to cancel
     assert f'/ui/submit?from={job["id"]}' in html
     assert "Open on the Hub" not in html  # published locally only
+
+
+def test_job_page_names_the_preset_beside_the_schedule(app, tenant, submit):
+    """A quality job's widths come from its sensitivity curves, not the schedule alone."""
+    quality = submit({**JOB, "pruning": {"preset": "quality"}})
+    standard = submit()
+    c = sign_in(app, tenant)
+    assert "log · hetero · preset quality" in c.get(f"/ui/jobs/{quality['id']}").text
+    assert "· preset" not in c.get(f"/ui/jobs/{standard['id']}").text
 
 
 def test_hub_links_are_shown_only_for_http_urls(app, tenant, submit, db):
