@@ -11,7 +11,8 @@ variant's ``"search_settings"`` object sets fields of
 :class:`slimgpt_core.alloc_search.SearchSettings` (experiments on the search itself). Each
 row also gives the pruned model's KL divergence from the dense one on the search's fitness
 windows (the first ``SearchSettings.fitness_tokens`` of calibration), beside the stitched
-proxy's.
+proxy's. With ``--eval-trail`` every allocation the search's judging prunes is also
+evaluated on the held-out windows (``trail_ppl``, in the order of ``search.pruned_kl``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--base", default=json.dumps(BASE), help="JSON PruneConfig settings")
     ap.add_argument("--variant", nargs="+", required=True, help="NAME=JSON")
+    ap.add_argument("--eval-trail", action="store_true",
+                    help="held-out perplexity of every candidate the search's judging prunes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -75,13 +78,28 @@ def main() -> None:
                                 args.eval_windows)
     print(json.dumps({"variant": "dense", "ppl": round(perplexity(base, evals), 3)}), flush=True)
     default_search = alloc_search.SearchSettings
+    judge = alloc_search.rescore
+    trail_ppl: list[float] = []
+
+    def judge_and_evaluate(model, calibration, plan, result, policy, device, settings, prune):
+        def prune_and_evaluate(candidate):
+            prune(candidate)
+            trail_ppl.append(round(perplexity(model, evals), 3))
+        return judge(model, calibration, plan, result, policy, device, settings,
+                     prune_and_evaluate)
+
+    if args.eval_trail:
+        alloc_search.rescore = judge_and_evaluate
     for ratio in args.ratios:
         for seed in args.seeds:
             calib = sample_windows(text, tok, args.nsamples, 512, seed=seed)
             for name, settings in variants.items():
                 config = {k: v for k, v in settings.items() if k != "search_settings"}
                 tweaks = settings.get("search_settings", {})
-                alloc_search.SearchSettings = functools.partial(default_search, **tweaks)
+                # the variant's settings win over the pruner's (its seed, say)
+                alloc_search.SearchSettings = functools.partial(
+                    lambda tweaks, **kw: default_search(**{**kw, **tweaks}), tweaks)
+                trail_ppl.clear()
                 fit = calib[:max(1, default_search(**tweaks).fitness_tokens // 512)]
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
@@ -93,6 +111,7 @@ def main() -> None:
                                   "ppl": round(perplexity(model, evals), 3),
                                   "s": round(seconds, 2),
                                   "search": result.allocation_search,
+                                  **({"trail_ppl": list(trail_ppl)} if trail_ppl else {}),
                                   "fitness_kl": round(kl_from(base, model, fit), 5)}),
                       flush=True)
                 del model, result

@@ -75,8 +75,10 @@ class SearchSettings:
     #: Allocations along the way (the curves' first, the search's last; evenly spaced in
     #: generations) that are pruned for real and judged by the pruned model's KL divergence
     #: on ``rescore_tokens`` of calibration (:func:`rescore`); 0 or 1 = the search's last,
-    #: unjudged.
-    rescore: int = 5
+    #: unjudged. Nine, not five: the trail's pruned models differ by up to 2% in perplexity
+    #: and the search can pass through far worse ones (SmolLM2-135M, 50%: 46-55 at
+    #: generations 12-38 on one seed), so the closer look picks better (docs/BENCHMARKS.md).
+    rescore: int = 9
     rescore_tokens: int = 16384
 
 
@@ -99,16 +101,19 @@ class SearchResult:
     generations: int = 0
     #: (units, steps) of the allocations to re-score, first to last (distinct).
     trail: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    #: The generation each trail entry was the parent at (0: the curves' allocation).
+    trail_generations: list[int] = field(default_factory=list)
     #: The pruned models' KL divergence per trail entry, once re-scored; and the one chosen.
     pruned_kl: list[float] = field(default_factory=list)
     chosen: int = 0
 
-    def summary(self) -> dict[str, float | list[float]]:
-        out: dict[str, float | list[float]] = {
+    def summary(self) -> dict[str, float | list[float] | list[int]]:
+        out: dict[str, float | list[float] | list[int]] = {
             "start_kl": round(self.start_kl, 6), "final_kl": round(self.final_kl, 6),
             "generations": self.generations, "improved": self.accepted}
         if self.pruned_kl:
             out["pruned_kl"] = [float(f"{v:.6g}") for v in self.pruned_kl]
+            out["trail_generations"] = list(self.trail_generations)
             out["chosen"] = self.chosen
         return out
 
@@ -277,6 +282,7 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
         marks = ({round(k * settings.generations / (settings.rescore - 1))
                   for k in range(settings.rescore)} if settings.rescore > 1 else set())
         trail = [(units, steps)] if 0 in marks else []
+        trail_generations = [0] if trail else []
         for generation in range(1, settings.generations + 1):
             chunks = rng.sample(every, screen)
             kids = [_mutate(units, steps, max_units, allowed, grid_steps, rng)
@@ -290,9 +296,11 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
                     accepted += 1
             if generation in marks and trail[-1] != (units, steps):
                 trail.append((units, steps))
+                trail_generations.append(generation)
     finally:
         stitcher.restore()
-    return SearchResult(units, steps, start, best, accepted, settings.generations, trail)
+    return SearchResult(units, steps, start, best, accepted, settings.generations, trail,
+                        trail_generations)
 
 
 def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, policy: str,

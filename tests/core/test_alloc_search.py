@@ -207,8 +207,12 @@ def test_the_trail_is_pruned_for_real_and_the_closest_pruned_model_is_kept() -> 
     report = result.allocation_search
     assert report is not None
     kls = report["pruned_kl"]
-    assert 2 <= len(kls) <= 5
+    assert 2 <= len(kls) <= 9
     assert kls[report["chosen"]] == min(kls)
+    # each candidate is named by the generation it was the search's parent at
+    gens = report["trail_generations"]
+    assert len(gens) == len(kls) and gens[0] == 0 and gens == sorted(set(gens))
+    assert gens[-1] <= 40
     # the model handed back is the chosen candidate's pruning, redone from the dense weights
     assert _kl_from(base, model, ids) == pytest.approx(min(kls), rel=1e-4)
 
