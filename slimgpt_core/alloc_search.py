@@ -118,12 +118,12 @@ class SearchResult:
         return out
 
 
-def level_budget(device: torch.device) -> int:
-    """Bytes the levels may take: a quarter of the GPU's free memory (the pruning itself
-    needs the rest), or :data:`CPU_LEVEL_BYTES`."""
+def level_budget(device: torch.device, pending: int = 0) -> int:
+    """Bytes the levels may take: a quarter of the GPU's free memory once ``pending`` more
+    bytes are there (the pruning itself needs the rest), or :data:`CPU_LEVEL_BYTES`."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return free // 4
+        return max(0, free - pending) // 4
     return CPU_LEVEL_BYTES
 
 
@@ -147,6 +147,18 @@ def level_grid(shape: ModelShape, policy: str, max_ratio: float, grid: int,
                             f"{budget / 2**30:.1f} GiB it may use here; use allocation "
                             f"'sensitivity'")
         grid *= 2
+
+
+def search_grid(shape: ModelShape, policy: str, max_ratio: float, element_size: int,
+                vocab: int, fitness_tokens: int, device: torch.device, grid: int,
+                pending: int = 0) -> int:
+    """The levels' channel grid on ``device`` (:func:`level_grid`), the dense model's
+    log-probabilities on ``fitness_tokens`` (kept beside them) off the budget first;
+    ``pending``: bytes of the model not on ``device`` yet. :class:`PlanError` when even the
+    coarsest grid does not fit -- known before any pass over the model."""
+    cache = fitness_tokens * vocab * 4
+    return level_grid(shape, policy, max_ratio, grid, element_size,
+                      max(0, level_budget(device, pending) - cache))
 
 
 @torch.no_grad()
@@ -321,11 +333,9 @@ def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, 
     layer = family.decoder_layers(model)[0]
     fitness_windows = max(1, settings.fitness_tokens // seqlen)
     vocab = model.get_output_embeddings().weight.shape[0]
-    # the dense model's log-probabilities on the fitness windows stay on the device too
-    cache = min(fitness_windows, calibration.shape[0]) * seqlen * vocab * 4
-    grid = level_grid(plan.shape, policy, max_ratio, settings.grid,
-                      next(layer.parameters()).element_size(),
-                      max(0, level_budget(device) - cache))
+    grid = search_grid(plan.shape, policy, max_ratio, next(layer.parameters()).element_size(),
+                       vocab, min(fitness_windows, calibration.shape[0]) * seqlen, device,
+                       settings.grid)
     # The curves' pass saw the same dense activations, but the levels' channel grid is
     # anchored at the allocation those curves produce, known only after the last layer: keeping
     # every step's weights instead would take ``grid / step`` times the memory.

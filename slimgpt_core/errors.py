@@ -23,8 +23,13 @@ class NonFiniteHessianError(ValueError):
 
 
 class SettingUnavailableError(ValueError):
-    """A pruning setting that this model's family, its placement or the GPU count cannot run
-    (:mod:`slimgpt_core.availability`): every attempt would fail the same way."""
+    """A pruning setting that this model's family, its placement, the GPU count or the GPU's
+    memory cannot run (:mod:`slimgpt_core.availability`): every attempt would fail the same
+    way. ``fallback``: the preset to submit with instead."""
+
+    def __init__(self, message: str, fallback: str = "standard") -> None:
+        super().__init__(message)
+        self.fallback = fallback
 
 
 class RankFailed(RuntimeError):

@@ -48,6 +48,7 @@ from slimgpt_core.obs import damped_inverse, output_errors
 from slimgpt_core.schedule import (
     LayerPlan,
     ModelShape,
+    PlanError,
     PruningPlan,
     default_gqa_policy,
     make_plan,
@@ -446,9 +447,11 @@ def check_settings(model: nn.Module, config: PruneConfig, *, streamed: bool = Fa
     """Raise :class:`SettingUnavailableError` when ``config`` cannot run on ``model`` here
     (:func:`slimgpt_core.availability.unavailable`), with the placement :func:`prune_model`
     would choose: callers check before any expensive work, the pruner checks again."""
-    placement = choose_placement(model, _resolve_device(config.device), config.resident,
-                                 streamed)
+    device = _resolve_device(config.device)
+    placement = choose_placement(model, device, config.resident, streamed)
     _refuse_unavailable(model_family(model), config, placement, world_size)
+    if config.allocation == "search":
+        _refuse_unfit_search(model, config, _config_plan(model_shape(model), config), device)
 
 
 def _refuse_unavailable(family: Family, config: PruneConfig, placement: str,
@@ -457,6 +460,32 @@ def _refuse_unavailable(family: Family, config: PruneConfig, placement: str,
     why = unavailable(settings, family, placement=placement, world_size=world_size)
     if why is not None:
         raise SettingUnavailableError(why)
+
+
+def _refuse_unfit_search(model: nn.Module, config: PruneConfig, plan: PruningPlan,
+                         device: torch.device) -> None:
+    """Allocation ``search`` refused before the Fisher and the curves when its levels cannot
+    fit ``device`` (they are sized from the shape alone); ``sensitivity`` is the fallback."""
+    from slimgpt_core.alloc_search import SearchSettings, search_grid
+    from slimgpt_core.allocation import curve_max_ratio
+
+    layer = model_family(model).decoder_layers(model)[0]
+    pending = sum(p.numel() * p.element_size() for p in model.parameters()
+                  if p.device.type != device.type)
+    settings = SearchSettings()
+    try:
+        search_grid(plan.shape, config.gqa_policy, curve_max_ratio(plan),
+                    next(layer.parameters()).element_size(),
+                    model.get_output_embeddings().weight.shape[0], settings.fitness_tokens,
+                    device, settings.grid, pending)
+    except PlanError as exc:
+        raise SettingUnavailableError(str(exc), fallback="quality") from exc
+
+
+def _config_plan(shape: ModelShape, config: PruneConfig) -> PruningPlan:
+    """The plan ``config``'s schedule makes for ``shape`` (before any allocation)."""
+    return make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
+                     config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
 
 
 def _hessian(acc: HessianAccumulator, comm: Collective) -> torch.Tensor | None:
@@ -787,8 +816,7 @@ def prune_model(
     if plan is not None and plan.shape != shape:
         raise ValueError("the plan given was made for another model shape")
     if plan is None:
-        plan = make_plan(shape, config.target_ratio, config.schedule, config.gqa_policy,
-                         config.alpha, config.head_ratio, config.ffn_ratio, config.plain_heads)
+        plan = _config_plan(shape, config)
     layers = family.decoder_layers(model)
     n_layers = len(layers)
     prefix = layers_prefix(model) + "."
@@ -797,6 +825,8 @@ def prune_model(
     _refuse_unavailable(family, config, placement, comm.world_size)
     if placement == "resident":
         model.to(device)
+    if config.allocation == "search" and not chosen:
+        _refuse_unfit_search(model, config, plan, device)
     leader = comm.is_leader
 
     def emit(phase: str, message: str, metrics: dict[str, float], layer: int | None = None) -> None:

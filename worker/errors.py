@@ -240,7 +240,7 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
         # The model's family, its placement or the GPU count rule the setting out: every
         # attempt would end the same way.
         return ErrorDescription("setting_unavailable", redact(
-            f"{exc}; submit with pruning.preset 'standard'"), False)
+            f"{exc}; submit with pruning.preset {exc.fallback!r}"), False)
     if isinstance(exc, RankFailed):
         # A GPU process of a multi-GPU job died (OOM killer, a GPU fault, a crash): the others
         # were stopped and the finished layers are checkpointed, so another attempt resumes.

@@ -90,3 +90,33 @@ def test_the_pruner_refuses_what_check_settings_refuses_with_the_same_error() ->
     result = prune_model(copy.deepcopy(base), ids, PruneConfig(target_ratio=0.3, min_group=8,
                                                                **QUALITY))
     assert result.settings["selection"] == "fisher" and result.settings["fisher_samples"] == 8
+
+
+def test_the_thorough_preset_is_quality_with_its_widths_refined_by_search() -> None:
+    assert preset_settings("thorough") == {**QUALITY, "allocation": "search"}
+
+
+def test_thorough_is_refused_before_any_pass_where_its_levels_cannot_fit(monkeypatch) -> None:
+    """The levels are sized from the shape: a model whose every layer's weights at many
+    widths overfill the device fails before the Fisher, naming the preset that runs."""
+    from slimgpt_core import alloc_search
+
+    monkeypatch.setattr(alloc_search, "CPU_LEVEL_BYTES", 4096)
+    base, ids = tiny_llama(layers=2), windows(4, 16)
+    config = PruneConfig(target_ratio=0.3, min_group=8, **preset_settings("thorough"))
+    with pytest.raises(SettingUnavailableError, match="allocation 'sensitivity'") as refused:
+        check_settings(base, config)
+    assert refused.value.fallback == "quality"
+    events = []
+    with pytest.raises(SettingUnavailableError):
+        prune_model(copy.deepcopy(base), ids, config, progress=events.append)
+    assert events == []
+
+
+def test_thorough_runs_where_its_levels_fit() -> None:
+    base, ids = tiny_llama(layers=2), windows(4, 16)
+    config = PruneConfig(target_ratio=0.3, min_group=8, search_generations=4,
+                         **preset_settings("thorough"))
+    check_settings(base, config)
+    result = prune_model(copy.deepcopy(base), ids, config)
+    assert result.plan.schedule == "search" and result.allocation_search is not None

@@ -158,12 +158,14 @@ def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
     assert recipe["pruning"]["percdamp"] == 0.01 and recipe["dtype"]
 
 
-def test_runner_embedded_quality_preset_prunes_with_its_options_and_the_card_names_it(
-        tiny_models: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("preset", "allocation"), [("quality", "sensitivity"),
+                                                    ("thorough", "search")])
+def test_runner_embedded_preset_prunes_with_its_options_and_the_card_names_it(
+        tiny_models: Path, tmp_path: Path, preset: str, allocation: str) -> None:
     settings = _settings(tiny_models, tmp_path)
     with TestClient(create_app(settings)) as client:
         body = job_body("tiny4", upload_calibration(client),
-                        pruning={"min_group": 16, "preset": "quality"})
+                        pruning={"min_group": 16, "preset": preset})
         job_id = client.post("/v1/jobs", json=body).json()["id"]
 
         job = _wait_finished(client, job_id)
@@ -179,8 +181,29 @@ def test_runner_embedded_quality_preset_prunes_with_its_options_and_the_card_nam
     card = ModelCard.load(card_path)
     pruning = card.data.to_dict()["slimgpt_recipe"]["pruning"]
     assert (pruning["selection"], pruning["fisher_samples"], pruning["target"],
-            pruning["allocation"]) == ("fisher", 8, "dense", "sensitivity")
-    assert "--preset quality" in card.text
+            pruning["allocation"]) == ("fisher", 8, "dense", allocation)
+    assert f"--preset {preset}" in card.text
+
+
+def test_runner_embedded_thorough_preset_whose_levels_overfill_fails_at_once_naming_quality(
+        tiny_models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from slimgpt_core import alloc_search
+
+    monkeypatch.setattr(alloc_search, "CPU_LEVEL_BYTES", 4096)
+    settings = _settings(tiny_models, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        body = job_body("tiny4", upload_calibration(client),
+                        pruning={"min_group": 16, "preset": "thorough"})
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+
+        job = _wait_finished(client, job_id)
+        rows = client.get(f"/v1/jobs/{job_id}/events",
+                          headers={"accept": "application/json"}).json()
+    assert job["state"] == "failed"
+    assert job["error"].startswith("setting_unavailable: allocation 'search' keeps every")
+    assert job["error"].endswith("submit with pruning.preset 'quality'")
+    assert job["attempts"] == 1
+    assert "calibrating" not in {e["phase"] for e in rows}
 
 
 def test_runner_embedded_preset_a_family_cannot_run_fails_at_once_before_calibrating(

@@ -176,13 +176,13 @@ def test_the_submit_form_shows_the_apis_4xx_messages_next_to_the_fields(visit: V
     page.screenshot(path=str(shots_dir / "submit-errors-laptop.png"), full_page=True)
 
 
-def test_the_submit_form_offers_the_quality_preset_and_says_why_a_job_cannot_have_it(
+def test_the_submit_form_offers_the_presets_and_says_why_a_job_cannot_have_one(
         visit: Visit, live_server: LiveServer, shots_dir):
     visit.sign_in(live_server.a)
     page = visit.page
     visit.go("/ui/submit")
     assert page.locator("#f-pruning\\.preset option").all_inner_texts() == [
-        "standard", "quality"]
+        "standard", "quality", "thorough"]
     page.fill("#f-model_id", "HuggingFaceTB/SmolLM2-135M")
     page.fill("#f-target_ratio", "0.5")
     page.select_option("#f-pruning\\.preset", "quality")
