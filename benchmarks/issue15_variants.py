@@ -12,7 +12,9 @@ variant's ``"search_settings"`` object sets fields of
 row also gives the pruned model's KL divergence from the dense one on the search's fitness
 windows (the first ``SearchSettings.fitness_tokens`` of calibration), beside the stitched
 proxy's. With ``--eval-trail`` every allocation the search's judging prunes is also
-evaluated on the held-out windows (``trail_ppl``, in the order of ``search.pruned_kl``).
+evaluated on the held-out windows (``trail_ppl``, in the order of ``search.pruned_kl``), and
+its KL divergence from the dense model measured on the calibration windows the judging did not
+use (``trail_kl_rest``).
 """
 
 from __future__ import annotations
@@ -80,11 +82,16 @@ def main() -> None:
     default_search = alloc_search.SearchSettings
     judge = alloc_search.rescore
     trail_ppl: list[float] = []
+    trail_kl_rest: list[float] = []
 
     def judge_and_evaluate(model, calibration, plan, result, policy, device, settings, prune):
+        rest = calibration[settings.rescore_tokens // calibration.shape[1]:]
+
         def prune_and_evaluate(candidate):
             prune(candidate)
             trail_ppl.append(round(perplexity(model, evals), 3))
+            if len(rest):
+                trail_kl_rest.append(round(kl_from(base, model, rest), 6))
         return judge(model, calibration, plan, result, policy, device, settings,
                      prune_and_evaluate)
 
@@ -100,6 +107,7 @@ def main() -> None:
                 alloc_search.SearchSettings = functools.partial(
                     lambda tweaks, **kw: default_search(**{**kw, **tweaks}), tweaks)
                 trail_ppl.clear()
+                trail_kl_rest.clear()
                 fit = calib[:max(1, default_search(**tweaks).fitness_tokens // 512)]
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
@@ -112,6 +120,8 @@ def main() -> None:
                                   "s": round(seconds, 2),
                                   "search": result.allocation_search,
                                   **({"trail_ppl": list(trail_ppl)} if trail_ppl else {}),
+                                  **({"trail_kl_rest": list(trail_kl_rest)}
+                                     if trail_kl_rest else {}),
                                   "fitness_kl": round(kl_from(base, model, fit), 5)}),
                       flush=True)
                 del model, result

@@ -106,11 +106,13 @@ class SearchResult:
     #: The pruned models' KL divergence per trail entry, once re-scored; and the one chosen.
     pruned_kl: list[float] = field(default_factory=list)
     chosen: int = 0
+    #: Channels per level step the levels were kept at (chosen from the memory budget).
+    grid: int = 0
 
     def summary(self) -> dict[str, float | list[float] | list[int]]:
         out: dict[str, float | list[float] | list[int]] = {
             "start_kl": round(self.start_kl, 6), "final_kl": round(self.final_kl, 6),
-            "generations": self.generations, "improved": self.accepted}
+            "generations": self.generations, "improved": self.accepted, "grid": self.grid}
         if self.pruned_kl:
             out["pruned_kl"] = [float(f"{v:.6g}") for v in self.pruned_kl]
             out["trail_generations"] = list(self.trail_generations)
@@ -312,7 +314,7 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
     finally:
         stitcher.restore()
     return SearchResult(units, steps, start, best, accepted, settings.generations, trail,
-                        trail_generations)
+                        trail_generations, grid=settings.grid)
 
 
 def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, policy: str,

@@ -52,6 +52,7 @@ def test_search_prunes_to_the_size_of_the_curves_plan() -> None:
         lp.channels_kept for lp in searched.plan.layers]
     report = searched.to_dict()["allocation_search"]
     assert report["generations"] == 20 and report["final_kl"] <= report["start_kl"]
+    assert report["grid"] == 64  # the finest grid the levels fit, recorded to re-run it
 
 
 def test_without_generations_the_search_gives_the_sensitivity_model() -> None:
