@@ -84,7 +84,8 @@ def main() -> None:
     trail_ppl: list[float] = []
     trail_kl_rest: list[float] = []
 
-    def judge_and_evaluate(model, calibration, plan, result, policy, device, settings, prune):
+    def judge_and_evaluate(model, calibration, plan, result, policy, device, settings, prune,
+                           on_step=None):
         rest = calibration[settings.rescore_tokens // calibration.shape[1]:]
 
         def prune_and_evaluate(candidate):
@@ -93,7 +94,7 @@ def main() -> None:
             if len(rest):
                 trail_kl_rest.append(round(kl_from(base, model, rest), 6))
         return judge(model, calibration, plan, result, policy, device, settings,
-                     prune_and_evaluate)
+                     prune_and_evaluate, on_step)
 
     if args.eval_trail:
         alloc_search.rescore = judge_and_evaluate

@@ -56,6 +56,11 @@ from slimgpt_core.schedule import ModelShape, PlanError, PruningPlan
 
 log = logging.getLogger(__name__)
 
+#: Called after each generation (``"search"``, generation, generations, the best stitched KL)
+#: and each judged candidate (``"judge"``, candidates judged, candidates, its pruned KL): a
+#: caller reports progress from it, or raises to stop (the dense weights are put back).
+StepHook = Callable[[str, int, int, float], None]
+
 #: What the levels may take off a GPU (:func:`level_budget`).
 CPU_LEVEL_BYTES = 4 * 2**30
 
@@ -270,7 +275,7 @@ def _mutate(units: list[int], steps: list[int], max_units: int,
 @torch.no_grad()
 def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: PruningPlan,
            policy: str, windows: torch.Tensor, device: torch.device, batch_size: int,
-           settings: SearchSettings) -> SearchResult:
+           settings: SearchSettings, on_step: StepHook | None = None) -> SearchResult:
     """Refine ``plan``'s head units and channel steps per layer (same totals) on the
     stitched model's KL divergence from the dense model on ``windows``."""
     step = channel_step(plan.shape)
@@ -311,6 +316,8 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
             if generation in marks and trail[-1] != (units, steps):
                 trail.append((units, steps))
                 trail_generations.append(generation)
+            if on_step is not None:
+                on_step("search", generation, settings.generations, best)
     finally:
         stitcher.restore()
     return SearchResult(units, steps, start, best, accepted, settings.generations, trail,
@@ -320,12 +327,12 @@ def search(model: nn.Module, family: Family, levels: list[LayerLevels], plan: Pr
 def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, policy: str,
                 percdamp: float, batch_size: int, device: torch.device, family: Family,
                 max_ratio: float, settings: SearchSettings,
-                prune: Callable[[PruningPlan], None] | None = None
-                ) -> tuple[PruningPlan, SearchResult | None]:
+                prune: Callable[[PruningPlan], None] | None = None,
+                on_step: StepHook | None = None) -> tuple[PruningPlan, SearchResult | None]:
     """``plan`` (the curves' allocation) refined by search; the same parameter count. A
     one-layer model has nothing to move: its plan comes back as it is (and no result).
     ``prune`` prunes the model in place (masked) to a plan: with it the search's trail is
-    judged by :func:`rescore`."""
+    judged by :func:`rescore`. ``on_step``: see :data:`StepHook`."""
     if plan.shape.num_layers < 2:
         return plan, None
     from slimgpt_core.layer_io import capture_layer_inputs, contexts_to
@@ -348,21 +355,23 @@ def search_plan(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan, 
     del acts
     log.debug("allocation search: levels measured, %.1f s", time.perf_counter() - t0)
     result = search(model, family, levels, plan, policy, calibration[:fitness_windows], device,
-                    max(1, settings.chunk_tokens // seqlen), replace(settings, grid=grid))
+                    max(1, settings.chunk_tokens // seqlen), replace(settings, grid=grid),
+                    on_step)
     log.info("allocation search: KL %.5f -> %.5f (%d of %d generations improved), %.1f s",
              result.start_kl, result.final_kl, result.accepted, settings.generations,
              time.perf_counter() - t0)
     del levels
     if prune is not None and settings.rescore > 1:
         return rescore(model, calibration, plan, result, policy, device, settings,
-                       prune), result
+                       prune, on_step), result
     return plan_from_counts(plan, result.units, result.steps, policy, "search"), result
 
 
 @torch.no_grad()
 def rescore(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan,
             result: SearchResult, policy: str, device: torch.device, settings: SearchSettings,
-            prune: Callable[[PruningPlan], None]) -> PruningPlan:
+            prune: Callable[[PruningPlan], None], on_step: StepHook | None = None
+            ) -> PruningPlan:
     """The allocation on the search's trail whose *pruned* model is closest to the dense one
     (mean KL divergence on calibration windows); ``prune`` prunes ``model`` in place, masked,
     to a plan. ``model`` is dense again afterwards; ``result`` records the divergences."""
@@ -383,6 +392,8 @@ def rescore(model: nn.Module, calibration: torch.Tensor, plan: PruningPlan,
             result.pruned_kl.append(fitness(every))
         finally:
             model.load_state_dict(dense)
+        if on_step is not None:
+            on_step("judge", len(result.pruned_kl), len(plans), result.pruned_kl[-1])
     result.chosen = min(range(len(plans)), key=result.pruned_kl.__getitem__)
     log.info("allocation search: pruned models' KL along the trail %s; chose #%d",
              " ".join(f"{v:.5f}" for v in result.pruned_kl), result.chosen)

@@ -868,6 +868,17 @@ def prune_model(
                                                         checkpoint_dir=None, stop_after=None),
                             plan=candidate, fishers=None if fishers is None else list(fishers))
 
+            def search_step(stage: str, done: int, total: int, kl: float) -> None:
+                # a search is minutes on a large model: cancels are honoured at every step
+                check_cancel(0)
+                if stage == "judge":
+                    emit("allocation", f"judged {done}/{total}: the pruned model's KL "
+                         f"{kl:.5f}", {"judged": done, "candidates": total, "pruned_kl": kl})
+                elif done % max(1, total // 4) == 0:
+                    emit("allocation", f"search generation {done}/{total}: stitched KL "
+                         f"{kl:.5f}", {"generation": done, "generations": total,
+                                       "stitched_kl": kl})
+
             check_cancel(0)
             emit("allocation", f"refining the widths by search ({config.search_generations} "
                  "generations), then pruning the best few for real", {})
@@ -876,7 +887,7 @@ def prune_model(
                                       curve_max_ratio(base_plan),
                                       SearchSettings(generations=config.search_generations,
                                                      seed=config.seed),
-                                      prune=prune_to)
+                                      prune=prune_to, on_step=search_step)
             searched = found.summary() if found is not None else None
         allocation_s = time.perf_counter() - t0
         emit("allocation", f"per-layer widths chosen ({plan.schedule}) in {allocation_s:.1f} s",

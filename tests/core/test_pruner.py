@@ -124,17 +124,30 @@ def test_progress_reports_every_layer_in_order() -> None:
     assert {"attn_error", "ffn_error"} <= set(events[-1].metrics)
 
 
+def _peaked_llama() -> torch.nn.Module:
+    """Confident predictions: the search finds better allocations, so it has some to judge."""
+    model = tiny_llama(layers=4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
 def test_progress_reports_the_whole_model_passes_before_the_first_layer() -> None:
     """The Fisher, the curves and the search run before any layer (minutes at 8B): each is
     announced, and the candidates the search prunes for real report nothing."""
     events: list[ProgressEvent] = []
-    prune_model(tiny_llama(), windows(), PruneConfig(
-        target_ratio=0.3, batch_size=4, min_group=8, gqa_policy="free", selection="fisher",
-        allocation="search", search_generations=8), progress=events.append)
+    prune_model(_peaked_llama(), windows(), PruneConfig(
+        target_ratio=0.4, batch_size=4, min_group=8, gqa_policy="free", selection="fisher",
+        allocation="search", search_generations=40), progress=events.append)
     phases = [e.phase for e in events]
     first = phases.index("calibrating")
-    assert phases[:first] == ["fisher", "allocation", "allocation", "allocation"]
+    assert phases[0] == "fisher" and set(phases[1:first]) == {"allocation"}
     assert phases.count("calibrating") == 1
+    # the search reports a quarter of its generations, then every candidate it judges
+    generations = [e.metrics["generation"] for e in events if "generation" in e.metrics]
+    assert generations == [10, 20, 30, 40]
+    judged = [e.metrics["judged"] for e in events if "judged" in e.metrics]
+    assert judged == list(range(1, judged[-1] + 1)) and judged[-1] >= 2
     chosen = events[first - 1]
     assert "(search)" in chosen.message
     assert chosen.metrics["allocation_s"] > 0
@@ -149,6 +162,23 @@ def test_a_cancel_during_the_allocation_stops_before_any_layer_is_touched() -> N
             allocation="sensitivity"), progress=events.append, should_cancel=lambda: True)
     assert info.value.layers_done == 0
     assert [e.phase for e in events] == []
+
+
+@pytest.mark.parametrize("stage", ["generation", "judged"])
+def test_a_cancel_during_the_search_stops_it_and_leaves_the_model_dense(stage: str) -> None:
+    model = _peaked_llama()
+    dense = copy.deepcopy(model.state_dict())
+    events: list[ProgressEvent] = []
+    with pytest.raises(PruningCancelled) as info:
+        prune_model(model, windows(), PruneConfig(
+            target_ratio=0.4, batch_size=4, min_group=8, gqa_policy="free",
+            allocation="search", search_generations=40), progress=events.append,
+            should_cancel=lambda: any(stage in e.metrics for e in events))
+    assert info.value.layers_done == 0
+    assert "calibrating" not in {e.phase for e in events}
+    assert [e for e in events if stage in e.metrics][-1] is events[-1]  # stopped at once
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, dense[name]), name
 
 
 def test_resume_after_layer_k_equals_uninterrupted_run(tmp_path: Path) -> None:
