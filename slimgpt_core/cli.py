@@ -428,6 +428,11 @@ def _export_and_report(args: argparse.Namespace, result: PruneResult, tokenizer:
               f"{summary['decoder_ratio']:.1%})")
         if ppl["before"] is not None:
             print(f"perplexity: {ppl['before']:.3f} -> {ppl['after']:.3f}")
-        print(f"pruning time: {summary['seconds'].get('total', 0):.1f} s")
+        seconds = summary["seconds"]
+        # "total" times the layers; the whole-model passes before them are added here
+        before = {k: seconds[k] for k in ("fisher", "allocation") if seconds.get(k)}
+        whole = seconds.get("total", 0) + sum(before.values())
+        print(f"pruning time: {whole:.1f} s" + (" (of it " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in before.items()) + ")" if before else ""))
         print(f"pruned model: {out}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,24 @@ def test_fisher_label_draws_reach_the_pruner(model_dir: Path, tmp_path: Path) ->
                       "--no-verify")) == 0
     settings = json.loads((tmp_path / "out" / "pruning_config.json").read_text())["settings"]
     assert settings["selection"] == "fisher" and settings["fisher_samples"] == 2
+
+def test_the_pruning_time_printed_counts_the_passes_before_the_layers(
+        model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(model_dir, tmp_path, "--selection", "fisher", "--allocation",
+                      "sensitivity", "--no-verify")) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines()
+               if x.startswith("pruning time:")]
+    seconds = json.loads((tmp_path / "out" / "pruning_config.json").read_text())[
+        "prune_seconds"]
+    printed = re.fullmatch(r"pruning time: ([\d.]+) s \(of it fisher ([\d.]+) s, "
+                           r"allocation ([\d.]+) s\)", line)
+    assert printed is not None, line
+    whole, fisher, allocation = (float(x) for x in printed.groups())
+    assert fisher == pytest.approx(seconds["fisher"], abs=0.06)
+    assert allocation == pytest.approx(seconds["allocation"], abs=0.06)
+    assert whole == pytest.approx(seconds["total"] + seconds["fisher"] + seconds["allocation"],
+                                  abs=0.1)
+
 
 def test_search_allocation_reaches_the_pruner_and_its_model_verifies(model_dir: Path,
                                                                      tmp_path: Path) -> None:
