@@ -216,6 +216,21 @@ def test_job_page_names_the_preset_beside_the_schedule(app, tenant, submit):
     assert "· preset" not in c.get(f"/ui/jobs/{standard['id']}").text
 
 
+def test_job_page_names_the_worker_that_ran_it_after_the_worker_let_go(app, tenant, submit,
+                                                                        db):
+    """A worker names its job only while it runs it (its heartbeat lets go of a finished
+    one); the page then names the process that last held the job's lease."""
+    job = submit()
+    with db() as s:
+        claimed, why = crud.try_claim(s, job["id"], "gpu-host-7:4242:ab12cd34", 60.0)
+        assert claimed is not None, why
+        crud.finish_job(s, job["id"], "succeeded", result={})
+    html = sign_in(app, tenant).get(f"/ui/jobs/{job['id']}").text
+    worker = html[html.index("<dt>Worker</dt>"):]
+    worker = worker[:worker.index("</dd>")]
+    assert "gpu-host-7:4242:ab12cd34" in worker and "last held it" in worker
+
+
 def test_hub_links_are_shown_only_for_http_urls(app, tenant, submit, db):
     good, bad = submit(), submit()
     with db() as s:
