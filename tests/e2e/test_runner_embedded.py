@@ -33,6 +33,18 @@ def _wait_finished(client: TestClient, job_id: str) -> dict:
     return wait_until(finished, 200, "the job to finish")
 
 
+def _run_job(settings: Settings, model_id: str, preset: str) -> tuple[dict, list[dict]]:
+    """Run a job of ``preset`` on ``model_id`` to its end: the job and its event rows."""
+    with TestClient(create_app(settings)) as client:
+        body = job_body(model_id, upload_calibration(client),
+                        pruning={"min_group": 16, "preset": preset})
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        job = _wait_finished(client, job_id)
+        rows = client.get(f"/v1/jobs/{job_id}/events",
+                          headers={"accept": "application/json"}).json()
+    return job, rows
+
+
 def test_runner_embedded_job_succeeds_with_metrics_events_and_artifacts(
         tiny_models: Path, tmp_path: Path) -> None:
     settings = _settings(tiny_models, tmp_path)
@@ -163,14 +175,8 @@ def test_runner_embedded_heal_distils_after_pruning_and_reports_it(
 def test_runner_embedded_preset_prunes_with_its_options_and_the_card_names_it(
         tiny_models: Path, tmp_path: Path, preset: str, allocation: str) -> None:
     settings = _settings(tiny_models, tmp_path)
-    with TestClient(create_app(settings)) as client:
-        body = job_body("tiny4", upload_calibration(client),
-                        pruning={"min_group": 16, "preset": preset})
-        job_id = client.post("/v1/jobs", json=body).json()["id"]
-
-        job = _wait_finished(client, job_id)
-        rows = client.get(f"/v1/jobs/{job_id}/events",
-                          headers={"accept": "application/json"}).json()
+    job, rows = _run_job(settings, "tiny4", preset)
+    job_id = job["id"]
     assert job["state"] == "succeeded", job["error"]
     # the whole-model passes before the first layer are on the job's timeline
     kinds = [(e["metrics"] or {}).get("kind") for e in rows if e["phase"] == "pruning"]
@@ -190,15 +196,7 @@ def test_runner_embedded_thorough_preset_whose_levels_overfill_fails_at_once_nam
     from slimgpt_core import alloc_search
 
     monkeypatch.setattr(alloc_search, "CPU_LEVEL_BYTES", 4096)
-    settings = _settings(tiny_models, tmp_path)
-    with TestClient(create_app(settings)) as client:
-        body = job_body("tiny4", upload_calibration(client),
-                        pruning={"min_group": 16, "preset": "thorough"})
-        job_id = client.post("/v1/jobs", json=body).json()["id"]
-
-        job = _wait_finished(client, job_id)
-        rows = client.get(f"/v1/jobs/{job_id}/events",
-                          headers={"accept": "application/json"}).json()
+    job, rows = _run_job(_settings(tiny_models, tmp_path), "tiny4", "thorough")
     assert job["state"] == "failed"
     assert job["error"].startswith("setting_unavailable: allocation 'search' keeps every")
     assert job["error"].endswith("submit with pruning.preset 'quality'")
@@ -221,15 +219,7 @@ def test_runner_embedded_preset_a_family_cannot_run_fails_at_once_before_calibra
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     ).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    settings = _settings(tiny_models, tmp_path)
-    with TestClient(create_app(settings)) as client:
-        body = job_body("tiny-olmo2", upload_calibration(client),
-                        pruning={"min_group": 16, "preset": "quality"})
-        job_id = client.post("/v1/jobs", json=body).json()["id"]
-
-        job = _wait_finished(client, job_id)
-        rows = client.get(f"/v1/jobs/{job_id}/events",
-                          headers={"accept": "application/json"}).json()
+    job, rows = _run_job(_settings(tiny_models, tmp_path), "tiny-olmo2", "quality")
     assert job["state"] == "failed"
     assert job["error"].startswith("setting_unavailable: target 'dense' needs each branch's")
     assert "preset 'standard'" in job["error"]
