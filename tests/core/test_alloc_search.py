@@ -23,7 +23,7 @@ from slimgpt_core.availability import unavailable
 from slimgpt_core.layer_io import capture_layer_inputs
 from slimgpt_core.pruner import PruneConfig, model_family, model_shape, prune_model
 from slimgpt_core.schedule import ModelShape, PlanError, make_plan
-from tests.core.tiny import tiny_llama, windows
+from tests.core.tiny import peaked_llama, tiny_llama, windows
 
 CPU = torch.device("cpu")
 CONFIG = {"target_ratio": 0.4, "gqa_policy": "free", "batch_size": 4, "min_group": 8}
@@ -191,16 +191,8 @@ def _kl_from(dense: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) 
     return float((p.exp() * (p - q)).sum()) / ids.numel()
 
 
-def _peaked_llama() -> torch.nn.Module:
-    """A tiny model with confident predictions: divergences well above float noise."""
-    model = tiny_llama(layers=4)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    return model
-
-
 def test_the_trail_is_pruned_for_real_and_the_closest_pruned_model_is_kept() -> None:
-    base = _peaked_llama()
+    base = peaked_llama()
     ids = windows(8, 32)
     model = copy.deepcopy(base)
     result = prune_model(model, ids, PruneConfig(allocation="search", search_generations=40,
@@ -221,7 +213,7 @@ def test_the_trail_is_pruned_for_real_and_the_closest_pruned_model_is_kept() -> 
 def test_rescoring_leaves_the_model_dense_between_candidates() -> None:
     """Each candidate is pruned from the dense weights: the first one (the curves' plan)
     scores what allocation 'sensitivity' gives on its own."""
-    base = _peaked_llama()
+    base = peaked_llama()
     ids = windows(8, 32)
     sensitive = copy.deepcopy(base)
     prune_model(sensitive, ids, PruneConfig(allocation="sensitivity", **CONFIG))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from slimgpt_core.pruner import ProgressEvent, PruneConfig, PruningCancelled, prune_model
-from tests.core.tiny import tiny_llama, tiny_qwen2, windows
+from tests.core.tiny import peaked_llama, tiny_llama, tiny_qwen2, windows
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -124,19 +124,11 @@ def test_progress_reports_every_layer_in_order() -> None:
     assert {"attn_error", "ffn_error"} <= set(events[-1].metrics)
 
 
-def _peaked_llama() -> torch.nn.Module:
-    """Confident predictions: the search finds better allocations, so it has some to judge."""
-    model = tiny_llama(layers=4)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
-    return model
-
-
 def test_progress_reports_the_whole_model_passes_before_the_first_layer() -> None:
     """The Fisher, the curves and the search run before any layer (minutes at 8B): each is
     announced, and the candidates the search prunes for real report nothing."""
     events: list[ProgressEvent] = []
-    prune_model(_peaked_llama(), windows(), PruneConfig(
+    prune_model(peaked_llama(), windows(), PruneConfig(
         target_ratio=0.4, batch_size=4, min_group=8, gqa_policy="free", selection="fisher",
         allocation="search", search_generations=40), progress=events.append)
     phases = [e.phase for e in events]
@@ -166,7 +158,7 @@ def test_a_cancel_during_the_allocation_stops_before_any_layer_is_touched() -> N
 
 @pytest.mark.parametrize("stage", ["generation", "judged"])
 def test_a_cancel_during_the_search_stops_it_and_leaves_the_model_dense(stage: str) -> None:
-    model = _peaked_llama()
+    model = peaked_llama()
     dense = copy.deepcopy(model.state_dict())
     events: list[ProgressEvent] = []
     with pytest.raises(PruningCancelled) as info:

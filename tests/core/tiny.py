@@ -22,6 +22,15 @@ def tiny_llama(num_heads: int = 8, num_kv_heads: int = 2, layers: int = 3, head_
     return LlamaForCausalLM(cfg).eval()
 
 
+def peaked_llama() -> LlamaForCausalLM:
+    """A 4-layer tiny Llama with confident predictions (lm_head x 10): divergences well above
+    float noise, so an allocation search finds better allocations and has some to judge."""
+    model = tiny_llama(layers=4)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
 def tiny_qwen2(seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
