@@ -80,9 +80,10 @@ class SearchSettings:
     #: Allocations along the way (the curves' first, the search's last; evenly spaced in
     #: generations) that are pruned for real and judged by the pruned model's KL divergence
     #: on ``rescore_tokens`` of calibration (:func:`rescore`); 0 or 1 = the search's last,
-    #: unjudged. Nine, not five: the trail's pruned models differ by up to 2% in perplexity
-    #: and the search can pass through far worse ones (SmolLM2-135M, 50%: 46-55 at
-    #: generations 12-38 on one seed), so the closer look picks better (docs/BENCHMARKS.md).
+    #: unjudged. Nine, not five: the nine include the five (the pick is never further from
+    #: the dense model on calibration text), and the search can pass through far worse models
+    #: (SmolLM2-135M, 50%: perplexity 46-55 at generations 12-38 on one seed); on held-out
+    #: text nine picked 0.1% better than five over seven runs, within noise (docs/BENCHMARKS.md).
     rescore: int = 9
     rescore_tokens: int = 16384
 
