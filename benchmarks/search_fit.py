@@ -16,11 +16,9 @@ import json
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slimgpt_core.alloc_search import SearchSettings, search_grid
-from slimgpt_core.allocation import curve_max_ratio
 from slimgpt_core.errors import SettingUnavailableError
 from slimgpt_core.presets import preset_settings
-from slimgpt_core.pruner import PruneConfig, _config_plan, check_settings, model_shape
+from slimgpt_core.pruner import PruneConfig, check_settings, search_fit
 
 GQA_8 = {"num_key_value_heads": 8, "vocab_size": 128256}
 SHAPES: dict[str, dict[str, int]] = {
@@ -51,16 +49,9 @@ def main() -> None:
             row: dict[str, object] = {"shape": name, "ratio": ratio, "device": str(device)}
             try:
                 check_settings(model, config)
+                row["grid"] = search_fit(model, config, device)
             except SettingUnavailableError as exc:
                 row["refused"] = str(exc)
-            else:
-                settings = SearchSettings()
-                row["grid"] = search_grid(
-                    model_shape(model), config.gqa_policy,
-                    curve_max_ratio(_config_plan(model_shape(model), config)),
-                    torch.finfo(getattr(torch, args.dtype)).bits // 8,
-                    shape["vocab_size"], settings.fitness_tokens, device, settings.grid,
-                    sum(p.numel() * p.element_size() for p in model.parameters()))
             if device.type == "cuda":
                 row["free_gib"] = round(torch.cuda.mem_get_info(device)[0] / 2**30, 1)
             print(json.dumps(row), flush=True)

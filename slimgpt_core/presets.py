@@ -23,12 +23,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+_QUALITY: dict[str, Any] = {"selection": "fisher", "fisher_samples": 8, "target": "dense",
+                            "allocation": "sensitivity"}
 PRESETS: dict[str, dict[str, Any]] = {
     "standard": {},
-    "quality": {"selection": "fisher", "fisher_samples": 8, "target": "dense",
-                "allocation": "sensitivity"},
-    "thorough": {"selection": "fisher", "fisher_samples": 8, "target": "dense",
-                 "allocation": "search"},
+    "quality": _QUALITY,
+    "thorough": {**_QUALITY, "allocation": "search"},
 }
 DEFAULT_PRESET = "standard"
 #: What a dry-run estimate (``/v1/estimate``, ``slimgpt prune --dry-run``) does not show of a

@@ -451,7 +451,7 @@ def check_settings(model: nn.Module, config: PruneConfig, *, streamed: bool = Fa
     placement = choose_placement(model, device, config.resident, streamed)
     _refuse_unavailable(model_family(model), config, placement, world_size)
     if config.allocation == "search":
-        _refuse_unfit_search(model, config, _config_plan(model_shape(model), config), device)
+        search_fit(model, config, device)
 
 
 def _refuse_unavailable(family: Family, config: PruneConfig, placement: str,
@@ -462,22 +462,23 @@ def _refuse_unavailable(family: Family, config: PruneConfig, placement: str,
         raise SettingUnavailableError(why)
 
 
-def _refuse_unfit_search(model: nn.Module, config: PruneConfig, plan: PruningPlan,
-                         device: torch.device) -> None:
-    """Allocation ``search`` refused before the Fisher and the curves when its levels cannot
-    fit ``device`` (they are sized from the shape alone); ``sensitivity`` is the fallback."""
+def search_fit(model: nn.Module, config: PruneConfig, device: torch.device) -> int:
+    """The channel grid allocation ``search``'s levels would take on ``device`` (sized from
+    the shape alone, so known before the Fisher and the curves); refused with
+    :class:`SettingUnavailableError` naming ``quality`` (``sensitivity``) when they cannot fit."""
     from slimgpt_core.alloc_search import SearchSettings, search_grid
     from slimgpt_core.allocation import curve_max_ratio
 
+    plan = _config_plan(model_shape(model), config)
     layer = model_family(model).decoder_layers(model)[0]
     pending = sum(p.numel() * p.element_size() for p in model.parameters()
                   if p.device.type != device.type)
     settings = SearchSettings()
     try:
-        search_grid(plan.shape, config.gqa_policy, curve_max_ratio(plan),
-                    next(layer.parameters()).element_size(),
-                    model.get_output_embeddings().weight.shape[0], settings.fitness_tokens,
-                    device, settings.grid, pending)
+        return search_grid(plan.shape, config.gqa_policy, curve_max_ratio(plan),
+                           next(layer.parameters()).element_size(),
+                           model.get_output_embeddings().weight.shape[0],
+                           settings.fitness_tokens, device, settings.grid, pending)
     except PlanError as exc:
         raise SettingUnavailableError(str(exc), fallback="quality") from exc
 
@@ -826,7 +827,7 @@ def prune_model(
     if placement == "resident":
         model.to(device)
     if config.allocation == "search" and not chosen:
-        _refuse_unfit_search(model, config, plan, device)
+        search_fit(model, config, device)
     leader = comm.is_leader
 
     def emit(phase: str, message: str, metrics: dict[str, float], layer: int | None = None) -> None:

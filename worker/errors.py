@@ -237,8 +237,8 @@ def describe_exception(exc: BaseException) -> ErrorDescription:
         # retry would only repeat the same work.
         return ErrorDescription("non_finite_hessian", redact(str(exc)), False)
     if isinstance(exc, SettingUnavailableError):
-        # The model's family, its placement or the GPU count rule the setting out: every
-        # attempt would end the same way.
+        # The model's family, its placement, the GPU count or the GPU's memory rule the
+        # setting out: every attempt would end the same way.
         return ErrorDescription("setting_unavailable", redact(
             f"{exc}; submit with pruning.preset {exc.fallback!r}"), False)
     if isinstance(exc, RankFailed):
